@@ -1,0 +1,208 @@
+"""Datasets on disk -> a list of images with masks rasterised once and cached.
+
+Two input forms:
+
+* **COCO json** (pycocotools): polygons and RLE (compressed or not); category ids need not be
+  contiguous (sorted and mapped to 1..C); pixels without annotation become background class 0
+  (``unannotated="background"``) or ``IGNORE_INDEX`` (``"ignore"``, then classes are 0..C-1);
+  overlapping annotations are painted larger area first, so small objects stay on top.
+* **image/mask folders**: ``images/`` and ``masks/`` with class-index PNGs matched by file stem,
+  optional ``classes.txt`` (one name per line, line i is class i); value 255 is ignored.
+
+Tasks: ``multiclass`` (one label per pixel) and ``multilabel`` (COCO only: one binary channel
+per category, overlaps allowed). Masks are rasterised once per dataset into a cache directory
+keyed by a fingerprint of the annotation file, the image list and the options, so every trial
+and epoch reads small PNG/NPY files instead of decoding polygons again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from trainables.errors import InputError
+from trainables.io import atomic_path, atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = 255
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+CACHE_VERSION = "1"
+SAMPLE_DATA = Path(__file__).resolve().parents[1] / "data" / "camvid-sample" / "train" / "annotations.json"
+
+
+@dataclass
+class SegData:
+    """A dataset ready for training: image paths, cached masks and class statistics."""
+
+    source: Path
+    task: str
+    class_names: list[str]
+    ids: list[str]  # unique per image: the file name relative to the image root
+    image_paths: list[Path]
+    mask_paths: list[Path]
+    sizes: list[tuple[int, int]]  # (height, width) of each image
+    presence: np.ndarray  # (N, C) bool: class c occurs in image i
+    pixel_counts: np.ndarray  # (C,) int64 labelled pixels per class
+    fingerprint: str
+    ignore_index: int = IGNORE_INDEX
+    has_background: bool = True
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def read_image(self, i: int) -> np.ndarray:
+        return read_image(self.image_paths[i])
+
+    def read_mask(self, i: int) -> np.ndarray:
+        """(H, W) uint8 labels for multiclass; (H, W, C) uint8 {0,1} (+255 where ignored) for multilabel."""
+        return read_cached_mask(self.mask_paths[i], self.task, self.num_classes)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """RGB uint8 (H, W, 3); grayscale, palette and RGBA images are converted."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise InputError(path, "image file not found") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputError(path, f"cannot read image ({exc})") from None
+
+
+def read_cached_mask(path: Path, task: str, num_classes: int) -> np.ndarray:
+    if task == "multiclass":
+        with Image.open(path) as im:
+            return np.asarray(im)
+    packed = np.load(path)  # (H, W, ceil((C+1)/8)) bits: C class channels + 1 "ignored" channel
+    bits = np.unpackbits(packed, axis=-1, count=num_classes + 1)
+    mask = bits[..., :num_classes]
+    mask[bits[..., num_classes] == 1] = IGNORE_INDEX
+    return mask
+
+
+def load_dataset(
+    path: str | os.PathLike | None = None,
+    images: str | os.PathLike | None = None,
+    task: str = "multiclass",
+    unannotated: str = "background",
+    cache_dir: str | os.PathLike | None = None,
+) -> SegData:
+    """Load a COCO json or an image/mask folder; rasterise and cache masks once."""
+    path = Path(path) if path else SAMPLE_DATA
+    if not path.exists():
+        raise InputError(path, "dataset not found (give a COCO json or a folder with images/ and masks/)")
+    cache_root = Path(cache_dir or os.environ.get("SEGHPO_CACHE") or Path.home() / ".cache" / "seghpo")
+    if path.is_dir():
+        if (path / "masks").is_dir():
+            if task != "multiclass":
+                raise InputError(path, "mask folders hold class-index PNGs: only task multiclass")
+            return _load_folder(path, cache_root)
+        candidates = sorted(path.glob("*.json"))
+        if not candidates:
+            raise InputError(path, "folder has neither masks/ nor a COCO *.json annotation file")
+        path = path / "annotations.json" if (path / "annotations.json").exists() else candidates[0]
+    from trainables.coco import load_coco  # pycocotools only when needed
+
+    return load_coco(path, images, task, unannotated, cache_root)
+
+
+def fingerprint(*parts) -> str:
+    digest = hashlib.sha256(CACHE_VERSION.encode())
+    for part in parts:
+        digest.update(b"\0")
+        digest.update(part if isinstance(part, bytes) else str(part).encode())
+    return digest.hexdigest()[:16]
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_mask(path: Path, mask: np.ndarray, task: str) -> None:
+    """Write one cached mask atomically (PNG for labels, packed bits for multilabel)."""
+    with atomic_path(path) as tmp:
+        if task == "multiclass":
+            Image.fromarray(mask.astype(np.uint8)).save(tmp, format="PNG")
+        else:
+            with open(tmp, "wb") as fh:
+                np.save(fh, np.packbits(mask.astype(bool), axis=-1))
+
+
+def load_stats(stats_path: Path) -> dict | None:
+    if stats_path.exists():
+        try:
+            return json.loads(stats_path.read_text())
+        except json.JSONDecodeError:
+            logger.warning("ignoring unreadable cache index %s", stats_path)
+    return None
+
+
+def save_stats(stats_path: Path, presence: np.ndarray, pixel_counts: np.ndarray) -> None:
+    atomic_write_json(stats_path, {"presence": presence.astype(int).tolist(), "pixel_counts": pixel_counts.tolist()})
+
+
+def _load_folder(root: Path, cache_root: Path) -> SegData:
+    image_dir, mask_dir = root / "images", root / "masks"
+    if not image_dir.is_dir():
+        raise InputError(root, "mask folder dataset needs an images/ folder beside masks/")
+    images = {p.stem: p for p in sorted(image_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+    masks = {p.stem: p for p in sorted(mask_dir.iterdir()) if p.suffix.lower() == ".png"}
+    unmatched = sorted(set(images) ^ set(masks))
+    if unmatched:
+        raise InputError(root, f"{len(unmatched)} images/masks without a partner, e.g. {unmatched[:3]}")
+    if not images:
+        raise InputError(root, "no images found in images/")
+    stems = sorted(images)
+    classes_file = root / "classes.txt"
+    names = [n.strip() for n in classes_file.read_text().splitlines() if n.strip()] if classes_file.exists() else None
+    stat_key = [(s, masks[s].stat().st_size, masks[s].stat().st_mtime_ns) for s in stems]
+    fp = fingerprint("folder", root.resolve(), stat_key, names)
+    stats_path = cache_root / fp / "stats.json"
+    stats = load_stats(stats_path)
+    sizes = []
+    if stats is None:
+        counts: list[np.ndarray] = []
+        for stem in stems:
+            mask = np.asarray(Image.open(masks[stem]))
+            if mask.ndim != 2:
+                raise InputError(masks[stem], f"mask must be single-channel class indices, got shape {mask.shape}")
+            with Image.open(images[stem]) as im:
+                if im.size != (mask.shape[1], mask.shape[0]):
+                    raise InputError(masks[stem], f"mask size {mask.shape[1]}x{mask.shape[0]} differs from "
+                                                  f"its image {im.size[0]}x{im.size[1]}")
+            counts.append(np.bincount(mask[mask != IGNORE_INDEX].ravel(), minlength=1))
+        num_classes = len(names) if names else max(len(c) for c in counts)
+        too_high = [stems[i] for i, c in enumerate(counts) if len(c) > num_classes]
+        if too_high:
+            raise InputError(masks[too_high[0]], f"class index above the {num_classes} classes of classes.txt")
+        per_image = np.stack([np.pad(c, (0, num_classes - len(c))) for c in counts])
+        presence, pixel_counts = per_image > 0, per_image.sum(0)
+        save_stats(stats_path, presence, pixel_counts)
+    else:
+        presence = np.asarray(stats["presence"], dtype=bool)
+        pixel_counts = np.asarray(stats["pixel_counts"], dtype=np.int64)
+    for stem in stems:
+        with Image.open(images[stem]) as im:
+            sizes.append((im.size[1], im.size[0]))
+    names = names or [f"class_{i}" for i in range(presence.shape[1])]
+    return SegData(
+        source=root, task="multiclass", class_names=names, ids=[images[s].name for s in stems],
+        image_paths=[images[s] for s in stems], mask_paths=[masks[s] for s in stems], sizes=sizes,
+        presence=presence, pixel_counts=pixel_counts, fingerprint=fp, has_background=False,
+    )

@@ -1,0 +1,120 @@
+"""torch Datasets over :class:`trainables.data.SegData`, with albumentations from configuration."""
+from __future__ import annotations
+
+import logging
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from trainables.data import IGNORE_INDEX, SegData
+from trainables.errors import ConfigError, InputError
+
+logger = logging.getLogger(__name__)
+
+MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255
+STD = np.array([0.229, 0.224, 0.225], dtype=np.float32) * 255
+
+
+def build_transforms(augment: dict, image_size, train: bool, seed: int | None = None) -> A.Compose:
+    """Albumentations pipeline: resize (or crop) to ``image_size`` plus the configured augmentations.
+
+    ``augment.albumentations`` (a dict in ``A.to_dict`` form) replaces the built-in list; the
+    final resize to ``image_size`` is always appended so batches stack. ``seed`` makes the
+    augmentation stream reproducible (albumentations keeps its own generator).
+    """
+    height, width = int(image_size[0]), int(image_size[1])
+    mask_interp = cv2.INTER_NEAREST
+    if not train:
+        return A.Compose([A.Resize(height, width, mask_interpolation=mask_interp)])
+    if augment.get("albumentations"):
+        try:
+            custom = A.from_dict(augment["albumentations"])
+        except Exception as exc:  # albumentations raises many types for a bad dict
+            raise ConfigError("config", "augment.albumentations", f"cannot build pipeline: {exc}") from None
+        return A.Compose([custom, A.Resize(height, width, mask_interpolation=mask_interp)], seed=seed)
+    steps: list = []
+    if augment["random_crop"]:
+        steps += [A.SmallestMaxSize(max_size=max(height, width), mask_interpolation=mask_interp),
+                  A.RandomCrop(height, width, pad_if_needed=True, fill_mask=IGNORE_INDEX)]
+    else:
+        steps.append(A.Resize(height, width, mask_interpolation=mask_interp))
+    if augment["hflip"] > 0:
+        steps.append(A.HorizontalFlip(p=augment["hflip"]))
+    if augment["vflip"] > 0:
+        steps.append(A.VerticalFlip(p=augment["vflip"]))
+    if augment["scale_rotate"] > 0:
+        lim = augment["scale_limit"]
+        steps.append(A.Affine(scale=(1 - lim, 1 + lim), rotate=(-augment["rotate_limit"], augment["rotate_limit"]),
+                              translate_percent=(-0.0625, 0.0625), fill_mask=IGNORE_INDEX,
+                              mask_interpolation=mask_interp, p=augment["scale_rotate"]))
+    if augment["color"] > 0:
+        steps.append(A.ColorJitter(0.2, 0.2, 0.2, 0.05, p=augment["color"]))
+    if augment["elastic"] > 0:
+        steps.append(A.ElasticTransform(p=augment["elastic"], mask_interpolation=mask_interp))
+    if augment["grid_distortion"] > 0:
+        steps.append(A.GridDistortion(p=augment["grid_distortion"], mask_interpolation=mask_interp))
+    return A.Compose(steps, seed=seed)
+
+
+def downscale(image: np.ndarray, mask: np.ndarray, max_size: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Shrink so the longer side is at most ``max_size`` (area for images, nearest for masks)."""
+    h, w = image.shape[:2]
+    if not max_size or max(h, w) <= max_size:
+        return image, mask
+    scale = max_size / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    resized = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
+    mask = resized.reshape(*resized.shape[:2], *mask.shape[2:])  # cv2 drops a single channel axis
+    return image, mask
+
+
+class SegDataset(Dataset):
+    """Items of a :class:`SegData` subset as (image float32 CHW normalised, target) tensors.
+
+    Decoded (and downscaled) images and masks are kept in memory after their first read when
+    ``cache`` is set, so later epochs pay only for augmentation.
+    """
+
+    def __init__(self, data: SegData, indices: list[int], transform: A.Compose, max_size: int | None = None,
+                 cache: bool = True):
+        self.data, self.indices, self.transform = data, list(indices), transform
+        self.max_size, self.cache = max_size, cache
+        self._store: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Image (H, W, 3) uint8 and mask of dataset item ``i`` (not augmented)."""
+        if i in self._store:
+            return self._store[i]
+        image, mask = self.data.read_image(i), self.data.read_mask(i)
+        if image.shape[:2] != mask.shape[:2]:
+            raise InputError(self.data.mask_paths[i], f"mask is {mask.shape[1]}x{mask.shape[0]} but its image "
+                                                      f"{self.data.image_paths[i].name} is {image.shape[1]}x{image.shape[0]}")
+        image, mask = downscale(image, mask, self.max_size)
+        if self.cache:
+            self._store[i] = (image, mask)
+        return image, mask
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = self.load(self.indices[k])
+        out = self.transform(image=image, mask=mask)
+        image = (out["image"].astype(np.float32) - MEAN) / STD
+        image_t = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        mask = out["mask"]
+        if self.data.task == "multiclass":
+            target = torch.from_numpy(np.ascontiguousarray(mask)).long()
+        else:
+            target = torch.from_numpy(np.ascontiguousarray(mask.transpose(2, 0, 1))).float()
+        return image_t, target
+
+
+def normalise(images_uint8: np.ndarray) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> normalised float32 (B, 3, H, W), as the training pipeline does."""
+    x = (images_uint8.astype(np.float32) - MEAN) / STD
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))

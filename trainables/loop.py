@@ -1,0 +1,231 @@
+"""Train one fold with AMP and yield one record per epoch.
+
+    trainer = FoldTrainer(cfg, data, train_idx, val_idx, fold=0)
+    for record in trainer.epochs():      # a caller may stop at any epoch (ASHA, a test, Ctrl-C)
+        print(record["val_miou"])
+    trainer.best_checkpoint()            # weights + config + class names + metric of the best epoch
+
+One AMP path (autocast + GradScaler only for fp16, unscale then clip), channels_last on CUDA,
+losses in float32, metrics accumulated on the device. Nothing here knows about Ray: the Tune
+adapter, plain scripts, benchmarks and a W&B sweep agent all drive this same generator.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import time
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from trainables.checkpoint import make_checkpoint
+from trainables.data import SegData
+from trainables.dataset import SegDataset, build_transforms
+from trainables.losses import build_loss
+from trainables.metrics import SegMetrics
+from trainables.models import build_model
+from trainables.optim import Schedule, build_optimizer
+
+logger = logging.getLogger(__name__)
+
+
+class DivergedError(FloatingPointError):
+    """The training loss became NaN or infinite: the trial stops instead of wasting its budget."""
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_amp(setting: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32. AMP runs on CUDA only (CPU autocast is slower here)."""
+    if device.type != "cuda" or setting == "off":
+        return None
+    if setting == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[setting]
+
+
+def predict_logits(model: torch.nn.Module, images: torch.Tensor, amp: torch.dtype | None) -> torch.Tensor:
+    with torch.autocast(device_type=images.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        return model(images).float()
+
+
+class FoldTrainer:
+    """Model, optimiser, schedule and loaders of one (config, fold); ``epochs()`` runs them."""
+
+    def __init__(self, cfg: dict, data: SegData, train_idx: list[int], val_idx: list[int],
+                 fold: int | None = None, device: str | torch.device | None = None):
+        self.cfg, self.data, self.fold = cfg, data, fold
+        train = cfg["train"]
+        self.generator = seed_everything(int(train["seed"]) + (fold or 0))
+        self.device = resolve_device(str(device or train["device"]))
+        self.amp = resolve_amp(train["amp"], self.device)
+        self.channels_last = bool(train["channels_last"]) and self.device.type == "cuda"
+        self.metric, self.mode = train["metric"], train["mode"]
+        max_size = cfg["data"]["max_size"]
+        seed = int(train["seed"]) + (fold or 0)
+        self.train_set = SegDataset(data, train_idx, build_transforms(cfg["augment"], train["image_size"], True, seed),
+                                    max_size)
+        self.val_set = SegDataset(data, val_idx, build_transforms(cfg["augment"], train["image_size"], False), max_size)
+        workers = int(train["num_workers"])
+        loader_args = dict(num_workers=workers, pin_memory=self.device.type == "cuda",
+                           persistent_workers=workers > 0)
+        self.train_loader = DataLoader(self.train_set, batch_size=train["batch_size"], shuffle=True, drop_last=
+                                       len(self.train_set) > train["batch_size"], generator=self.generator, **loader_args)
+        self.val_loader = DataLoader(self.val_set, batch_size=train["batch_size"], shuffle=False, **loader_args)
+        model_cfg = cfg["model"]
+        self.model = build_model(model_cfg["arch"], model_cfg["encoder"], data.num_classes, model_cfg["weights"],
+                                 model_cfg["kwargs"]).to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.loss_fn = build_loss(cfg["loss"], data.task, data.num_classes, self._train_pixel_counts(train_idx),
+                                  data.ignore_index).to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg["optimizer"])
+        self.steps_per_epoch = self._steps_per_epoch()
+        self.schedule = Schedule(self.optimizer, cfg["scheduler"], int(train["epochs"]), self.steps_per_epoch, self.mode)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
+        self.epoch = 0
+        self.best_score: float | None = None
+        self.best_epoch = 0
+        self._best_state: dict | None = None
+
+    def _train_pixel_counts(self, train_idx: list[int]) -> np.ndarray:
+        """Per-class labelled pixels of the training images only (for class weights): the
+        dataset-wide counts scaled by the share of training images containing each class."""
+        presence = self.data.presence
+        share = presence[train_idx].sum(0) / np.maximum(presence.sum(0), 1)
+        return self.data.pixel_counts * share
+
+    def _steps_per_epoch(self) -> int:
+        cap = self.cfg["train"]["max_train_batches"]
+        n = len(self.train_loader)
+        accum = max(1, int(self.cfg["train"]["accum_steps"]))
+        return max(1, (min(n, cap) if cap else n) // accum)
+
+    def _to_device(self, images: torch.Tensor, target: torch.Tensor):
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, target.to(self.device, non_blocking=True)
+
+    def train_one_epoch(self) -> dict:
+        self.model.train()
+        train = self.cfg["train"]
+        accum, clip, cap = max(1, int(train["accum_steps"])), float(train["grad_clip"]), train["max_train_batches"]
+        total = torch.zeros((), device=self.device)
+        batches, images_seen, wait = 0, 0, 0.0
+        start = tick = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        for step, (images, target) in enumerate(self.train_loader):
+            if cap and step >= cap:
+                break
+            wait += time.perf_counter() - tick
+            images, target = self._to_device(images, target)
+            logits = predict_logits(self.model, images, self.amp)
+            loss = self.loss_fn(logits, target)
+            self.scaler.scale(loss / accum).backward()
+            if (step + 1) % accum == 0:
+                self.scaler.unscale_(self.optimizer)
+                if clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.schedule.step()
+            total += loss.detach()
+            batches += 1
+            images_seen += images.shape[0]
+            tick = time.perf_counter()
+        train_loss = float(total) / max(batches, 1)
+        if not math.isfinite(train_loss):
+            raise DivergedError(f"training loss became {train_loss} in epoch {self.epoch + 1}")
+        elapsed = time.perf_counter() - start
+        return {"train_loss": train_loss, "train_images_per_s": images_seen / max(elapsed, 1e-9),
+                "data_wait_frac": wait / max(elapsed, 1e-9), "lr": self.optimizer.param_groups[0]["lr"]}
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        self.model.eval()
+        metrics = SegMetrics(self.data.num_classes, self.data.task, self.data.ignore_index)
+        total = torch.zeros((), device=self.device)
+        batches = 0
+        for images, target in self.val_loader:
+            images, target = self._to_device(images, target)
+            logits = predict_logits(self.model, images, self.amp)
+            total += self.loss_fn(logits, target)
+            batches += 1
+            if self.data.task == "multiclass":
+                metrics.update(logits.argmax(1), target)
+            else:
+                valid = (target != self.data.ignore_index).all(1)
+                metrics.update(torch.sigmoid(logits), target.clamp(max=1), valid=valid)
+        result = metrics.compute()
+        record = {"val_loss": float(total) / max(batches, 1)}
+        for key in ("miou", "dice", "pixel_acc", "biou"):
+            record[f"val_{key}"] = result[key]
+        for name, iou in zip(self.data.class_names, result["iou_per_class"]):
+            record[f"val_iou/{name}"] = iou
+        return record
+
+    def _improved(self, score: float) -> bool:
+        if score is None or math.isnan(score):
+            return self.best_score is None and self._best_state is None
+        if self.best_score is None or math.isnan(self.best_score):
+            return True
+        return score > self.best_score if self.mode == "max" else score < self.best_score
+
+    def epochs(self) -> Iterator[dict]:
+        """Train until ``train.epochs``; yield the metrics of each epoch as it ends."""
+        total_epochs = int(self.cfg["train"]["epochs"])
+        while self.epoch < total_epochs:
+            start = time.perf_counter()
+            record = self.train_one_epoch()
+            record.update(self.validate())
+            self.epoch += 1
+            score = record.get(self.metric)
+            self.schedule.epoch_end(score)
+            improved = self._improved(score)
+            if improved:
+                self.best_score, self.best_epoch = score, self.epoch
+                self._best_state = copy.deepcopy({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
+            record.update(epoch=self.epoch, improved=improved, best_score=self.best_score, best_epoch=self.best_epoch,
+                          epoch_time_s=time.perf_counter() - start, fold=self.fold)
+            yield record
+
+    def best_checkpoint(self) -> dict:
+        if self._best_state is None:
+            raise RuntimeError("no epoch has finished yet")
+        return make_checkpoint(self._best_state, self.cfg, self.data.class_names, self.data.task, self.metric,
+                               self.best_score if self.best_score is not None else float("nan"), self.best_epoch,
+                               self.fold, extra={"dataset": self.data.fingerprint})
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue this run later (resume after a crash)."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "schedule": self.schedule.state_dict(), "epoch": self.epoch,
+                "best_score": self.best_score, "best_epoch": self.best_epoch, "best_state": self._best_state,
+                "rng": torch.get_rng_state(), "loader_rng": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.epoch, self.best_score, self.best_epoch = state["epoch"], state["best_score"], state["best_epoch"]
+        self._best_state = state["best_state"]
+        torch.set_rng_state(state["rng"])
+        self.generator.set_state(state["loader_rng"])

@@ -1,0 +1,159 @@
+"""Build a segmentation model by name: any smp architecture/encoder, or Hugging Face SegFormer.
+
+``build_model(arch, encoder, num_classes, weights)`` always returns an ``nn.Module`` mapping
+(B, 3, H, W) images to (B, C, H, W) logits at the input size. Pretrained weights are tried
+through the libraries' own loading code; when they cannot be had (offline machine, unknown
+weights) the model is built from its known configuration with random init and a warning.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import socket
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainables.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+HF_ARCHS = ("segformer",)
+# SegFormer MiT backbones (Xie et al. 2021, Table 1), so the model can be built offline.
+MIT_CONFIGS = {
+    "b0": dict(hidden_sizes=[32, 64, 160, 256], depths=[2, 2, 2, 2], decoder_hidden_size=256),
+    "b1": dict(hidden_sizes=[64, 128, 320, 512], depths=[2, 2, 2, 2], decoder_hidden_size=256),
+    "b2": dict(hidden_sizes=[64, 128, 320, 512], depths=[3, 4, 6, 3], decoder_hidden_size=768),
+    "b3": dict(hidden_sizes=[64, 128, 320, 512], depths=[3, 4, 18, 3], decoder_hidden_size=768),
+    "b4": dict(hidden_sizes=[64, 128, 320, 512], depths=[3, 8, 27, 3], decoder_hidden_size=768),
+    "b5": dict(hidden_sizes=[64, 128, 320, 512], depths=[3, 6, 40, 3], decoder_hidden_size=768),
+}
+
+
+def smp_archs() -> dict[str, type]:
+    import segmentation_models_pytorch as smp
+
+    return {cls.__name__.lower(): cls for cls in smp.MODEL_ARCHITECTURES_MAPPING.values()}
+
+
+def arch_names() -> list[str]:
+    return sorted({cls.__name__ for cls in smp_archs().values()}) + list(HF_ARCHS)
+
+
+def _mit_variant(encoder: str) -> str | None:
+    name = encoder.lower().rsplit("/", 1)[-1]
+    for variant in MIT_CONFIGS:
+        if name in (f"mit-{variant}", f"mit_{variant}") or name.startswith(f"segformer-{variant}"):
+            return variant
+    return None
+
+
+def model_problem(arch: str, encoder: str) -> str | None:
+    """Why ``(arch, encoder)`` cannot be built, in the user's words; None when it can."""
+    if arch.lower() in HF_ARCHS:
+        if _mit_variant(encoder) is None and "/" not in encoder:
+            return f"segformer needs a Hugging Face name such as nvidia/mit-b0 .. nvidia/mit-b5, got {encoder!r}"
+        return None
+    if arch.lower() not in smp_archs():
+        return f"unknown architecture {arch!r}; options: {', '.join(arch_names())}"
+    import segmentation_models_pytorch as smp
+
+    if encoder.startswith("tu-"):
+        import timm
+
+        return None if timm.is_model(encoder[3:]) else f"timm has no model {encoder[3:]!r} (encoder {encoder!r})"
+    if encoder not in smp.encoders.get_encoder_names():
+        return f"smp does not know encoder {encoder!r}; use one of smp's encoders or 'tu-<timm model>'"
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 1.5) -> bool:
+    """Whether huggingface.co answers; if not, switch the hub to offline mode (no slow retries)."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        try:
+            import huggingface_hub.constants as hub_constants
+
+            hub_constants.HF_HUB_OFFLINE = True
+        except ImportError:
+            pass
+        return False
+
+
+class HFSegmentation(nn.Module):
+    """A transformers semantic-segmentation model returning logits upsampled to the input size."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.net.segformer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.net(pixel_values=x).logits
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def _build_segformer(encoder: str, num_classes: int, weights: str | None, kwargs: dict) -> nn.Module:
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+    if weights:
+        hub_reachable()
+        rng = torch.get_rng_state()
+        try:
+            net = SegformerForSemanticSegmentation.from_pretrained(
+                encoder, num_labels=num_classes, ignore_mismatched_sizes=True, **kwargs)
+            return HFSegmentation(net)
+        except (OSError, ValueError) as exc:
+            logger.warning("PRETRAINED WEIGHTS UNAVAILABLE for %s (%s); building it with RANDOM INIT",
+                           encoder, str(exc).splitlines()[0])
+            torch.set_rng_state(rng)
+    variant = _mit_variant(encoder)
+    if variant is None:
+        raise ConfigError("config", "model.encoder", f"no offline configuration known for {encoder!r}")
+    config = SegformerConfig(num_labels=num_classes, **MIT_CONFIGS[variant], **kwargs)
+    return HFSegmentation(SegformerForSemanticSegmentation(config))
+
+
+def _build_smp(arch: str, encoder: str, num_classes: int, weights: str | None, kwargs: dict) -> nn.Module:
+    cls = smp_archs()[arch.lower()]
+    if weights:
+        hub_reachable()
+        rng = torch.get_rng_state()  # a failed attempt must not change the random init that follows
+        try:
+            return cls(encoder_name=encoder, encoder_weights=weights, classes=num_classes, **kwargs)
+        except Exception as exc:  # smp raises hub, HTTP, key and value errors for missing weights
+            logger.warning("PRETRAINED WEIGHTS UNAVAILABLE for %s/%s=%s (%s: %s); building it with RANDOM INIT",
+                           arch, encoder, weights, type(exc).__name__, str(exc).splitlines()[0][:200])
+            torch.set_rng_state(rng)
+    return cls(encoder_name=encoder, encoder_weights=None, classes=num_classes, **kwargs)
+
+
+def build_model(arch: str, encoder: str, num_classes: int, weights: str | None = "imagenet",
+                kwargs: dict | None = None) -> nn.Module:
+    problem = model_problem(arch, encoder)
+    if problem:
+        raise ConfigError("config", "model", problem)
+    kwargs = dict(kwargs or {})
+    if arch.lower() in HF_ARCHS:
+        return _build_segformer(encoder, num_classes, weights, kwargs)
+    return _build_smp(arch, encoder, num_classes, weights, kwargs)
+
+
+def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(encoder parameters, decoder/head parameters) for the encoder learning-rate split."""
+    encoder = getattr(model, "encoder", None)
+    enc_ids = {id(p) for p in encoder.parameters()} if encoder is not None else set()
+    enc = [p for p in model.parameters() if id(p) in enc_ids and p.requires_grad]
+    rest = [p for p in model.parameters() if id(p) not in enc_ids and p.requires_grad]
+    return enc, rest

@@ -1,0 +1,102 @@
+"""Search architectures, losses, class weights and learning rates across k folds with Ray Tune.
+
+    python tune/run.py --space segformer.yaml                 # demo: the shipped CamVid sample, CPU
+    python tune/run.py --space smp.yaml --data path/to/annotations.json --gpus-per-trial 0.5
+    python tune/run.py --space smp.yaml --data ... --name smp --resume     # continue after a crash
+
+Without --data the space's ``demo:`` overrides apply (small images, few epochs and trials) so the
+command finishes in minutes on a laptop CPU; with --data the space runs as written. Every setting
+can be overridden: the flags below, or ``--set section.key=value`` for any trial setting.
+Results: runs/<name>/ (trials.csv, experiment.json, folds.json, studies.db, tune/ = Ray experiment).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if sys.path[0] == str(Path(__file__).resolve().parent):
+    sys.path[0] = str(ROOT)  # run as a script: import the project, not tune/'s modules, at top level
+elif str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from trainables.cli import exit_on_user_error, parse_sets  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--space", required=True, help="search_spaces/<name>.yaml, a name, or a path")
+    p.add_argument("--data", help="COCO json or image/mask folder (default: the shipped sample, demo budget)")
+    p.add_argument("--images", help="image root of a COCO json (default: <json dir>/images)")
+    p.add_argument("--task", choices=["multiclass", "multilabel"])
+    p.add_argument("--name", help="experiment name (default: the space's name; '-demo' added for the demo)")
+    p.add_argument("--storage", type=Path, default=Path("runs"), help="where runs/<name>/ goes [runs]")
+    p.add_argument("--resume", action="store_true", help="continue the experiment runs/<name>")
+    p.add_argument("--folds", type=int, help="number of folds k")
+    p.add_argument("--fold-strategy", choices=["kfold", "stratified", "multilabel", "group"])
+    p.add_argument("--group-regex", help="group key regex on file names (fold strategy 'group')")
+    p.add_argument("--num-samples", type=int, help="trials per fold")
+    p.add_argument("--max-epochs", type=int, help="epochs of a trial that is not stopped early")
+    p.add_argument("--metric", help="metric to optimise (val_miou, val_dice, val_biou, ...)")
+    p.add_argument("--mode", choices=["max", "min"])
+    p.add_argument("--seed", type=int, help="Optuna sampler seed")
+    p.add_argument("--search-folds", type=int, nargs="+", help="search only these folds, retrain top configs on the rest")
+    p.add_argument("--cpus-per-trial", type=float)
+    p.add_argument("--gpus-per-trial", type=float, help="fractional packs several trials on one GPU")
+    p.add_argument("--max-concurrent", type=int)
+    p.add_argument("--max-failures", type=int, default=0, help="retries of a failing trial [0]")
+    p.add_argument("--address", help="join a Ray cluster: auto, ray://host:10001 (default: start a local Ray)")
+    p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard (127.0.0.1:8265) locally")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override trial settings")
+    return p.parse_args(argv)
+
+
+def overrides(args: argparse.Namespace) -> tuple[dict, dict, dict]:
+    fixed = parse_sets(args.set)
+    for key, value in (("data.path", args.data), ("data.images", args.images), ("data.task", args.task),
+                       ("folds.k", args.folds), ("folds.strategy", args.fold_strategy),
+                       ("folds.group_regex", args.group_regex), ("train.epochs", args.max_epochs)):
+        if value is not None:
+            fixed[key] = value
+    search = {k: v for k, v in (("num_samples", args.num_samples), ("metric", args.metric), ("mode", args.mode),
+                                ("seed", args.seed), ("search_folds", args.search_folds)) if v is not None}
+    resources = {k: v for k, v in (("cpus_per_trial", args.cpus_per_trial), ("gpus_per_trial", args.gpus_per_trial),
+                                   ("max_concurrent", args.max_concurrent)) if v is not None}
+    return fixed, search, resources
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic trial table, with our columns
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    from tune.space import load_space, with_demo, with_overrides
+
+    spec = load_space(args.space, ROOT / "search_spaces")
+    demo = args.data is None and not spec.fixed.get("data", {}).get("path")
+    if demo:
+        spec = with_demo(spec)
+        print(f"demo: no --data given, running {spec.source.name} on the shipped CamVid sample with its demo budget")
+    spec = with_overrides(spec, *overrides(args))
+    name = args.name or (f"{spec.name}-demo" if demo else spec.name)
+    from tune.search import run_search
+
+    run_dir = args.storage / name
+    rows = run_search(spec, run_dir, resume=args.resume, address=args.address, max_failures=args.max_failures,
+                      dashboard=args.dashboard)
+    ok = [r for r in rows if r["status"] in ("completed", "stopped")]
+    if not ok:
+        errors = sorted({r["error"] for r in rows if r["error"]})
+        print(f"every trial failed ({len(rows)}); errors:\n  " + "\n  ".join(errors), file=sys.stderr)
+        raise SystemExit(1)
+    print(f"\nresults: {run_dir}/trials.csv ({len(rows)} trials)\n"
+          f"next: python ensemble/run.py --experiment {run_dir}")
+
+
+if __name__ == "__main__":
+    main()

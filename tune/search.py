@@ -1,0 +1,134 @@
+"""Run one search: data and folds once on the driver, then a Ray Tune experiment over all folds."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import ray
+from ray import tune
+
+from tune.experiment import TrialsTable, read_trials_csv, summary_table, write_experiment_json
+from tune.scheduler import PerFoldASHA
+from tune.searcher import FoldedOptunaSearch
+from tune.space import SearchSpec, check_classes
+from tune.trainable import train_trial
+from trainables.data import SegData, load_dataset
+from trainables.errors import ConfigError
+from trainables.folds import coverage_table, fold_coverage, load_or_make_folds
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def absolute_data_paths(base: dict) -> dict:
+    """Trials run in other processes (and nodes): make every path in the config absolute."""
+    data = base["data"]
+    for key in ("path", "images", "cache_dir"):
+        if data.get(key):
+            data[key] = str(Path(data[key]).expanduser().resolve())
+    return base
+
+
+def prepare(spec: SearchSpec, run_dir: Path) -> tuple[dict, SegData, list[list[str]]]:
+    base = absolute_data_paths(spec.base_config())
+    d = base["data"]
+    data = load_dataset(d["path"], d["images"], d["task"], d["unannotated"], d["cache_dir"])
+    if d["path"] is None:
+        base["data"]["path"] = str(data.source)
+    check_classes(spec, data.num_classes)
+    f = base["folds"]
+    folds = load_or_make_folds(run_dir / "folds.json", f["strategy"], f["k"], f["seed"], data.ids, data.presence,
+                               data.fingerprint, f["group_regex"])
+    print(f"{data.source}: {len(data)} images, {data.num_classes} classes, {f['k']} folds ({f['strategy']})")
+    print(coverage_table(fold_coverage(folds, data.ids, data.presence), data.class_names))
+    return base, data, folds
+
+
+def init_ray(address: str | None, dashboard: bool) -> None:
+    if ray.is_initialized():
+        return
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    for key in ("HF_HUB_OFFLINE", "WANDB_MODE", "SEGHPO_CACHE"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    inside_job = bool(os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_JOB_ID"))
+    runtime_env = None if inside_job else {"env_vars": env}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env)
+    else:
+        ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", runtime_env=runtime_env,
+                 configure_logging=False)
+
+
+def trial_dirname(trial) -> str:
+    return f"fold{trial.config['fold']}_{trial.trial_id}"
+
+
+def progress_reporter(metric: str) -> tune.CLIReporter:
+    return tune.CLIReporter(
+        metric_columns={"epoch": "epoch", "train_loss": "loss", metric: metric, "best_score": "best"},
+        parameter_columns={"fold": "fold", "model.arch": "arch", "model.encoder": "encoder", "loss.name": "loss",
+                           "optimizer.lr": "lr"},
+        max_report_frequency=30, sort_by_metric=False)
+
+
+def build_tuner(spec: SearchSpec, base: dict, folds: list, data: SegData, run_dir: Path, max_failures: int,
+                resume: bool, callbacks: list | None = None) -> tune.Tuner:
+    search, res = spec.search, spec.resources
+    metric, mode, max_epochs = search["metric"], search["mode"], int(base["train"]["epochs"])
+    cpus, gpus = float(res["cpus_per_trial"]), float(res["gpus_per_trial"])
+    trainable = tune.with_resources(tune.with_parameters(train_trial, base=base, folds=folds, cpus=cpus),
+                                    {"cpu": cpus, "gpu": gpus})
+    experiment_dir = run_dir / "tune"
+    if resume:
+        return tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_errored=True)
+    searcher = FoldedOptunaSearch(spec, len(folds), data.num_classes, f"sqlite:///{run_dir / 'studies.db'}",
+                                  spec.name, max_epochs)
+    asha = search.get("asha")
+    scheduler = (PerFoldASHA(metric, mode, max_epochs, state_path=str(run_dir / "asha_state.json"), **asha)
+                 if asha else None)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=searcher.total_trials,
+                                    max_concurrent_trials=res.get("max_concurrent"),
+                                    trial_dirname_creator=trial_dirname),
+        run_config=tune.RunConfig(
+            name="tune", storage_path=str(run_dir),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric,
+                                                    checkpoint_score_order=mode),
+            failure_config=tune.FailureConfig(max_failures=max_failures),
+            callbacks=[TrialsTable(run_dir / "trials.csv", metric, max_epochs), *(callbacks or [])],
+            progress_reporter=progress_reporter(metric),
+            verbose=1,
+        ),
+    )
+
+
+def run_search(spec: SearchSpec, run_dir: Path, *, resume: bool = False, address: str | None = None,
+               max_failures: int = 0, dashboard: bool = False, callbacks: list | None = None) -> list[dict]:
+    """Search, then print the best trial per fold; returns the rows of ``trials.csv``."""
+    run_dir = run_dir.resolve()
+    experiment_dir = run_dir / "tune"
+    if resume and not (experiment_dir / "tuner.pkl").exists():
+        raise ConfigError("command line", "--resume", f"no experiment to resume in {run_dir}")
+    if not resume and experiment_dir.exists():
+        raise ConfigError("command line", "--name", f"{run_dir} already holds an experiment; "
+                                                    "add --resume to continue it or choose another --name")
+    start = time.perf_counter()
+    base, data, folds = prepare(spec, run_dir)
+    settings = {"space": str(spec.source), "name": spec.name, "fixed": base, "search": spec.search,
+                "resources": spec.resources, "space_params": sorted(spec.space)}
+    write_experiment_json(run_dir, settings, {"fingerprint": data.fingerprint, "source": str(data.source),
+                                              "class_names": data.class_names, "task": data.task,
+                                              "images": len(data)})
+    init_ray(address, dashboard)
+    tuner = build_tuner(spec, base, folds, data, run_dir, max_failures, resume, callbacks)
+    tuner.fit()
+    rows = read_trials_csv(run_dir / "trials.csv")
+    metric, mode = spec.search["metric"], spec.search["mode"]
+    print(f"\nbest trial per fold ({metric}, {time.perf_counter() - start:.0f}s):")
+    print(summary_table(rows, metric, mode))
+    return rows

@@ -1,0 +1,174 @@
+"""One Optuna study per fold behind one Ray Tune searcher, with multi-fidelity feedback.
+
+Ray's stock ``OptunaSearch`` tells Optuna that an ASHA-stopped trial COMPLETED with its
+truncated score, so TPE learns from partial-budget numbers as if they were final. Here:
+
+* each fold has its own study (TPE, seeded per fold) in persistent storage (SQLite under the run
+  directory), so a trial is only compared with trials of the same fold;
+* every epoch's metric is reported to the Optuna trial as an intermediate value;
+* a trial that ends before ``max_epochs`` (stopped by ASHA) is told as PRUNED, a trial that
+  raised as FAIL, and only trials that trained to the end as COMPLETE with their best score;
+* with ``search_folds`` (two-stage mode) only those folds are searched; once all their trials
+  have ended, the top ``retrain_top`` configs are retrained on every other fold for their best
+  epoch count (these retrain trials are not searched and not early-stopped).
+
+The map from Tune trial id to Optuna trial is kept in the Optuna trials' user attributes and in
+the searcher checkpoint, so ``--resume`` continues the same studies.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search import Searcher
+
+from tune.space import SearchSpec, sample
+
+logger = logging.getLogger(__name__)
+
+
+def study_name(experiment: str, fold: int) -> str:
+    return f"{experiment}-fold{fold}"
+
+
+class FoldedOptunaSearch(Searcher):
+    def __init__(self, spec: SearchSpec, num_folds: int, num_classes: int, storage: str, experiment: str,
+                 max_epochs: int):
+        search = spec.search
+        super().__init__(metric=search["metric"], mode=search["mode"])
+        self.spec, self.num_classes, self.max_epochs = spec, num_classes, max_epochs
+        self.storage, self.experiment = storage, experiment
+        self.num_samples = int(search["num_samples"])
+        self.search_folds = list(search["search_folds"]) if search["search_folds"] is not None \
+            else list(range(num_folds))
+        self.retrain_folds = [f for f in range(num_folds) if f not in self.search_folds]
+        self.retrain_top = int(search.get("retrain_top") or 0)
+        self.suggested = {f: 0 for f in self.search_folds}
+        self.live: dict[str, dict] = {}  # tune trial id -> {"fold", "number"}
+        self.retrain_queue: list[dict] | None = None
+        self._studies: dict[int, optuna.Study] = {}
+
+    # -- studies ---------------------------------------------------------------------------
+    def study(self, fold: int) -> optuna.Study:
+        if fold not in self._studies:
+            sampler = optuna.samplers.TPESampler(seed=int(self.spec.search["seed"]) + fold,
+                                                 n_startup_trials=int(self.spec.search["n_startup_trials"]),
+                                                 constant_liar=True)
+            self._studies[fold] = optuna.create_study(
+                study_name=study_name(self.experiment, fold), storage=self.storage, sampler=sampler,
+                direction="maximize" if self._mode == "max" else "minimize", load_if_exists=True)
+        return self._studies[fold]
+
+    @property
+    def total_trials(self) -> int:
+        return self.num_samples * len(self.search_folds) + self.retrain_top * len(self.retrain_folds)
+
+    # -- Tune searcher API -----------------------------------------------------------------
+    def suggest(self, trial_id: str) -> dict | None:
+        if trial_id in self.live:  # a restored trial asking again
+            return self.live[trial_id]["config"]
+        open_folds = [f for f in self.search_folds if self.suggested[f] < self.num_samples]
+        if open_folds:
+            fold = min(open_folds, key=lambda f: (self.suggested[f], f))
+            trial = self.study(fold).ask()
+            trial.set_user_attr("tune_trial_id", trial_id)
+            sampled = sample(self.spec, trial, self.num_classes)
+            self.suggested[fold] += 1
+            config = {"fold": fold, **sampled}
+            self.live[trial_id] = {"fold": fold, "number": trial.number, "config": config}
+            return config
+        return self._next_retrain(trial_id)
+
+    def _next_retrain(self, trial_id: str) -> dict | None:
+        if not self.retrain_folds or self.retrain_top <= 0:
+            return Searcher.FINISHED
+        if self.retrain_queue is None:
+            if any(v.get("number") is not None for v in self.live.values()):
+                return None  # wait until every search trial has ended
+            self.retrain_queue = self._plan_retrain()
+        if not self.retrain_queue:
+            return Searcher.FINISHED
+        config = self.retrain_queue.pop(0)
+        self.live[trial_id] = {"fold": config["fold"], "number": None, "config": config, "retrain": True}
+        return config
+
+    def _plan_retrain(self) -> list[dict]:
+        ranked = []
+        for fold in self.search_folds:
+            for t in self.study(fold).get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+                if t.state == TrialState.COMPLETE and t.value is not None and "config" in t.user_attrs:
+                    ranked.append((t.value, t.user_attrs["best_epoch"], t.user_attrs["config"]))
+        ranked.sort(key=lambda r: (-r[0] if self._mode == "max" else r[0], r[1]))
+        plan = []
+        for _, best_epoch, config in ranked[: self.retrain_top]:
+            for fold in self.retrain_folds:
+                plan.append({**config, "fold": fold, "retrain": {"epochs": int(best_epoch)}})
+        logger.info("two-stage search: retraining %d configs on folds %s", len(ranked[: self.retrain_top]),
+                    self.retrain_folds)
+        return plan
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        info = self.live.get(trial_id)
+        value = result.get(self._metric)
+        if not info or info.get("number") is None or value is None or not math.isfinite(value):
+            return
+        trial = optuna.trial.Trial(self.study(info["fold"]), self._internal_id(info))
+        trial.report(float(value), step=int(result.get("epoch", result.get("training_iteration", 0))))
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        info = self.live.pop(trial_id, None)
+        if not info or info.get("number") is None:
+            return
+        study = self.study(info["fold"])
+        number = info["number"]
+        internal = self._internal_id(info)
+        if study._storage.get_trial(internal).state != TrialState.RUNNING:
+            return  # already told (e.g. before a restore)
+        best = (result or {}).get("best_score")
+        epochs = int((result or {}).get("epoch", 0))
+        if error or not result or best is None or not math.isfinite(best):
+            study.tell(number, state=TrialState.FAIL)
+            return
+        study._storage.set_trial_user_attr(internal, "best_epoch", int(result.get("best_epoch", epochs)))
+        config = {k: v for k, v in info["config"].items() if k not in ("fold", "retrain")}
+        study._storage.set_trial_user_attr(internal, "config", config)
+        if epochs < self.max_epochs:
+            study.tell(number, state=TrialState.PRUNED)
+        else:
+            study.tell(number, float(best))
+
+    def _internal_id(self, info: dict) -> int:
+        study = self.study(info["fold"])
+        return study._storage.get_trial_id_from_study_id_trial_number(study._study_id, info["number"])
+
+    # -- checkpointing ---------------------------------------------------------------------
+    def get_state(self) -> dict[str, Any]:
+        return {"suggested": self.suggested, "live": self.live, "retrain_queue": self.retrain_queue}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.suggested = {int(k): v for k, v in state["suggested"].items()}
+        self.live = state["live"]
+        self.retrain_queue = state["retrain_queue"]
+        self._fail_orphans()
+
+    def save(self, checkpoint_path: str) -> None:
+        from trainables.io import atomic_write_text
+
+        atomic_write_text(checkpoint_path, json.dumps(self.get_state()))
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path) as fh:
+            self.set_state(json.load(fh))
+
+    def _fail_orphans(self) -> None:
+        """Optuna trials left RUNNING by a crash that Tune never started are marked FAIL."""
+        known = {(v["fold"], v["number"]) for v in self.live.values() if v.get("number") is not None}
+        for fold in self.search_folds:
+            study = self.study(fold)
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                if (fold, t.number) not in known:
+                    study.tell(t.number, state=TrialState.FAIL)

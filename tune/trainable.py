@@ -1,0 +1,62 @@
+"""The thin adapter between Ray Tune and :class:`trainables.loop.FoldTrainer`.
+
+Each Tune trial trains one sampled config on one fold. Per epoch it reports the metrics; when
+the selection metric improves it also reports a checkpoint holding the best model
+(``model.pt``, self-describing) and the state to continue from (``state.pt``), so Tune's
+``CheckpointConfig(num_to_keep=1)`` keeps exactly the best epoch and a restored trial resumes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+import torch
+from ray import tune
+
+from trainables.checkpoint import save_checkpoint
+from trainables.config import merge
+from trainables.data import load_dataset
+from trainables.folds import train_val_indices
+from trainables.loop import FoldTrainer
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+RESERVED = ("fold", "retrain")  # config keys that are not trial-config settings
+
+
+def split_config(config: dict) -> tuple[int, dict]:
+    """Tune config -> (fold, sampled dotted settings)."""
+    return int(config["fold"]), {k: v for k, v in config.items() if k not in RESERVED}
+
+
+def train_trial(config: dict, base: dict, folds: list[list[str]], cpus: float) -> None:
+    """Ray Tune function trainable: ``base`` is the fixed config, ``config`` the sampled part."""
+    torch.set_num_threads(max(1, int(cpus)))
+    fold, sampled = split_config(config)
+    cfg = merge(base, sampled, source="search space")
+    if config.get("retrain"):
+        cfg["train"]["epochs"] = int(config["retrain"]["epochs"])
+    d = cfg["data"]
+    data = load_dataset(d["path"], d["images"], d["task"], d["unannotated"], d["cache_dir"])
+    train_idx, val_idx = train_val_indices(folds, fold, data.ids)
+    trainer = FoldTrainer(cfg, data, train_idx, val_idx, fold=fold)
+    restored = tune.get_checkpoint()
+    if restored:
+        with restored.as_directory() as ckpt_dir:
+            trainer.load_state_dict(torch.load(Path(ckpt_dir) / STATE_FILE, map_location=trainer.device,
+                                               weights_only=True))
+        logger.info("trial resumed after epoch %d", trainer.epoch)
+    node = os.environ.get("SEGHPO_NODE_LABEL") or socket.gethostname()
+    for record in trainer.epochs():
+        record["node"] = node
+        if not record.pop("improved"):
+            tune.report(record)
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(trainer.best_checkpoint(), tmp)
+            torch.save(trainer.state_dict(), Path(tmp) / STATE_FILE)
+            tune.report(record, checkpoint=tune.Checkpoint.from_directory(tmp))

@@ -1,0 +1,161 @@
+"""Ensemble the best trials of a finished search, tune class-wise thresholds out-of-fold, predict.
+
+    python ensemble/run.py --experiment runs/segformer-demo
+    python ensemble/run.py --experiment runs/smp --top-k 3 --tta hflip --predict test_images/ --out preds/
+
+Writes runs/<name>/ensemble/: members.json, thresholds.json, oof_metrics.json with (a) the best
+single trial per fold, (b) the ensemble at default decisions and (c) the ensemble with tuned
+thresholds, all on the same out-of-fold pixels, and plots (iou_bars.png, threshold_curves.png,
+confusion.png, overlays.png). --predict runs every fold's members on new images (see
+ensemble/infer.py for the output format).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if sys.path[0] == str(Path(__file__).resolve().parent):
+    sys.path[0] = str(ROOT)
+elif str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from trainables.cli import exit_on_user_error  # noqa: E402
+from trainables.errors import ConfigError, InputError  # noqa: E402
+
+logger = logging.getLogger("ensemble")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experiment", type=Path, required=True, help="runs/<name> written by tune/run.py")
+    p.add_argument("--top-k", type=int, default=3, help="members per fold [3]")
+    p.add_argument("--selection", choices=["topk", "greedy"], default="topk",
+                   help="greedy: forward selection on out-of-fold score among the top 2k of each fold")
+    p.add_argument("--voting", choices=["soft", "hard"], default="soft")
+    p.add_argument("--tta", default="none", help="none | hflip | hflip,scales=0.75:1:1.25")
+    p.add_argument("--min-area", action="store_true", help="also tune per-class minimum component areas")
+    p.add_argument("--predict", type=Path, help="folder of images or COCO json to predict")
+    p.add_argument("--out", type=Path, help="where --predict writes [runs/<name>/ensemble/predictions]")
+    p.add_argument("--save-probs", action="store_true", help="also write float16 probabilities")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    return p.parse_args(argv)
+
+
+def load_experiment(run_dir: Path) -> tuple[dict, list[list[str]], list[dict]]:
+    from tune.experiment import read_trials_csv
+
+    for name in ("experiment.json", "folds.json"):
+        if not (run_dir / name).exists():
+            raise InputError(run_dir / name, "missing: is this an experiment directory written by tune/run.py?")
+    experiment = json.loads((run_dir / "experiment.json").read_text())
+    folds = json.loads((run_dir / "folds.json").read_text())["folds"]
+    return experiment, folds, read_trials_csv(run_dir / "trials.csv")
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from ensemble.members import top_k
+    from ensemble.predictor import TTA, Ensemble, load_member
+    from trainables.data import load_dataset
+    from trainables.io import atomic_write_json
+
+    run_dir = args.experiment
+    experiment, folds, rows = load_experiment(run_dir)
+    settings = experiment["settings"]
+    metric, mode = settings["search"]["metric"], settings["search"]["mode"]
+    try:
+        tta = TTA.parse(args.tta)
+    except ValueError as exc:
+        raise ConfigError("command line", "--tta", str(exc)) from None
+    pool = top_k(rows, metric, mode, args.top_k * (2 if args.selection == "greedy" else 1))
+    d = settings["fixed"]["data"]
+    data = load_dataset(d["path"], d["images"], d["task"], d["unannotated"], d["cache_dir"])
+    if data.fingerprint != experiment["dataset"]["fingerprint"]:
+        raise InputError(d["path"], "the dataset changed since the search: out-of-fold results would be mixed")
+    out_dir = run_dir / "ensemble"
+    ensembles = {}
+    import torch
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    for fold, chosen in pool.items():
+        members = [load_member(r["checkpoint"], r["trial_id"], device) for r in chosen]
+        ensembles[fold] = Ensemble(members, tta, args.voting, device)
+    if args.selection == "greedy":
+        from ensemble.selection import greedy_members
+
+        ensembles = greedy_members(ensembles, data, folds, d["max_size"], args.top_k, metric, mode)
+    members_json = {str(f): [{"trial_id": m.name, "score": m.score, "epoch": m.meta["epoch"],
+                              "checkpoint": next(r["checkpoint"] for r in pool[f] if r["trial_id"] == m.name)}
+                             for m in e.members] for f, e in ensembles.items()}
+    atomic_write_json(out_dir / "members.json", {"selection": args.selection, "top_k": args.top_k,
+                                                 "voting": args.voting, "tta": args.tta, "members": members_json})
+    from ensemble.oof import oof_evaluate
+
+    result = oof_evaluate(ensembles, data, folds, d["max_size"], out_dir, args.batch_size, args.min_area)
+    thresholds = result["thresholds"]
+    atomic_write_json(out_dir / "thresholds.json", thresholds)
+    report = {k: result[k] for k in ("single", "ensemble", "tuned")}
+    report["class_names"] = data.class_names
+    report["oof_images"] = len(result["images"])
+    atomic_write_json(out_dir / "oof_metrics.json", report)
+    write_plots(out_dir, report, thresholds, data, ensembles, folds, d["max_size"])
+    print_table(report, data.class_names)
+    if args.predict:
+        from ensemble.infer import predict_folder
+
+        all_members = [m for e in ensembles.values() for m in e.members]
+        everyone = Ensemble(all_members, tta, args.voting, device)
+        out = args.out or out_dir / "predictions"
+        res = predict_folder(everyone, thresholds, args.predict, out, data.task, d["unannotated"], data.class_names,
+                             args.batch_size, args.save_probs, d["cache_dir"])
+        print(f"predicted {res['images']} images with {len(all_members)} members -> {out}")
+        if "test_metrics" in res:
+            t = res["test_metrics"]
+            print(f"test: mIoU {t['miou']:.4f}  Dice {t['dice']:.4f}  bIoU {t.get('biou', float('nan')):.4f} "
+                  f"-> {out / 'test_metrics.json'}")
+    print(f"report: {out_dir}")
+
+
+def print_table(report: dict, class_names: list[str]) -> None:
+    keys = ("single", "ensemble", "tuned")
+    print(f"\nout-of-fold ({report['oof_images']} images)    (a) single  (b) ensemble  (c) tuned")
+    for label, field in (("mIoU", "miou"), ("mean Dice", "dice"), ("boundary IoU", "biou"), ("pixel acc", "pixel_acc")):
+        print(f"{label:<28}" + "".join(f"{report[k].get(field, float('nan')):>12.4f}" for k in keys))
+    for c, name in enumerate(class_names):
+        print(f"  IoU {name:<22}" + "".join(f"{report[k]['iou_per_class'][c]:>12.4f}" for k in keys))
+
+
+def write_plots(out_dir: Path, report: dict, thresholds: dict, data, ensembles, folds, max_size) -> None:
+    import numpy as np
+
+    from ensemble.report import confusion_plot, iou_bars, overlays, threshold_curves
+    from trainables.dataset import SegDataset
+    from trainables.folds import train_val_indices
+
+    iou_bars(report, data.class_names, out_dir / "iou_bars.png")
+    threshold_curves(thresholds, data.class_names, out_dir / "threshold_curves.png")
+    if "confusion" in report["tuned"]:
+        confusion_plot(report["tuned"]["confusion"], data.class_names, out_dir / "confusion.png")
+    if data.task != "multiclass":
+        return
+    samples = []
+    for fold, ens in sorted(ensembles.items()):
+        _, val_idx = train_val_indices(folds, fold, data.ids)
+        ds = SegDataset(data, val_idx[:2], transform=None, max_size=max_size, cache=False)
+        for i in val_idx[:2]:
+            image, mask = ds.load(i)
+            probs = np.load(out_dir / "oof_probs" / f"{i}.npy").astype(np.float32)
+            samples.append((data.ids[i], image, mask, ens.decide(probs, thresholds)))
+    overlays(samples[:4], data.num_classes, out_dir / "overlays.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -59,6 +59,27 @@ def resolve_amp(setting: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[setting]
 
 
+def _pipeline_parts(transform) -> Iterator:
+    """An albumentations pipeline and all its nested transforms, in a fixed order."""
+    yield transform
+    for child in getattr(transform, "transforms", None) or []:
+        yield from _pipeline_parts(child)
+
+
+def augment_rng_state(transform) -> list[dict]:
+    """The random generators of every transform (albumentations keeps its own, seeded per transform)."""
+    return [{"numpy": t.random_generator.bit_generator.state, "python": t.py_random.getstate()}
+            for t in _pipeline_parts(transform) if hasattr(t, "random_generator")]
+
+
+def set_augment_rng_state(transform, states: list[dict]) -> None:
+    parts = [t for t in _pipeline_parts(transform) if hasattr(t, "random_generator")]
+    for t, state in zip(parts, states, strict=True):
+        t.random_generator.bit_generator.state = state["numpy"]
+        version, internal, gauss = state["python"]
+        t.py_random.setstate((version, tuple(internal), gauss))
+
+
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, amp: torch.dtype | None) -> torch.Tensor:
     with torch.autocast(device_type=images.device.type, dtype=amp or torch.float32, enabled=amp is not None):
         return model(images).float()
@@ -218,7 +239,8 @@ class FoldTrainer:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "schedule": self.schedule.state_dict(), "epoch": self.epoch,
                 "best_score": self.best_score, "best_epoch": self.best_epoch, "best_state": self._best_state,
-                "rng": torch.get_rng_state(), "loader_rng": self.generator.get_state()}
+                "rng": torch.get_rng_state(), "loader_rng": self.generator.get_state(),
+                "augment_rng": augment_rng_state(self.train_set.transform)}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -229,3 +251,5 @@ class FoldTrainer:
         self._best_state = state["best_state"]
         torch.set_rng_state(state["rng"])
         self.generator.set_state(state["loader_rng"])
+        if "augment_rng" in state:  # absent in states saved before it was recorded
+            set_augment_rng_state(self.train_set.transform, state["augment_rng"])

@@ -71,6 +71,26 @@ class MultilabelBCE(nn.Module):
         return loss.sum() / valid.sum().clamp_min(1.0)
 
 
+class MultilabelFocal(nn.Module):
+    """smp's focal loss for multilabel targets, masking ignored pixels per channel (smp's own
+    FocalLoss indexes (B, H, W) channels with a (B, C, H, W) mask and fails in multilabel mode)."""
+
+    def __init__(self, gamma: float, weights: list[float] | None, ignore_index: int):
+        super().__init__()
+        self.gamma = gamma
+        self.register_buffer("weights", torch.tensor(weights) if weights else None)
+        self.ignore_index = ignore_index
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        valid = (target != self.ignore_index).float()
+        bce = F.binary_cross_entropy_with_logits(logits, target.float() * valid, reduction="none")
+        focal = (1.0 - torch.exp(-bce)).pow(self.gamma) * bce * valid
+        per_class = focal.sum((0, 2, 3)) / valid.sum((0, 2, 3)).clamp_min(1.0)
+        if self.weights is None:
+            return per_class.mean()
+        return (per_class * self.weights).sum() / self.weights.sum()
+
+
 def _ce(task, weights, cfg, ignore_index):
     if task == "multilabel":
         return MultilabelBCE(weights, ignore_index)
@@ -83,6 +103,8 @@ def _smp(name: str) -> Callable:
         from segmentation_models_pytorch import losses as L
 
         if name == "focal":
+            if task == "multilabel":
+                return MultilabelFocal(cfg["focal_gamma"], weights, ignore_index)
             return L.FocalLoss(task, gamma=cfg["focal_gamma"], ignore_index=ignore_index, class_weights=weights)
         if name == "dice":
             return L.DiceLoss(task, ignore_index=ignore_index, class_weights=weights)

@@ -42,6 +42,11 @@ def arch_names() -> list[str]:
     return sorted({cls.__name__ for cls in smp_archs().values()}) + list(HF_ARCHS)
 
 
+def is_hf_arch(arch: str) -> bool:
+    """``segformer`` is the Hugging Face model; smp's own class name ``Segformer`` stays smp's."""
+    return arch.lower() in HF_ARCHS and arch != "Segformer"
+
+
 def _mit_variant(encoder: str) -> str | None:
     name = encoder.lower().rsplit("/", 1)[-1]
     for variant in MIT_CONFIGS:
@@ -52,7 +57,7 @@ def _mit_variant(encoder: str) -> str | None:
 
 def model_problem(arch: str, encoder: str) -> str | None:
     """Why ``(arch, encoder)`` cannot be built, in the user's words; None when it can."""
-    if arch.lower() in HF_ARCHS:
+    if is_hf_arch(arch):
         if _mit_variant(encoder) is None and "/" not in encoder:
             return f"segformer needs a Hugging Face name such as nvidia/mit-b0 .. nvidia/mit-b5, got {encoder!r}"
         return None
@@ -145,7 +150,7 @@ def build_model(arch: str, encoder: str, num_classes: int, weights: str | None =
     if problem:
         raise ConfigError("config", "model", problem)
     kwargs = dict(kwargs or {})
-    if arch.lower() in HF_ARCHS:
+    if is_hf_arch(arch):
         return _build_segformer(encoder, num_classes, weights, kwargs)
     return _build_smp(arch, encoder, num_classes, weights, kwargs)
 

@@ -1,0 +1,101 @@
+"""Shared fixtures: an offline Hugging Face hub, a private mask cache, synthetic datasets, tiny configs.
+
+The environment is set before anything imports ``huggingface_hub``/``transformers`` (they read
+it at import time), so every pretrained-weight attempt fails fast and falls back to random init.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"  # albumentations would ask the network for a newer version
+
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+if "huggingface_hub" in sys.modules:  # imported earlier by a plugin: switch its constant too
+    import huggingface_hub.constants
+
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_DIR = REPO / "data" / "camvid-sample" / "train"
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Nothing a test does may read or write ~/.cache/seghpo (an explicit cache_dir wins anyway)."""
+    monkeypatch.setenv("SEGHPO_CACHE", str(tmp_path_factory.getbasetemp() / "default-cache"))
+
+
+@pytest.fixture
+def cache_dir(tmp_path) -> Path:
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="session")
+def sample_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("sample-cache")
+
+
+@pytest.fixture(scope="session")
+def sample(sample_cache):
+    """The shipped CamVid sample (72 images, 11 categories + background), loaded once per session."""
+    from trainables.data import load_dataset
+
+    return load_dataset(cache_dir=sample_cache)
+
+
+def write_image(path: Path, height: int, width: int, mode: str = "RGB", seed: int = 0) -> np.ndarray:
+    """A small random image file; returns the pixels written."""
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    pixels = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
+    if mode == "L":
+        pixels = pixels[..., 0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels, mode=mode).save(path)
+    return pixels
+
+
+def write_coco(json_path: Path, images: list[dict], annotations: list[dict], categories: list[dict],
+               image_root: Path | None = None) -> Path:
+    """Write a COCO file and one PNG per image (under ``image_root``, default ``<json dir>/images``)."""
+    image_root = image_root or json_path.parent / "images"
+    for i, img in enumerate(images):
+        write_image(image_root / img["file_name"], img["height"], img["width"], seed=i)
+    for i, ann in enumerate(annotations):
+        ann.setdefault("id", i + 1)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return json_path
+
+
+@pytest.fixture
+def coco_factory(tmp_path):
+    """``coco_factory(images, annotations, categories, name=..., image_root=...)`` -> annotation path."""
+
+    def make(images, annotations, categories, name="annotations.json", image_root=None):
+        return write_coco(tmp_path / "coco" / name, images, annotations, categories, image_root)
+
+    return make
+
+
+def tiny_config(**overrides) -> dict:
+    """The smallest useful training config: a 3-level Unet/resnet18 on 64x96 images, CPU, no download."""
+    from trainables.config import resolve
+
+    base = {
+        "model.arch": "Unet", "model.encoder": "resnet18", "model.weights": None,
+        "model.kwargs": {"encoder_depth": 3, "decoder_channels": [32, 16, 8]},
+        "train.image_size": [64, 96], "train.batch_size": 8, "train.epochs": 2, "train.device": "cpu",
+        "train.seed": 0, "optimizer.lr": 3e-3,
+    }
+    base.update(overrides)
+    return resolve(base)

@@ -59,6 +59,9 @@ def predict_folder(ens: Ensemble, thresholds: dict | None, inputs: Path, out: Pa
     if data is not None and data.class_names != class_names:
         raise InputError(inputs, f"classes {data.class_names} differ from the experiment's {class_names}")
     metrics = SegMetrics(len(class_names), task, 255) if data is not None else None
+    # class 0 is background (left out of the submission) only when the rule falls back to it;
+    # datasets without a background class (fallback None) have a real class 0
+    skip = () if thresholds is not None and thresholds.get("fallback", 0) is None else None
     rows: list[dict] = []
     for start in tqdm(range(0, len(paths), batch_size), desc="predicting", unit="batch"):
         batch = list(range(start, min(start + batch_size, len(paths))))
@@ -68,7 +71,7 @@ def predict_folder(ens: Ensemble, thresholds: dict | None, inputs: Path, out: Pa
             decision = ens.decide(probs, thresholds)
             if task == "multiclass":
                 _save_png(out / "masks" / f"{stem}.png", decision)
-                rows += submission_rows(ids[i], labels=decision, class_names=class_names)
+                rows += submission_rows(ids[i], labels=decision, class_names=class_names, skip_classes=skip)
             else:
                 for c, name in enumerate(class_names):
                     _save_png(out / "masks" / name / f"{stem}.png", decision[c].astype(np.uint8) * 255)

@@ -1,7 +1,8 @@
 """Choose ensemble members from a finished experiment's ``trials.csv``.
 
-``top_k``: per fold, the k best completed trials by the experiment's metric (ties: fewer epochs).
-Trials stopped early by ASHA are used only when a fold has fewer than k completed trials.
+``top_k``: per fold, up to k of the best completed trials by the experiment's metric (ties: fewer
+epochs). Trials stopped early by ASHA trained on a fraction of the budget and would drag the
+average down; they are used only for a fold without any completed trial.
 ``greedy_select``: Caruana et al. (2004) forward selection with replacement on out-of-fold
 score, driven by a scoring function so it is testable without models.
 """
@@ -33,10 +34,10 @@ def top_k(rows: list[dict], metric: str, mode: str, k: int) -> dict[int, list[di
     members = {}
     for fold, candidates in sorted(by_fold.items()):
         candidates.sort(key=lambda r: (r["status"] != "completed", sign * _score(r, metric), int(r["epochs"] or 0)))
-        chosen = candidates[:k]
-        if any(r["status"] != "completed" for r in chosen):
-            logger.warning("fold %d has fewer than %d completed trials: using trials stopped early", fold, k)
-        members[fold] = chosen
+        completed = [r for r in candidates if r["status"] == "completed"]
+        if not completed:
+            logger.warning("fold %d has no completed trial: using trials stopped early", fold)
+        members[fold] = (completed or candidates)[:k]
     if not members:
         raise InputError("trials.csv", "no completed trial with a checkpoint: nothing to ensemble")
     for fold, chosen in members.items():

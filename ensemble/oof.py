@@ -69,7 +69,9 @@ def oof_evaluate(ensembles: dict[int, Ensemble], data: SegData, folds: list[list
             per_member = ens.predict_batch([img for img, _ in pairs], per_member=True)
             for i, (_, mask), member_probs in zip(idx, pairs, per_member):
                 target, valid = target_of(mask, task, ignore)
-                probs = member_probs.mean(0)
+                # Pass 2 reads these back from float16: round once here so that (b), the tuner
+                # and (c) see the same values (else (c) is not what the thresholds were tuned for).
+                probs = member_probs.mean(0).astype(np.float16).astype(np.float32)
                 score_into(single, ens.decide(member_probs[0]), target, valid, task)
                 score_into(default, ens.decide(probs), target, valid, task)
                 if task == "multiclass":

@@ -1,0 +1,526 @@
+"""The search driver: per-fold ASHA, the folded Optuna searcher, and tune/run.py end to end.
+
+The scheduler and searcher tests drive the objects directly (no Ray). The two ``slow`` tests run
+``tune/run.py`` as a subprocess on the real CamVid training split (a tiny Unet, 4 batches an
+epoch; see tests/spaces/tiny.yaml): one plain run, and one that is killed with SIGKILL and resumed.
+They run by default; ``-m "not slow"`` leaves them out.
+
+Each Ray run gets its own RAY_TMPDIR, so it starts a private local cluster (never joins another one
+on this machine), and the clean-up kills exactly the processes of that cluster: the processes
+carry the directory in their command line or environment. ``ray stop --force`` is deliberately not
+used: it kills every Ray process of the machine, including other people's runs.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+from ray.tune.search import Searcher
+
+from tune.scheduler import PerFoldASHA
+from tune.searcher import FoldedOptunaSearch, study_name
+from tune.space import load_space, with_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = ROOT / "tune" / "run.py"
+TINY = ROOT / "tests" / "spaces" / "tiny.yaml"
+CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"
+TRAIN_JSON = CAMVID / "train" / "annotations.json"
+NUM_CLASSES = 12  # CamVid's 11 classes + background (unannotated pixels)
+
+needs_camvid = pytest.mark.skipif(not TRAIN_JSON.exists(), reason=f"CamVid not found at {TRAIN_JSON}: the "
+                                  "end-to-end runs need the shared dataset (/work/shared/data/camvid)")
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+# ---------------------------------------------------------------- 1. per-fold ASHA, no Ray
+
+
+def fake_trial(trial_id: str, fold: int, **extra) -> SimpleNamespace:
+    return SimpleNamespace(trial_id=trial_id, config={"fold": fold, **extra})
+
+
+def report(scheduler, trial, score: float, iteration: int = 1) -> str:
+    return scheduler.on_trial_result(None, trial, {"training_iteration": iteration, "val_miou": score})
+
+
+FOLD0 = [("a", 0.90), ("b", 0.80), ("c", 0.85)]  # fold 0 is easy: high scores
+WEAK_FOLD1 = ("x", 0.10)  # a fold-1 trial that is weak only in comparison with fold 0
+
+
+def feed(scheduler, trials: list[tuple[str, int, float]]) -> dict[str, str]:
+    decisions = {}
+    for trial_id, fold, score in trials:
+        trial = fake_trial(trial_id, fold)
+        scheduler.on_trial_add(None, trial)
+        decisions[trial_id] = report(scheduler, trial, score)
+    return decisions
+
+
+def asha_args() -> dict:
+    return dict(metric="val_miou", mode="max", max_t=4, grace_period=1, reduction_factor=2)
+
+
+def test_shared_asha_stops_a_weak_fold1_trial_that_per_fold_asha_keeps(tmp_path):
+    sequence = [(t, 0, s) for t, s in FOLD0] + [(WEAK_FOLD1[0], 1, WEAK_FOLD1[1])]
+
+    shared = ASHAScheduler(**asha_args())  # the control: one bracket set for every fold
+    assert feed(shared, sequence)["x"] == TrialScheduler.STOP
+
+    per_fold = PerFoldASHA(**asha_args(), state_path=str(tmp_path / "asha_state.json"))
+    decisions = feed(per_fold, sequence)
+    assert decisions == {"a": "CONTINUE", "b": "CONTINUE", "c": "CONTINUE", "x": "CONTINUE"}
+    # each fold still stops its own weak trials, against its own rung only
+    assert feed(per_fold, [("d", 0, 0.50), ("y", 1, 0.05), ("z", 1, 0.20)]) == {
+        "d": TrialScheduler.STOP,  # below fold 0's median (0.825)
+        "y": TrialScheduler.STOP,  # below fold 1's only entry (0.10)
+        "z": TrialScheduler.CONTINUE,  # above fold 1's median (0.075), far below fold 0's
+    }
+    rungs = {fold: dict(per_fold.folds[fold]._brackets[0]._rungs)[1] for fold in (0, 1)}
+    assert set(rungs[0]) == {"a", "b", "c", "d"} and set(rungs[1]) == {"x", "y", "z"}
+
+    # retrain trials of the two-stage mode are never stopped and never enter a rung
+    retrain = fake_trial("r", 1, retrain={"epochs": 2})
+    per_fold.on_trial_add(None, retrain)
+    assert report(per_fold, retrain, 0.0) == TrialScheduler.CONTINUE
+    assert "r" not in per_fold.folds[1]._trial_info
+
+
+def test_per_fold_asha_state_survives_reload_and_pickle(tmp_path):
+    path = tmp_path / "asha_state.json"
+    first = PerFoldASHA(**asha_args(), state_path=str(path))
+    feed(first, [(t, 0, s) for t, s in FOLD0] + [("x", 1, 0.10), ("y", 1, 0.30)])
+    state = first.rung_state()
+    assert json.loads(path.read_text()) == state  # written after every decision
+    assert state["0"]["rungs"][0][-1] == [1, {"a": 0.90, "b": 0.80, "c": 0.85}]  # milestone 1
+    assert state["1"]["rungs"][0][-1] == [1, {"x": 0.10, "y": 0.30}]
+
+    reloaded = PerFoldASHA(**asha_args(), state_path=str(path))
+    unpickled = pickle.loads(pickle.dumps(PerFoldASHA(**asha_args(), state_path=str(path))))
+    # what Tuner.restore does: the scheduler pickled at the start comes back, the file has moved on
+    stale = pickle.dumps(PerFoldASHA(**asha_args(), state_path=str(tmp_path / "later.json")))
+    shutil.copy(path, tmp_path / "later.json")
+    restored = pickle.loads(stale)
+    for other in (reloaded, unpickled, restored):
+        assert other.rung_state() == state
+        assert set(other.folds) == {0, 1}
+
+    # the same next results get the same decisions from every copy
+    probes = [("p", 0, 0.84, 1), ("q", 1, 0.15, 1), ("a", 0, 0.95, 2), ("y", 1, 0.20, 2)]
+    expected = ["STOP", "STOP", "CONTINUE", "CONTINUE"]
+    for scheduler in (first, reloaded, unpickled, restored):
+        decisions = []
+        for trial_id, fold, score, iteration in probes:
+            trial = fake_trial(trial_id, fold)
+            scheduler.on_trial_add(None, trial)  # known trials keep their bracket
+            decisions.append(report(scheduler, trial, score, iteration))
+        assert decisions == expected
+    assert reloaded.rung_state() == first.rung_state() == restored.rung_state()
+
+
+# ---------------------------------------------------------------- 2. the folded Optuna searcher, no Ray
+
+
+def tiny_spec(**search):
+    return with_overrides(load_space(str(TINY), ROOT / "search_spaces"), search=search)
+
+
+def make_searcher(tmp_path: Path, **search) -> FoldedOptunaSearch:
+    return FoldedOptunaSearch(tiny_spec(**search), num_folds=2, num_classes=NUM_CLASSES,
+                              storage=f"sqlite:///{tmp_path}/s.db", experiment="t", max_epochs=3)
+
+
+def load(tmp_path: Path, fold: int) -> optuna.Study:
+    return optuna.load_study(study_name=study_name("t", fold), storage=f"sqlite:///{tmp_path}/s.db")
+
+
+def by_tune_id(study: optuna.Study) -> dict[str, optuna.trial.FrozenTrial]:
+    return {t.user_attrs["tune_trial_id"]: t for t in study.get_trials(deepcopy=False)}
+
+
+def epochs(searcher: Searcher, trial_id: str, scores: list[float]) -> dict:
+    """Report one result per epoch as the trainable does; return the last result."""
+    best = None
+    for epoch, score in enumerate(scores, 1):
+        best = score if best is None or score > best[0] else best[0], epoch if best is None or score > best[0] \
+            else best[1]
+        result = {"epoch": epoch, "training_iteration": epoch, "val_miou": score, "best_score": best[0],
+                  "best_epoch": best[1]}
+        searcher.on_trial_result(trial_id, result)
+    return result
+
+
+def test_searcher_one_study_per_fold_and_multi_fidelity_states(tmp_path):
+    searcher = make_searcher(tmp_path, num_samples=2)
+    assert searcher.total_trials == 4
+    configs = {tid: searcher.suggest(tid) for tid in ("t0", "t1", "t2", "t3")}
+    assert [c["fold"] for c in configs.values()] == [0, 1, 0, 1]  # folds alternate
+    for config in configs.values():
+        assert set(config) == {"fold", "optimizer.lr", "loss.name"}
+        assert 1e-4 <= config["optimizer.lr"] <= 1e-2 and config["loss.name"] in ("ce", "dice")
+    assert searcher.suggest("t4") == Searcher.FINISHED  # num_samples per fold handed out
+    assert searcher.suggested == {0: 2, 1: 2}
+
+    searcher.on_trial_complete("t0", epochs(searcher, "t0", [0.30, 0.40]))  # stopped by ASHA after 2/3
+    searcher.on_trial_complete("t1", epochs(searcher, "t1", [0.20, 0.50, 0.45]))  # trained to the end
+    epochs(searcher, "t2", [0.1])
+    searcher.on_trial_complete("t2", None, error=True)
+    epochs(searcher, "t3", [0.05])  # still running
+
+    assert sorted(optuna.get_all_study_names(f"sqlite:///{tmp_path}/s.db")) == ["t-fold0", "t-fold1"]
+    fold0, fold1 = by_tune_id(load(tmp_path, 0)), by_tune_id(load(tmp_path, 1))
+    assert set(fold0) == {"t0", "t2"} and set(fold1) == {"t1", "t3"}  # fold 0 never in fold 1's study
+
+    pruned = fold0["t0"]
+    assert pruned.state == TrialState.PRUNED and pruned.value is None
+    assert pruned.intermediate_values == {1: 0.30, 2: 0.40}
+    assert pruned.params["optimizer.lr"] == configs["t0"]["optimizer.lr"]
+
+    complete = fold1["t1"]
+    assert complete.state == TrialState.COMPLETE
+    assert complete.value == 0.50  # the best score, not the last one
+    assert complete.intermediate_values == {1: 0.20, 2: 0.50, 3: 0.45}
+    assert complete.user_attrs["best_epoch"] == 2
+    assert complete.user_attrs["config"] == {k: v for k, v in configs["t1"].items() if k != "fold"}
+
+    assert fold0["t2"].state == TrialState.FAIL
+    assert fold1["t3"].state == TrialState.RUNNING and fold1["t3"].intermediate_values == {1: 0.05}
+
+    # a finished trial reported again (e.g. after a restore) changes nothing
+    searcher.on_trial_complete("t0", {"epoch": 3, "best_score": 0.9, "best_epoch": 3})
+    assert load(tmp_path, 0).trials[pruned.number].state == TrialState.PRUNED
+
+
+def test_searcher_save_restore_continues_and_fails_orphans(tmp_path):
+    first = make_searcher(tmp_path, num_samples=2)
+    configs = {tid: first.suggest(tid) for tid in ("a", "b", "c")}  # folds 0, 1, 0
+    first.on_trial_complete("a", epochs(first, "a", [0.3, 0.4, 0.5]))
+    epochs(first, "b", [0.2])
+    ckpt = tmp_path / "searcher.json"
+    first.save(str(ckpt))
+    orphan = first.suggest("d")  # fold 1, asked after the last save: then the driver dies
+    assert orphan["fold"] == 1
+
+    pickled = pickle.dumps(make_searcher(tmp_path, num_samples=2))  # Tuner.restore unpickles the searcher ...
+    second = pickle.loads(pickled)
+    second.restore(str(ckpt))  # ... and restores its saved state
+    assert second.suggested == {0: 2, 1: 1}
+    assert set(second.live) == {"b", "c"}
+    fold0, fold1 = by_tune_id(load(tmp_path, 0)), by_tune_id(load(tmp_path, 1))
+    assert fold1["d"].state == TrialState.FAIL  # the orphan: Tune never ran it
+    assert fold1["b"].state == TrialState.RUNNING and fold0["c"].state == TrialState.RUNNING
+    assert fold0["a"].state == TrialState.COMPLETE
+
+    assert second.suggest("b") == configs["b"]  # a restored trial asking again: no new Optuna trial
+    assert len(load(tmp_path, 1).trials) == 2
+    e = second.suggest("e")  # the one fold-1 sample still to hand out
+    assert e["fold"] == 1
+    assert second.suggest("f") == Searcher.FINISHED
+
+    second.on_trial_complete("b", epochs(second, "b", [0.2, 0.3]))  # b continued after the restore
+    second.on_trial_complete("c", epochs(second, "c", [0.6, 0.7, 0.8]))
+    second.on_trial_complete("e", epochs(second, "e", [0.1]))
+    fold0, fold1 = by_tune_id(load(tmp_path, 0)), by_tune_id(load(tmp_path, 1))
+    assert fold1["b"].intermediate_values == {1: 0.2, 2: 0.3} and fold1["b"].state == TrialState.PRUNED
+    assert {t: s.state for t, s in fold0.items()} == {"a": TrialState.COMPLETE, "c": TrialState.COMPLETE}
+    assert {t: s.state for t, s in fold1.items()} == {"b": TrialState.PRUNED, "d": TrialState.FAIL,
+                                                      "e": TrialState.PRUNED}
+    assert second.live == {}
+
+
+def test_searcher_two_stage_retrains_top_config_on_other_folds(tmp_path):
+    searcher = make_searcher(tmp_path, num_samples=2, search_folds=[0], retrain_top=1)
+    assert searcher.total_trials == 2 + 1
+    a, b = searcher.suggest("a"), searcher.suggest("b")
+    assert a["fold"] == b["fold"] == 0
+    assert searcher.suggest("c") is None  # wait: fold-0 trials still running
+    searcher.on_trial_complete("a", epochs(searcher, "a", [0.3, 0.6, 0.5]))  # complete, best at epoch 2
+    assert searcher.suggest("c") is None
+    searcher.on_trial_complete("b", epochs(searcher, "b", [0.7]))  # higher, but pruned: not ranked
+
+    retrain = searcher.suggest("c")
+    assert retrain == {**{k: v for k, v in a.items() if k != "fold"}, "fold": 1, "retrain": {"epochs": 2}}
+    assert searcher.suggest("d") == Searcher.FINISHED
+    searcher.on_trial_result("c", {"epoch": 1, "val_miou": 0.4})  # retrain trials are not searched
+    searcher.on_trial_complete("c", {"epoch": 2, "val_miou": 0.5, "best_score": 0.5, "best_epoch": 2})
+    assert optuna.get_all_study_names(f"sqlite:///{tmp_path}/s.db") == ["t-fold0"]
+    assert {t.user_attrs["tune_trial_id"]: t.state for t in load(tmp_path, 0).trials} == {
+        "a": TrialState.COMPLETE, "b": TrialState.PRUNED}
+
+
+# ---------------------------------------------------------------- Ray runs of tune/run.py
+
+
+def private_ray_dir() -> Path:
+    # short: Ray's unix sockets live below it and socket paths are limited to 107 characters
+    return Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+
+
+def cli_env(ray_dir: Path | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_JOB_ID", "RAY_JOB_SUBMISSION_ID")}
+    env.update(HF_HUB_OFFLINE="1", WANDB_MODE="offline", PYTHONUNBUFFERED="1", RAY_USAGE_STATS_ENABLED="0")
+    if ray_dir is not None:
+        env["RAY_TMPDIR"] = str(ray_dir)
+    return env
+
+
+def cli(*args: str, ray_dir: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(RUN), *map(str, args)], cwd=ROOT, env=cli_env(ray_dir),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def ray_processes(ray_dir: Path) -> list[int]:
+    """Live processes of the Ray cluster under ``ray_dir`` (its path in their command line or env)."""
+    marker = str(ray_dir).encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue  # a zombie: already dead
+            if marker in (proc / "cmdline").read_bytes() or marker in (proc / "environ").read_bytes():
+                pids.append(int(proc.name))
+        except (OSError, IndexError):
+            continue
+    return pids
+
+
+def stop_ray(ray_dir: Path, grace: float = 10.0) -> list[int]:
+    """Wait for the cluster under ``ray_dir`` to go away, SIGKILL what is left; returns the killed pids."""
+    deadline = time.monotonic() + grace
+    while ray_processes(ray_dir) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    killed = ray_processes(ray_dir)
+    for pid in killed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return killed
+
+
+def clean_up_ray(ray_dir: Path) -> None:
+    stop_ray(ray_dir, grace=5.0)
+    shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def run_args(storage: Path, name: str, *extra: str) -> list[str]:
+    return ["--space", str(TINY), "--data", str(TRAIN_JSON), "--storage", str(storage), "--name", name,
+            "--folds", "2", *extra]
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def tail(text: str, n: int = 4000) -> str:
+    return text[-n:]
+
+
+def studies(run_dir: Path) -> dict[int, optuna.Study]:
+    storage = f"sqlite:///{run_dir / 'studies.db'}"
+    return {f: optuna.load_study(study_name=study_name("tiny", f), storage=storage) for f in (0, 1)}
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory):
+    """One finished run: 2 folds x 2 trials x 2 epochs on CamVid (about 2 minutes on 2 cores)."""
+    if not TRAIN_JSON.exists():
+        pytest.skip(f"CamVid not found at {TRAIN_JSON}: the end-to-end runs need the shared dataset")
+    storage = tmp_path_factory.mktemp("e2e") / "runs"
+    ray_dir = private_ray_dir()
+    args = run_args(storage, "e2e", "--num-samples", "2", "--max-epochs", "2")
+    try:
+        proc = cli(*args, ray_dir=ray_dir, timeout=420)
+        lingering = stop_ray(ray_dir)
+    finally:
+        clean_up_ray(ray_dir)
+    return SimpleNamespace(run_dir=storage / "e2e", args=args, proc=proc, lingering=lingering)
+
+
+@pytest.mark.slow
+@needs_camvid
+def test_end_to_end_run_on_camvid(e2e):
+    import torch
+
+    from trainables.checkpoint import load_checkpoint, model_from_checkpoint
+
+    proc, run_dir = e2e.proc, e2e.run_dir
+    assert proc.returncode == 0, tail(proc.stdout + proc.stderr)
+    assert e2e.lingering == []  # the finished run took its Ray cluster down with it
+    rows = read_rows(run_dir / "trials.csv")
+    assert len(rows) == 4, rows
+    assert sorted(r["fold"] for r in rows) == ["0", "0", "1", "1"]
+    assert len({r["trial_id"] for r in rows}) == 4
+    assert all(r["status"] for r in rows)
+    finished = [r for r in rows if r["status"] in ("completed", "stopped")]
+    assert finished, [(r["trial_id"], r["status"], r["error"]) for r in rows]
+
+    study = studies(run_dir)
+    assert sorted(optuna.get_all_study_names(f"sqlite:///{run_dir / 'studies.db'}")) == ["tiny-fold0", "tiny-fold1"]
+    state_of = {"completed": TrialState.COMPLETE, "stopped": TrialState.PRUNED, "error": TrialState.FAIL}
+    for row in rows:
+        optuna_trials = by_tune_id(study[int(row["fold"])])
+        assert optuna_trials[row["trial_id"]].state == state_of[row["status"]], row
+    for row in finished:
+        assert row["checkpoint"], row
+        ckpt = load_checkpoint(row["checkpoint"])
+        assert ckpt["fold"] == int(row["fold"]) and ckpt["epoch"] == int(row["best_epoch"])
+        assert abs(ckpt["score"] - float(row["best_val_miou"])) < 1e-9
+        assert ckpt["config"]["optimizer"]["lr"] == pytest.approx(float(row["param:optimizer.lr"]))
+        model = model_from_checkpoint(ckpt).eval()
+        with torch.no_grad():
+            assert model(torch.zeros(1, 3, 64, 96)).shape == (1, NUM_CLASSES, 64, 96)
+
+    experiment = json.loads((run_dir / "experiment.json").read_text())
+    from trainables.data import load_dataset
+
+    assert experiment["dataset"]["fingerprint"] == load_dataset(str(TRAIN_JSON)).fingerprint
+    assert experiment["dataset"]["images"] == 367 and len(experiment["dataset"]["class_names"]) == NUM_CLASSES
+    for package in ("python", "torch", "ray", "optuna", "segmentation-models-pytorch"):
+        assert experiment["versions"][package] not in ("", None, "not installed"), package
+    assert (run_dir / "folds.json").is_file()
+    folds = json.loads((run_dir / "folds.json").read_text())
+    assert folds["meta"]["dataset"] == experiment["dataset"]["fingerprint"] and len(folds["folds"]) == 2
+
+
+def result_lines(run_dir: Path, row: dict) -> int:
+    return len((run_dir / "tune" / f"fold{row['fold']}_{row['trial_id']}" / "result.json").read_text().splitlines())
+
+
+def rung_entries(state: dict, trial_ids: set[str]) -> dict[tuple[str, float, str], float]:
+    """(fold, milestone, trial id) -> recorded score of the given trials in asha_state.json."""
+    out = {}
+    for fold, saved in state.items():
+        for bracket in saved["rungs"]:
+            for milestone, recorded in bracket:
+                out.update({(fold, milestone, t): v for t, v in recorded.items() if t in trial_ids})
+    return out
+
+
+@pytest.mark.slow
+@needs_camvid
+def test_resume_after_killing_the_driver(tmp_path):
+    storage, name = tmp_path / "runs", "resume"
+    run_dir = storage / name
+    args = run_args(storage, name, "--num-samples", "3", "--max-epochs", "3", "--max-concurrent", "1")
+    ray_dir = private_ray_dir()
+    log = tmp_path / "first.log"
+    try:
+        with open(log, "w") as out:
+            first = subprocess.Popen([sys.executable, str(RUN), *args], cwd=ROOT, env=cli_env(ray_dir), stdout=out,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
+            done: list[dict] = []
+            while not done:
+                assert first.poll() is None, f"the run ended before it was killed:\n{tail(log.read_text())}"
+                assert time.monotonic() < deadline, f"no trial finished in time:\n{tail(log.read_text())}"
+                time.sleep(0.5)
+                if (run_dir / "trials.csv").exists():
+                    done = [r for r in read_rows(run_dir / "trials.csv") if r["status"] in ("completed", "stopped")]
+            before = {r["trial_id"]: (r, result_lines(run_dir, r)) for r in done}
+            asha_before = rung_entries(json.loads((run_dir / "asha_state.json").read_text()), set(before))
+        finally:
+            os.killpg(first.pid, signal.SIGKILL)  # the driver and every process of its group
+            first.wait(timeout=30)
+        stop_ray(ray_dir, grace=5.0)
+        assert ray_processes(ray_dir) == []
+        assert asha_before, "the trials finished before the kill left no rung entries"
+
+        second = cli(*args, "--resume", ray_dir=ray_dir, timeout=480)
+        assert stop_ray(ray_dir) == []
+        assert second.returncode == 0, tail(second.stdout + second.stderr)
+    finally:
+        clean_up_ray(ray_dir)
+
+    rows = read_rows(run_dir / "trials.csv")
+    assert len(rows) == 6 and len({r["trial_id"] for r in rows}) == 6, [(r["trial_id"], r["fold"]) for r in rows]
+    assert sorted(r["fold"] for r in rows) == ["0"] * 3 + ["1"] * 3
+    assert all(r["status"] in ("completed", "stopped") for r in rows), [(r["trial_id"], r["status"], r["error"])
+                                                                       for r in rows]
+    now = {r["trial_id"]: r for r in rows}
+    for trial_id, (row, lines) in before.items():
+        assert trial_id in now, f"trial {trial_id}, finished before the kill, is gone"
+        kept = {k: now[trial_id][k] for k in ("fold", "status", "epochs", "best_epoch", "best_val_miou", "checkpoint")}
+        assert kept == {k: row[k] for k in kept}, f"trial {trial_id} changed after the resume"
+        assert result_lines(run_dir, row) == lines, f"trial {trial_id} was trained again after the resume"
+
+    for fold, study in studies(run_dir).items():
+        trials = study.get_trials(deepcopy=False)
+        assert len(trials) == 3, [(t.number, t.state, t.user_attrs) for t in trials]
+        assert not [t for t in trials if t.state == TrialState.RUNNING]
+        assert {t.user_attrs["tune_trial_id"] for t in trials} == {r["trial_id"] for r in rows
+                                                                 if r["fold"] == str(fold)}
+    asha_after = rung_entries(json.loads((run_dir / "asha_state.json").read_text()), set(before))
+    assert asha_after == asha_before
+
+
+# ---------------------------------------------------------------- 5. command-line validation
+
+
+def snapshot(path: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(path)): (p.stat().st_mtime_ns, p.stat().st_size) for p in path.rglob("*")} \
+        if path.exists() else {}
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    assert proc.returncode == 2, tail(proc.stdout + proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    assert "Traceback" not in proc.stderr
+    return errors[0]
+
+
+def test_cli_unknown_space_lists_available_ones(tmp_path):
+    error = assert_user_error(cli("--space", "nosuch.yaml", "--storage", tmp_path, "--name", "x"), "--space")
+    for shipped in ("segformer", "smp", "mixed"):
+        assert shipped in error
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_cli_rejects_one_fold(tmp_path):
+    assert_user_error(cli("--space", "segformer.yaml", "--folds", "1", "--storage", tmp_path, "--name", "x"),
+                      "folds.k", "at least 2")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_resume_needs_an_experiment(tmp_path):
+    assert_user_error(cli("--space", "segformer.yaml", "--resume", "--storage", tmp_path, "--name", "nothing"),
+                      "--resume", "no experiment")
+    assert not (tmp_path / "nothing" / "tune").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+@needs_camvid
+def test_cli_same_name_twice_needs_resume(e2e):
+    assert e2e.proc.returncode == 0, tail(e2e.proc.stdout + e2e.proc.stderr)
+    before = snapshot(e2e.run_dir)
+    ray_dir = private_ray_dir()
+    try:
+        again = cli(*e2e.args, ray_dir=ray_dir)
+    finally:
+        clean_up_ray(ray_dir)
+    assert_user_error(again, "--name", "already holds an experiment", "--resume")
+    assert snapshot(e2e.run_dir) == before  # nothing written: not even experiment.json

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 from pycocotools import mask as mask_utils
+from PIL import Image
 from tqdm import tqdm
 
 from trainables.data import (
@@ -121,27 +122,51 @@ def load_coco(path: Path, images: Path | str | None, task: str, unannotated: str
     mask_paths = [cache / f"{im['id']}{ext}" for im in imgs]
     stats = load_stats(cache / "stats.json")
     if stats is None or not all(p.exists() for p in mask_paths):
-        stats = _build_cache(coco, imgs, mask_paths, cat_index, task, unannotated, num_classes, path)
-        save_stats(cache / "stats.json", np.asarray(stats["presence"]), np.asarray(stats["pixel_counts"]))
+        stats = _build_cache(coco, imgs, mask_paths, cat_index, task, unannotated, num_classes, path, image_root)
+        save_stats(cache / "stats.json", np.asarray(stats["presence"]), np.asarray(stats["pixel_counts"]),
+                   stats["skipped"])
     presence = np.asarray(stats["presence"], dtype=bool)
     pixel_counts = np.asarray(stats["pixel_counts"], dtype=np.int64)
+    skipped = stats.get("skipped", {})
+    for name, problem in skipped.items():
+        logger.warning("%s: skipped, %s", image_root / name, problem)
+    keep = [i for i, im in enumerate(imgs) if im["file_name"] not in skipped]
+    if not keep:
+        raise InputError(path, "no readable image left")
     for name, count in zip(class_names, pixel_counts):
         if count == 0:
             logger.warning("%s: class %r occurs in no image", path, name)
     return SegData(
-        source=path, task=task, class_names=class_names, ids=[im["file_name"] for im in imgs],
-        image_paths=[image_root / im["file_name"] for im in imgs], mask_paths=mask_paths,
-        sizes=[(im["height"], im["width"]) for im in imgs], presence=presence, pixel_counts=pixel_counts,
-        fingerprint=fp, has_background=bool(offset), meta={"cache": str(cache)},
+        source=path, task=task, class_names=class_names, ids=[imgs[i]["file_name"] for i in keep],
+        image_paths=[image_root / imgs[i]["file_name"] for i in keep], mask_paths=[mask_paths[i] for i in keep],
+        sizes=[(imgs[i]["height"], imgs[i]["width"]) for i in keep], presence=presence[keep],
+        pixel_counts=pixel_counts, fingerprint=fp, has_background=bool(offset), meta={"cache": str(cache)},
     )
 
 
-def _build_cache(coco, imgs, mask_paths, cat_index, task, unannotated, num_classes, source) -> dict:
+def image_problem(path: Path, height: int, width: int) -> str | None:
+    """Decode the image fully once: a corrupt file is skipped (returned problem), a size that
+    differs from the annotation file is fatal (the masks would not line up)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            size = im.size
+    except (OSError, SyntaxError, ValueError) as exc:
+        return f"unreadable image ({type(exc).__name__}: {exc})"
+    if size != (width, height):
+        raise InputError(path, f"image is {size[0]}x{size[1]} but the annotation file says {width}x{height}")
+    return None
+
+
+def _build_cache(coco, imgs, mask_paths, cat_index, task, unannotated, num_classes, source, image_root) -> dict:
     by_image: dict[int, list[dict]] = {}
     for ann in coco["annotations"]:
         by_image.setdefault(ann["image_id"], []).append(ann)
-    presence, counts = [], np.zeros(num_classes, dtype=np.int64)
+    presence, counts, skipped = [], np.zeros(num_classes, dtype=np.int64), {}
     for img, mask_path in zip(tqdm(imgs, desc=f"rasterising {source.name}", leave=False), mask_paths):
+        problem = image_problem(image_root / img["file_name"], img["height"], img["width"])
+        if problem:
+            skipped[img["file_name"]] = problem
         mask = rasterise(by_image.get(img["id"], []), img["height"], img["width"], cat_index, task,
                          unannotated, num_classes, source)
         if task == "multiclass":
@@ -149,6 +174,7 @@ def _build_cache(coco, imgs, mask_paths, cat_index, task, unannotated, num_class
         else:
             per_class = mask[..., :num_classes].sum((0, 1))
         presence.append(per_class > 0)
-        counts += per_class
+        if not problem:
+            counts += per_class
         write_mask(mask_path, mask, task)
-    return {"presence": np.stack(presence).astype(int).tolist(), "pixel_counts": counts.tolist()}
+    return {"presence": np.stack(presence).astype(int).tolist(), "pixel_counts": counts.tolist(), "skipped": skipped}

@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = 255
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 SAMPLE_DATA = Path(__file__).resolve().parents[1] / "data" / "camvid-sample" / "train" / "annotations.json"
 
 
@@ -153,8 +153,10 @@ def load_stats(stats_path: Path) -> dict | None:
     return None
 
 
-def save_stats(stats_path: Path, presence: np.ndarray, pixel_counts: np.ndarray) -> None:
-    atomic_write_json(stats_path, {"presence": presence.astype(int).tolist(), "pixel_counts": pixel_counts.tolist()})
+def save_stats(stats_path: Path, presence: np.ndarray, pixel_counts: np.ndarray, skipped: dict | None = None,
+               **extra) -> None:
+    atomic_write_json(stats_path, {"presence": presence.astype(int).tolist(), "pixel_counts": pixel_counts.tolist(),
+                                   "skipped": skipped or {}, **extra})
 
 
 def _load_folder(root: Path, cache_root: Path) -> SegData:
@@ -171,38 +173,62 @@ def _load_folder(root: Path, cache_root: Path) -> SegData:
     stems = sorted(images)
     classes_file = root / "classes.txt"
     names = [n.strip() for n in classes_file.read_text().splitlines() if n.strip()] if classes_file.exists() else None
-    stat_key = [(s, masks[s].stat().st_size, masks[s].stat().st_mtime_ns) for s in stems]
+    stat_key = [(s, p.stat().st_size, p.stat().st_mtime_ns) for s in stems for p in (images[s], masks[s])]
     fp = fingerprint("folder", root.resolve(), stat_key, names)
     stats_path = cache_root / fp / "stats.json"
     stats = load_stats(stats_path)
-    sizes = []
     if stats is None:
-        counts: list[np.ndarray] = []
-        for stem in stems:
-            mask = np.asarray(Image.open(masks[stem]))
-            if mask.ndim != 2:
-                raise InputError(masks[stem], f"mask must be single-channel class indices, got shape {mask.shape}")
-            with Image.open(images[stem]) as im:
-                if im.size != (mask.shape[1], mask.shape[0]):
-                    raise InputError(masks[stem], f"mask size {mask.shape[1]}x{mask.shape[0]} differs from "
-                                                  f"its image {im.size[0]}x{im.size[1]}")
-            counts.append(np.bincount(mask[mask != IGNORE_INDEX].ravel(), minlength=1))
-        num_classes = len(names) if names else max(len(c) for c in counts)
-        too_high = [stems[i] for i, c in enumerate(counts) if len(c) > num_classes]
-        if too_high:
-            raise InputError(masks[too_high[0]], f"class index above the {num_classes} classes of classes.txt")
-        per_image = np.stack([np.pad(c, (0, num_classes - len(c))) for c in counts])
-        presence, pixel_counts = per_image > 0, per_image.sum(0)
-        save_stats(stats_path, presence, pixel_counts)
-    else:
-        presence = np.asarray(stats["presence"], dtype=bool)
-        pixel_counts = np.asarray(stats["pixel_counts"], dtype=np.int64)
-    for stem in stems:
-        with Image.open(images[stem]) as im:
-            sizes.append((im.size[1], im.size[0]))
+        stats = _folder_stats(stems, images, masks, names)
+        save_stats(stats_path, np.asarray(stats["presence"]), np.asarray(stats["pixel_counts"]), stats["skipped"],
+                   sizes=stats["sizes"])
+    for stem, problem in stats["skipped"].items():
+        logger.warning("%s: skipped, %s", images[stem], problem)
+    keep = [i for i, stem in enumerate(stems) if stem not in stats["skipped"]]
+    if not keep:
+        raise InputError(root, "no readable image left")
+    stems = [stems[i] for i in keep]
+    presence = np.asarray(stats["presence"], dtype=bool)[keep]
+    pixel_counts = np.asarray(stats["pixel_counts"], dtype=np.int64)
+    sizes = [tuple(stats["sizes"][i]) for i in keep]
     names = names or [f"class_{i}" for i in range(presence.shape[1])]
     return SegData(
         source=root, task="multiclass", class_names=names, ids=[images[s].name for s in stems],
         image_paths=[images[s] for s in stems], mask_paths=[masks[s] for s in stems], sizes=sizes,
-        presence=presence, pixel_counts=pixel_counts, fingerprint=fp, has_background=False,
+        presence=presence, pixel_counts=pixel_counts, fingerprint=fp,
+        has_background=names[0].lower() in ("background", "_background_", "bg"),
     )
+
+
+def _folder_stats(stems: list[str], images: dict[str, Path], masks: dict[str, Path], names: list[str] | None) -> dict:
+    """Per-image class presence and sizes of a mask folder; unreadable images are skipped."""
+    counts: list[np.ndarray] = []
+    sizes, skipped = [], {}
+    for stem in stems:
+        try:
+            with Image.open(masks[stem]) as im:
+                mask = np.asarray(im)
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise InputError(masks[stem], f"cannot read mask ({exc})") from None
+        if mask.ndim != 2:
+            raise InputError(masks[stem], f"mask must be single-channel class indices, got shape {mask.shape}")
+        try:
+            with Image.open(images[stem]) as im:
+                im.load()
+                size = im.size
+        except (OSError, SyntaxError, ValueError) as exc:
+            skipped[stem] = f"unreadable image ({type(exc).__name__}: {exc})"
+            size = (mask.shape[1], mask.shape[0])
+        if size != (mask.shape[1], mask.shape[0]):
+            raise InputError(masks[stem], f"mask size {mask.shape[1]}x{mask.shape[0]} differs from "
+                                          f"its image {size[0]}x{size[1]}")
+        sizes.append((size[1], size[0]))
+        counts.append(np.bincount(mask[mask != IGNORE_INDEX].ravel(), minlength=1))
+    num_classes = len(names) if names else max(len(c) for c in counts)
+    too_high = [stems[i] for i, c in enumerate(counts) if len(c) > num_classes]
+    if too_high:
+        raise InputError(masks[too_high[0]], f"class index {len(counts[stems.index(too_high[0])]) - 1} is above the "
+                                             f"{num_classes} classes of classes.txt")
+    per_image = np.stack([np.pad(c, (0, num_classes - len(c))) for c in counts])
+    ok = np.array([stem not in skipped for stem in stems])
+    return {"presence": (per_image > 0).astype(int).tolist(), "pixel_counts": per_image[ok].sum(0).tolist(),
+            "sizes": sizes, "skipped": skipped}

@@ -227,6 +227,23 @@ class FoldTrainer:
                           epoch_time_s=time.perf_counter() - start, fold=self.fold)
             yield record
 
+    @torch.no_grad()
+    def preview(self, n: int = 4) -> dict[str, np.ndarray]:
+        """The first ``n`` validation images at the network's input size (uint8), their true
+        and predicted labels (multiclass) or channels (multilabel), for dashboards."""
+        self.model.eval()
+        images, truth, pred = [], [], []
+        for k in range(min(n, len(self.val_set))):
+            image, mask = self.val_set.load(self.val_set.indices[k])
+            out = self.val_set.transform(image=image, mask=mask)
+            x, _ = self.val_set[k]
+            logits = predict_logits(self.model, x[None].to(self.device), self.amp)[0]
+            images.append(out["image"])
+            truth.append(out["mask"] if out["mask"].ndim == 2 else out["mask"].transpose(2, 0, 1))
+            pred.append((logits.argmax(0) if self.data.task == "multiclass" else logits > 0).cpu().numpy())
+        return {"images": np.stack(images), "truth": np.stack(truth).astype(np.uint8),
+                "pred": np.stack(pred).astype(np.uint8)}
+
     def best_checkpoint(self) -> dict:
         if self._best_state is None:
             raise RuntimeError("no epoch has finished yet")

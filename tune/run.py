@@ -51,6 +51,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--address", help="join a Ray cluster: auto, ray://host:10001 (default: start a local Ray)")
     p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard (127.0.0.1:8265) locally")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override trial settings")
+    p.add_argument("--wandb", choices=["offline", "online", "disabled"],
+                   help="W&B logging of every trial [offline, or online when an API key is configured]")
+    p.add_argument("--wandb-project", default="segmentation-hpo")
+    p.add_argument("--export-wandb-sweep", type=Path, metavar="SWEEP_YAML",
+                   help="write the space as a W&B sweep config (one fold: --sweep-fold) and exit")
+    p.add_argument("--sweep-fold", type=int, default=0)
     return p.parse_args(argv)
 
 
@@ -66,6 +72,22 @@ def overrides(args: argparse.Namespace) -> tuple[dict, dict, dict]:
     resources = {k: v for k, v in (("cpus_per_trial", args.cpus_per_trial), ("gpus_per_trial", args.gpus_per_trial),
                                    ("max_concurrent", args.max_concurrent)) if v is not None}
     return fixed, search, resources
+
+
+def export_sweep(spec, args: argparse.Namespace) -> None:
+    import yaml
+
+    from trainables.data import load_dataset
+    from trainables.io import atomic_write_text
+    from tune.wandb_logging import sweep_config
+
+    d = spec.base_config()["data"]
+    data = load_dataset(d["path"], d["images"], d["task"], d["unannotated"], d["cache_dir"])
+    config = sweep_config(spec, data.num_classes, args.sweep_fold, args.wandb_project, args.space,
+                          str(Path(args.data).resolve()) if args.data else None)
+    atomic_write_text(args.export_wandb_sweep, yaml.safe_dump(config, sort_keys=False))
+    print(f"W&B sweep config for fold {args.sweep_fold}: {args.export_wandb_sweep} "
+          f"({len(config['parameters'])} parameters)\nnext: wandb sweep {args.export_wandb_sweep}")
 
 
 @exit_on_user_error
@@ -84,11 +106,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"demo: no --data given, running {spec.source.name} on the shipped CamVid sample with its demo budget")
     spec = with_overrides(spec, *overrides(args))
     name = args.name or (f"{spec.name}-demo" if demo else spec.name)
+    if args.export_wandb_sweep:
+        export_sweep(spec, args)
+        return
     from tune.search import run_search
+    from tune.wandb_logging import default_mode
 
     run_dir = args.storage / name
     rows = run_search(spec, run_dir, resume=args.resume, address=args.address, max_failures=args.max_failures,
-                      dashboard=args.dashboard)
+                      dashboard=args.dashboard, wandb_mode=args.wandb or default_mode(),
+                      wandb_project=args.wandb_project)
     ok = [r for r in rows if r["status"] in ("completed", "stopped")]
     if not ok:
         errors = sorted({r["error"] for r in rows if r["error"]})

@@ -108,7 +108,8 @@ def build_tuner(spec: SearchSpec, base: dict, folds: list, data: SegData, run_di
 
 
 def run_search(spec: SearchSpec, run_dir: Path, *, resume: bool = False, address: str | None = None,
-               max_failures: int = 0, dashboard: bool = False, callbacks: list | None = None) -> list[dict]:
+               max_failures: int = 0, dashboard: bool = False, wandb_mode: str = "disabled",
+               wandb_project: str = "segmentation-hpo") -> list[dict]:
     """Search, then print the best trial per fold; returns the rows of ``trials.csv``."""
     run_dir = run_dir.resolve()
     experiment_dir = run_dir / "tune"
@@ -125,6 +126,13 @@ def run_search(spec: SearchSpec, run_dir: Path, *, resume: bool = False, address
                                               "class_names": data.class_names, "task": data.task,
                                               "images": len(data)})
     init_ray(address, dashboard)
+    callbacks = []
+    if wandb_mode != "disabled":
+        from tune.wandb_logging import wandb_callback
+
+        callbacks.append(wandb_callback(wandb_project, run_dir.name, str(run_dir), wandb_mode, data.class_names,
+                                        base))
+        print(f"W&B ({wandb_mode}): project {wandb_project}, group {run_dir.name}, files in {run_dir / 'wandb'}")
     tuner = build_tuner(spec, base, folds, data, run_dir, max_failures, resume, callbacks)
     tuner.fit()
     rows = read_trials_csv(run_dir / "trials.csv")

@@ -13,6 +13,7 @@ import socket
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from ray import tune
 
@@ -25,6 +26,7 @@ from trainables.loop import FoldTrainer
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
+PREVIEW_FILE = "preview.npz"  # a few validation images with truth and prediction, for W&B
 RESERVED = ("fold", "retrain")  # config keys that are not trial-config settings
 
 
@@ -59,4 +61,5 @@ def train_trial(config: dict, base: dict, folds: list[list[str]], cpus: float) -
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(trainer.best_checkpoint(), tmp)
             torch.save(trainer.state_dict(), Path(tmp) / STATE_FILE)
+            np.savez_compressed(Path(tmp) / PREVIEW_FILE, **trainer.preview())
             tune.report(record, checkpoint=tune.Checkpoint.from_directory(tmp))

@@ -1,0 +1,72 @@
+"""W&B sweep program: one sweep run = one config trained on one fold, with the same training loop
+and the same metric names as a Ray Tune trial, logged into the same W&B project.
+
+    python tune/run.py --space smp.yaml --export-wandb-sweep sweep.yaml   # writes the sweep config
+    wandb sweep sweep.yaml && wandb agent <entity/project/sweep id>      # W&B runs this program
+
+Run by hand (or in a test) with ``--params params.json`` to supply the parameters a sweep would
+put in ``wandb.config``; W&B's mode follows WANDB_MODE (offline by default without an API key).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if sys.path[0] == str(Path(__file__).resolve().parent):
+    sys.path[0] = str(ROOT)
+elif str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from trainables.cli import exit_on_user_error  # noqa: E402
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--space", required=True)
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--data", help="as tune/run.py --data; without it the space's demo settings apply")
+    p.add_argument("--params", type=Path, help="JSON of sweep parameters (instead of wandb.config)")
+    p.add_argument("--project", default="segmentation-hpo")
+    p.add_argument("--dir", type=Path, default=Path("runs/wandb-sweeps"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    import wandb
+
+    from trainables.config import merge
+    from trainables.data import load_dataset
+    from trainables.folds import make_folds, train_val_indices
+    from trainables.loop import FoldTrainer
+    from tune.space import load_space, sample, with_demo, with_overrides
+    from tune.wandb_logging import SweepTrial, default_mode
+
+    spec = load_space(args.space, ROOT / "search_spaces")
+    spec = with_overrides(with_demo(spec), {}) if args.data is None else with_overrides(spec, {"data.path": args.data})
+    params = json.loads(args.params.read_text()) if args.params else None
+    args.dir.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(project=args.project, config=params, dir=str(args.dir), mode=default_mode(),
+                     group=f"{spec.name}-sweep", tags=[f"fold{args.fold}", "wandb-sweep"])
+    base = spec.base_config()
+    d = base["data"]
+    data = load_dataset(d["path"], d["images"], d["task"], d["unannotated"], d["cache_dir"])
+    sampled = sample(spec, SweepTrial(dict(run.config)), data.num_classes)
+    run.config.update({"fold": args.fold, **{f"resolved/{k}": v for k, v in sampled.items()}}, allow_val_change=True)
+    cfg = merge(base, sampled, source="sweep")
+    f = cfg["folds"]
+    folds = make_folds(f["strategy"], f["k"], f["seed"], data.ids, data.presence, f["group_regex"])
+    train_idx, val_idx = train_val_indices(folds, args.fold, data.ids)
+    trainer = FoldTrainer(cfg, data, train_idx, val_idx, fold=args.fold)
+    for record in trainer.epochs():
+        record.pop("improved")
+        wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["epoch"])
+    run.summary["best_score"] = trainer.best_score
+    run.finish()
+
+
+if __name__ == "__main__":
+    main()

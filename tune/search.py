@@ -54,7 +54,8 @@ def init_ray(address: str | None, dashboard: bool) -> None:
     for key in ("HF_HUB_OFFLINE", "WANDB_MODE", "SEGHPO_CACHE"):
         if key in os.environ:
             env[key] = os.environ[key]
-    inside_job = bool(os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_JOB_ID"))
+    # a driver started by `ray job submit` already ships the project through its working_dir
+    inside_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
     runtime_env = None if inside_job else {"env_vars": env}
     if address:
         ray.init(address=address, runtime_env=runtime_env)

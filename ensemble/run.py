@@ -121,7 +121,9 @@ def main(argv=None) -> None:
             t = res["test_metrics"]
             print(f"test: mIoU {t['miou']:.4f}  Dice {t['dice']:.4f}  bIoU {t.get('biou', float('nan')):.4f} "
                   f"-> {out / 'test_metrics.json'}")
-    print(f"report: {out_dir}")
+    from tune.report import write_report
+
+    print(f"report: {out_dir} (and {write_report(run_dir)})")
 
 
 def print_table(report: dict, class_names: list[str]) -> None:

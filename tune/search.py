@@ -138,6 +138,9 @@ def run_search(spec: SearchSpec, run_dir: Path, *, resume: bool = False, address
     tuner.fit()
     rows = read_trials_csv(run_dir / "trials.csv")
     metric, mode = spec.search["metric"], spec.search["mode"]
+    from tune.report import write_report
+
+    print(f"report: {write_report(run_dir)}")
     print(f"\nbest trial per fold ({metric}, {time.perf_counter() - start:.0f}s):")
     print(summary_table(rows, metric, mode))
     return rows

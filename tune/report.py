@@ -62,7 +62,11 @@ def study_plots(study: optuna.Study, out: Path, fold: int) -> list[tuple[str, st
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
-                ax = plot(study)
+                if key == "parallel":  # the most important parameters only, or the plot is unreadable
+                    top = list(optuna.importance.get_param_importances(study))[:5]
+                    ax = plot(study, params=top)
+                else:
+                    ax = plot(study)
         except (ValueError, RuntimeError, ZeroDivisionError) as exc:
             logger.info("fold %d: %s not drawn (%s)", fold, title, exc)
             continue
@@ -129,10 +133,10 @@ def write_report(run_dir: Path) -> Path:
              f"{len(rows)} trials.</p>"]
     best = best_per_fold(rows, metric, mode)
     params = sorted({k for r in best.values() for k in r if k.startswith("param:") and r[k] != ""})
-    parts.append("<h2>Best trial per fold</h2>" + _table(
+    parts.append("<h2>Best trial per fold</h2><div class='wide'>" + _table(
         ["fold", "trial", metric, "best epoch", "status"] + [p[6:] for p in params],
         [[f, r["trial_id"], _fmt(r[f"best_{metric}"]), r["best_epoch"], r["status"]] + [r.get(p, "") for p in params]
-         for f, r in sorted(best.items())]))
+         for f, r in sorted(best.items())]) + "</div>")
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
@@ -170,7 +174,7 @@ def write_report(run_dir: Path) -> Path:
                  f"training curves: <code>tensorboard --logdir {html.escape(str(run_dir / 'tune'))}</code>.</p>")
     style = ("body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}figure{display:inline-block;margin:6px}"
-             "img{max-width:520px}figcaption{font-size:12px;color:#555}")
+             "img{max-width:520px}figcaption{font-size:12px;color:#555}div.wide{overflow-x:auto}")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(name)} report</title>"
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
     path = out / "report.html"

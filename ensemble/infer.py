@@ -63,7 +63,7 @@ def predict_folder(ens: Ensemble, thresholds: dict | None, inputs: Path, out: Pa
     # datasets without a background class (fallback None) have a real class 0
     skip = () if thresholds is not None and thresholds.get("fallback", 0) is None else None
     rows: list[dict] = []
-    for start in tqdm(range(0, len(paths), batch_size), desc="predicting", unit="batch"):
+    for start in tqdm(range(0, len(paths), batch_size), desc="predicting", unit="batch", disable=None):
         batch = list(range(start, min(start + batch_size, len(paths))))
         images = [read_image(paths[i]) for i in batch]
         for i, probs in zip(batch, ens.predict_batch(images)):

@@ -63,7 +63,7 @@ def oof_evaluate(ensembles: dict[int, Ensemble], data: SegData, folds: list[list
     for fold, ens in sorted(ensembles.items()):
         _, val_idx = train_val_indices(folds, fold, data.ids)
         loader = SegDataset(data, val_idx, transform=None, max_size=max_size, cache=False)
-        for start in tqdm(range(0, len(val_idx), batch_size), desc=f"out-of-fold fold {fold}", leave=False):
+        for start in tqdm(range(0, len(val_idx), batch_size), desc=f"out-of-fold fold {fold}", leave=False, disable=None):
             idx = val_idx[start:start + batch_size]
             pairs = [loader.load(i) for i in idx]
             per_member = ens.predict_batch([img for img, _ in pairs], per_member=True)
@@ -89,7 +89,7 @@ def oof_evaluate(ensembles: dict[int, Ensemble], data: SegData, folds: list[list
     thresholds = tuner.fit()
     tuned = SegMetrics(data.num_classes, task, ignore)
     any_ens = next(iter(ensembles.values()))
-    for i, path in tqdm(seen, desc="scoring tuned thresholds", leave=False):
+    for i, path in tqdm(seen, desc="scoring tuned thresholds", leave=False, disable=None):
         probs = np.load(path).astype(np.float32)
         mask = SegDataset(data, [i], transform=None, max_size=max_size, cache=False).load(i)[1]
         target, valid = target_of(mask, task, ignore)

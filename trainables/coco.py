@@ -163,7 +163,7 @@ def _build_cache(coco, imgs, mask_paths, cat_index, task, unannotated, num_class
     for ann in coco["annotations"]:
         by_image.setdefault(ann["image_id"], []).append(ann)
     presence, counts, skipped = [], np.zeros(num_classes, dtype=np.int64), {}
-    for img, mask_path in zip(tqdm(imgs, desc=f"rasterising {source.name}", leave=False), mask_paths):
+    for img, mask_path in zip(tqdm(imgs, desc=f"rasterising {source.name}", leave=False, disable=None), mask_paths):
         problem = image_problem(image_root / img["file_name"], img["height"], img["width"])
         if problem:
             skipped[img["file_name"]] = problem

@@ -145,7 +145,7 @@ def write_report(run_dir: Path) -> Path:
     if curves:
         parts.append(f"<h2>Learning curves of the best trials</h2><img src='{curves}'>")
     names = optuna.get_all_study_names(storage) if (run_dir / "studies.db").exists() else []
-    for study_name in tqdm(sorted(names), desc="report plots", leave=False):
+    for study_name in tqdm(sorted(names), desc="report plots", leave=False, disable=None):
         fold = int(study_name.rsplit("fold", 1)[-1])
         study = optuna.load_study(study_name=study_name, storage=storage)
         made = study_plots(study, out, fold)

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import platform
+import re
 import sys
 from datetime import datetime, timezone
 from importlib import metadata
@@ -67,10 +68,11 @@ def write_experiment_json(run_dir: Path, settings: dict, data_info: dict) -> Non
     })
 
 
-def trial_status(trial, max_epochs: int) -> str:
+def trial_status(trial, max_epochs: int, ended: bool = False) -> str:
+    """``ended``: the trial is ending now (Tune calls ``on_trial_complete`` before it sets TERMINATED)."""
     if trial.status == "ERROR":
         return "error"
-    if trial.status == "TERMINATED":
+    if trial.status == "TERMINATED" or ended:
         epochs = (trial.last_result or {}).get("epoch", 0)
         retrain = trial.config.get("retrain")
         planned = int(retrain["epochs"]) if retrain else max_epochs
@@ -78,19 +80,30 @@ def trial_status(trial, max_epochs: int) -> str:
     return trial.status.lower()
 
 
-def trial_row(trial, metric: str, max_epochs: int) -> dict:
+def trial_error(trial) -> str:
+    """The last exception line of the trial's error file (``DivergedError: training loss ...``)."""
+    path = getattr(trial, "error_file", None)
+    try:
+        lines = Path(path).read_text().strip().splitlines() if path else []
+    except OSError:
+        lines = []
+    for line in reversed(lines):
+        if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", line.strip()):
+            name, sep, message = line.strip().partition(":")
+            return name.rsplit(".", 1)[-1] + sep + message
+    return lines[-1].strip() if lines else "error"
+
+
+def trial_row(trial, metric: str, max_epochs: int, ended: bool = False) -> dict:
     result = trial.last_result or {}
     checkpoint = trial.checkpoint
-    error = ""
-    if trial.status == "ERROR":
-        error = (getattr(trial, "error_msg", None) or "").strip().splitlines()
-        error = error[-1] if error else "error"
+    error = trial_error(trial) if trial.status == "ERROR" else ""
     params = {k: json.dumps(v) if isinstance(v, (list, dict)) else v
               for k, v in trial.config.items() if k not in ("fold", "retrain")}
     return {
         "trial_id": trial.trial_id,
         "fold": trial.config.get("fold"),
-        "status": trial_status(trial, max_epochs),
+        "status": trial_status(trial, max_epochs, ended),
         "retrain": bool(trial.config.get("retrain")),
         "epochs": result.get("epoch", 0),
         "best_epoch": result.get("best_epoch"),
@@ -124,11 +137,11 @@ class TrialsTable(Callback):
     def __init__(self, path: Path, metric: str, max_epochs: int):
         self.path, self.metric, self.max_epochs = Path(path), metric, max_epochs
 
-    def write(self, trials) -> None:
-        write_trials_csv(self.path, [trial_row(t, self.metric, self.max_epochs) for t in trials])
+    def write(self, trials, ending=None) -> None:
+        write_trials_csv(self.path, [trial_row(t, self.metric, self.max_epochs, ended=t is ending) for t in trials])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.write(trials)
+        self.write(trials, ending=trial)  # still RUNNING here: Tune sets TERMINATED after the callbacks
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.write(trials)

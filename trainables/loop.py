@@ -113,8 +113,9 @@ class FoldTrainer:
                                  model_cfg["kwargs"]).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        sizes = np.array([h * w for h, w in data.sizes], dtype=float)[train_idx]
         self.loss_fn = build_loss(cfg["loss"], data.task, data.num_classes, self._train_pixel_counts(train_idx),
-                                  data.ignore_index).to(self.device)
+                                  data.ignore_index, image_pixels=sizes @ data.presence[train_idx]).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg["optimizer"])
         self.steps_per_epoch = self._steps_per_epoch()
         self.schedule = Schedule(self.optimizer, cfg["scheduler"], int(train["epochs"]), self.steps_per_epoch, self.mode)

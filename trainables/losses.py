@@ -5,9 +5,11 @@
 wherever smp has one. Every loss runs in float32 on float32 logits, also under autocast: smp's
 soft Dice overflows in fp16 on large inputs (qubvel/segmentation_models.pytorch#463).
 
-Class weights (``loss.class_weights``): ``none``, ``inverse`` (1/frequency), ``sqrt_inverse``,
-``median`` (median frequency balancing, Eigen & Fergus 2015) from the training pixels, or an
-explicit vector with one weight per class; normalised to mean 1. Lovasz takes no weights.
+Class weights (``loss.class_weights``): ``none``, ``inverse`` (1/frequency over all training
+pixels), ``sqrt_inverse``, ``median`` (median frequency balancing, Eigen & Fergus 2015: a class's
+frequency is its pixels over the pixels of the training images that contain it, and its weight
+the median of these frequencies over its own), or an explicit vector with one weight per class;
+normalised to mean 1. Lovasz takes no weights.
 """
 from __future__ import annotations
 
@@ -27,8 +29,11 @@ logger = logging.getLogger(__name__)
 WEIGHT_SCHEMES = ("none", "inverse", "sqrt_inverse", "median")
 
 
-def class_weights(spec, pixel_counts: np.ndarray) -> list[float] | None:
-    """Resolve a weighting scheme or vector into per-class weights with mean 1 (None: unweighted)."""
+def class_weights(spec, pixel_counts: np.ndarray, image_pixels: np.ndarray | None = None) -> list[float] | None:
+    """Resolve a weighting scheme or vector into per-class weights with mean 1 (None: unweighted).
+
+    ``image_pixels[c]``: pixels of the images containing class ``c`` (for ``median``; without it
+    every image counts, which makes ``median`` the same as ``inverse``)."""
     num_classes = len(pixel_counts)
     if spec is None or (isinstance(spec, str) and spec == "none"):
         return None
@@ -47,6 +52,8 @@ def class_weights(spec, pixel_counts: np.ndarray) -> list[float] | None:
         elif spec == "sqrt_inverse":
             weights[present] = 1.0 / np.sqrt(freq[present])
         else:
+            if image_pixels is not None:
+                freq = np.asarray(pixel_counts, dtype=float) / np.maximum(np.asarray(image_pixels, dtype=float), 1.0)
             weights[present] = np.median(freq[present]) / freq[present]
         weights[present] /= weights[present].mean()
     else:
@@ -163,7 +170,7 @@ class CombinedLoss(nn.Module):
 
 
 def build_loss(loss_cfg: dict, task: str, num_classes: int, pixel_counts: np.ndarray,
-               ignore_index: int = 255) -> CombinedLoss:
-    weights = class_weights(loss_cfg.get("class_weights"), np.asarray(pixel_counts))
+               ignore_index: int = 255, image_pixels: np.ndarray | None = None) -> CombinedLoss:
+    weights = class_weights(loss_cfg.get("class_weights"), np.asarray(pixel_counts), image_pixels)
     terms = [(w, n, LOSSES[n](task, weights, loss_cfg, ignore_index)) for w, n in parse_combo(loss_cfg["name"])]
     return CombinedLoss(terms, task)

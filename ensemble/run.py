@@ -43,7 +43,24 @@ def parse_args(argv):
     p.add_argument("--save-probs", action="store_true", help="also write float16 probabilities")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto")
+    p.add_argument("--wandb", choices=["offline", "online", "disabled"],
+                   help="log the report to the experiment's W&B group [offline, online with an API key]")
+    p.add_argument("--wandb-project", default="segmentation-hpo")
     return p.parse_args(argv)
+
+
+def log_to_wandb(run_dir: Path, out_dir: Path, report: dict, mode: str, project: str) -> None:
+    """The out-of-fold table and plots as one W&B run in the experiment's group (job type ensemble)."""
+    import wandb
+
+    run = wandb.init(project=project, group=run_dir.resolve().name, job_type="ensemble", name=f"{run_dir.name}-ensemble",
+                     dir=str(run_dir), mode=mode, config={"experiment": str(run_dir)})
+    table = wandb.Table(columns=["", "mIoU", "mean Dice", "boundary IoU", "pixel acc"])
+    for key, label in (("single", "(a) best single"), ("ensemble", "(b) ensemble"), ("tuned", "(c) tuned")):
+        table.add_data(label, *(report[key].get(f) for f in ("miou", "dice", "biou", "pixel_acc")))
+    run.log({"ensemble/oof": table, **{f"ensemble/{k}_miou": report[k]["miou"] for k in ("single", "ensemble", "tuned")},
+             **{f"ensemble/{p.stem}": wandb.Image(str(p)) for p in sorted(out_dir.glob("*.png"))}})
+    run.finish()
 
 
 def load_experiment(run_dir: Path) -> tuple[dict, list[list[str]], list[dict]]:
@@ -122,7 +139,11 @@ def main(argv=None) -> None:
             print(f"test: mIoU {t['miou']:.4f}  Dice {t['dice']:.4f}  bIoU {t.get('biou', float('nan')):.4f} "
                   f"-> {out / 'test_metrics.json'}")
     from tune.report import write_report
+    from tune.wandb_logging import default_mode
 
+    mode = args.wandb or default_mode()
+    if mode != "disabled":
+        log_to_wandb(run_dir, out_dir, report, mode, args.wandb_project)
     print(f"report: {out_dir} (and {write_report(run_dir)})")
 
 

@@ -1,7 +1,7 @@
 """Shared fixtures: an offline Hugging Face hub, a private mask cache, synthetic datasets, tiny configs.
 
-The environment is set before anything imports ``huggingface_hub``/``transformers`` (they read
-it at import time), so every pretrained-weight attempt fails fast and falls back to random init.
+The environment is set before anything imports ``huggingface_hub``/``transformers``/``torch`` (they
+read it at import time), so every pretrained-weight attempt fails fast and falls back to random init.
 """
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"  # albumentations would ask the network for a newer version
+# One intra-op thread (read when torch starts; the CLI subprocesses inherit it): on a small shared
+# CPU machine two threads per process competing with other work run these tiny models far slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import json  # noqa: E402
 import sys  # noqa: E402

@@ -59,7 +59,7 @@ def report(scheduler, trial, score: float, iteration: int = 1) -> str:
     return scheduler.on_trial_result(None, trial, {"training_iteration": iteration, "val_miou": score})
 
 
-FOLD0 = [("a", 0.90), ("b", 0.80), ("c", 0.85)]  # fold 0 is easy: high scores
+FOLD0 = [("a", 0.80), ("b", 0.85), ("c", 0.90)]  # fold 0 is easy: high (and rising) scores
 WEAK_FOLD1 = ("x", 0.10)  # a fold-1 trial that is weak only in comparison with fold 0
 
 
@@ -87,7 +87,7 @@ def test_shared_asha_stops_a_weak_fold1_trial_that_per_fold_asha_keeps(tmp_path)
     assert decisions == {"a": "CONTINUE", "b": "CONTINUE", "c": "CONTINUE", "x": "CONTINUE"}
     # each fold still stops its own weak trials, against its own rung only
     assert feed(per_fold, [("d", 0, 0.50), ("y", 1, 0.05), ("z", 1, 0.20)]) == {
-        "d": TrialScheduler.STOP,  # below fold 0's median (0.825)
+        "d": TrialScheduler.STOP,  # below fold 0's median (0.85)
         "y": TrialScheduler.STOP,  # below fold 1's only entry (0.10)
         "z": TrialScheduler.CONTINUE,  # above fold 1's median (0.075), far below fold 0's
     }
@@ -107,7 +107,7 @@ def test_per_fold_asha_state_survives_reload_and_pickle(tmp_path):
     feed(first, [(t, 0, s) for t, s in FOLD0] + [("x", 1, 0.10), ("y", 1, 0.30)])
     state = first.rung_state()
     assert json.loads(path.read_text()) == state  # written after every decision
-    assert state["0"]["rungs"][0][-1] == [1, {"a": 0.90, "b": 0.80, "c": 0.85}]  # milestone 1
+    assert state["0"]["rungs"][0][-1] == [1, {"a": 0.80, "b": 0.85, "c": 0.90}]  # milestone 1
     assert state["1"]["rungs"][0][-1] == [1, {"x": 0.10, "y": 0.30}]
 
     reloaded = PerFoldASHA(**asha_args(), state_path=str(path))
@@ -153,15 +153,20 @@ def by_tune_id(study: optuna.Study) -> dict[str, optuna.trial.FrozenTrial]:
     return {t.user_attrs["tune_trial_id"]: t for t in study.get_trials(deepcopy=False)}
 
 
-def epochs(searcher: Searcher, trial_id: str, scores: list[float]) -> dict:
-    """Report one result per epoch as the trainable does; return the last result."""
-    best = None
+def epochs(searcher: Searcher, trial_id: str, scores: list[float], stopped: bool = True) -> dict:
+    """Results of one epoch each, passed on as Tune does; returns the last one (for on_trial_complete).
+
+    ``stopped``: the scheduler stopped the trial on its last result (ASHA at a rung or at max_t);
+    Tune then gives that result to the searcher's on_trial_complete only, not to on_trial_result.
+    """
+    best_score, best_epoch = None, 0
     for epoch, score in enumerate(scores, 1):
-        best = score if best is None or score > best[0] else best[0], epoch if best is None or score > best[0] \
-            else best[1]
-        result = {"epoch": epoch, "training_iteration": epoch, "val_miou": score, "best_score": best[0],
-                  "best_epoch": best[1]}
-        searcher.on_trial_result(trial_id, result)
+        if best_score is None or score > best_score:
+            best_score, best_epoch = score, epoch
+        result = {"epoch": epoch, "training_iteration": epoch, "val_miou": score, "best_score": best_score,
+                  "best_epoch": best_epoch}
+        if not (stopped and epoch == len(scores)):
+            searcher.on_trial_result(trial_id, result)
     return result
 
 
@@ -177,18 +182,19 @@ def test_searcher_one_study_per_fold_and_multi_fidelity_states(tmp_path):
     assert searcher.suggested == {0: 2, 1: 2}
 
     searcher.on_trial_complete("t0", epochs(searcher, "t0", [0.30, 0.40]))  # stopped by ASHA after 2/3
-    searcher.on_trial_complete("t1", epochs(searcher, "t1", [0.20, 0.50, 0.45]))  # trained to the end
-    epochs(searcher, "t2", [0.1])
+    searcher.on_trial_complete("t1", epochs(searcher, "t1", [0.20, 0.50, 0.45], stopped=False))  # to the end
+    epochs(searcher, "t2", [0.1], stopped=False)
     searcher.on_trial_complete("t2", None, error=True)
-    epochs(searcher, "t3", [0.05])  # still running
+    epochs(searcher, "t3", [0.05], stopped=False)  # still running
 
     assert sorted(optuna.get_all_study_names(f"sqlite:///{tmp_path}/s.db")) == ["t-fold0", "t-fold1"]
     fold0, fold1 = by_tune_id(load(tmp_path, 0)), by_tune_id(load(tmp_path, 1))
     assert set(fold0) == {"t0", "t2"} and set(fold1) == {"t1", "t3"}  # fold 0 never in fold 1's study
 
     pruned = fold0["t0"]
-    assert pruned.state == TrialState.PRUNED and pruned.value is None
-    assert pruned.intermediate_values == {1: 0.30, 2: 0.40}
+    assert pruned.state == TrialState.PRUNED
+    assert pruned.value == 0.40  # Optuna gives a pruned trial its last intermediate value
+    assert pruned.intermediate_values == {1: 0.30, 2: 0.40}  # epoch 2 came with on_trial_complete only
     assert pruned.params["optimizer.lr"] == configs["t0"]["optimizer.lr"]
 
     complete = fold1["t1"]
@@ -210,7 +216,7 @@ def test_searcher_save_restore_continues_and_fails_orphans(tmp_path):
     first = make_searcher(tmp_path, num_samples=2)
     configs = {tid: first.suggest(tid) for tid in ("a", "b", "c")}  # folds 0, 1, 0
     first.on_trial_complete("a", epochs(first, "a", [0.3, 0.4, 0.5]))
-    epochs(first, "b", [0.2])
+    epochs(first, "b", [0.2], stopped=False)
     ckpt = tmp_path / "searcher.json"
     first.save(str(ckpt))
     orphan = first.suggest("d")  # fold 1, asked after the last save: then the driver dies
@@ -232,7 +238,8 @@ def test_searcher_save_restore_continues_and_fails_orphans(tmp_path):
     assert e["fold"] == 1
     assert second.suggest("f") == Searcher.FINISHED
 
-    second.on_trial_complete("b", epochs(second, "b", [0.2, 0.3]))  # b continued after the restore
+    second.on_trial_result("b", {"epoch": 2, "val_miou": 0.3})  # b resumed from its epoch-1 checkpoint
+    second.on_trial_complete("b", {"epoch": 2, "val_miou": 0.3, "best_score": 0.3, "best_epoch": 2})
     second.on_trial_complete("c", epochs(second, "c", [0.6, 0.7, 0.8]))
     second.on_trial_complete("e", epochs(second, "e", [0.1]))
     fold0, fold1 = by_tune_id(load(tmp_path, 0)), by_tune_id(load(tmp_path, 1))
@@ -240,6 +247,7 @@ def test_searcher_save_restore_continues_and_fails_orphans(tmp_path):
     assert {t: s.state for t, s in fold0.items()} == {"a": TrialState.COMPLETE, "c": TrialState.COMPLETE}
     assert {t: s.state for t, s in fold1.items()} == {"b": TrialState.PRUNED, "d": TrialState.FAIL,
                                                       "e": TrialState.PRUNED}
+    assert fold1["e"].intermediate_values == {1: 0.1} and fold1["e"].value == 0.1  # stopped at the first rung
     assert second.live == {}
 
 
@@ -263,6 +271,48 @@ def test_searcher_two_stage_retrains_top_config_on_other_folds(tmp_path):
         "a": TrialState.COMPLETE, "b": TrialState.PRUNED}
 
 
+def test_searcher_ignores_results_of_trials_told_before_a_crash(tmp_path):
+    """Tune snapshots its experiment every ~10 s: a trial that ended just before the driver died comes
+    back RUNNING and reports again, though its Optuna trial was already told."""
+    first = make_searcher(tmp_path, num_samples=2)
+    first.suggest("a")
+    epochs(first, "a", [0.3], stopped=False)
+    ckpt = tmp_path / "searcher.json"
+    first.save(str(ckpt))  # the last snapshot before the crash: "a" still live
+    first.on_trial_complete("a", {"epoch": 1, "val_miou": 0.3, "best_score": 0.3, "best_epoch": 1})
+
+    second = make_searcher(tmp_path, num_samples=2)
+    second.restore(str(ckpt))
+    assert set(second.live) == {"a"}
+    second.on_trial_result("a", {"epoch": 2, "val_miou": 0.9})  # used to raise UpdateFinishedTrialError
+    second.on_trial_complete("a", {"epoch": 3, "val_miou": 0.9, "best_score": 0.9, "best_epoch": 3})
+    (told,) = load(tmp_path, 0).trials
+    assert told.state == TrialState.PRUNED and told.intermediate_values == {1: 0.3}
+
+
+def test_trials_csv_shows_the_ending_trial_as_finished(tmp_path):
+    """Tune calls the callbacks' on_trial_complete while the trial is still RUNNING."""
+    from tune.experiment import TrialsTable
+
+    def trial(trial_id, status, epoch, fold=0):
+        return SimpleNamespace(trial_id=trial_id, status=status, config={"fold": fold, "optimizer.lr": 1e-3},
+                               last_result={"epoch": epoch, "best_epoch": epoch, "best_score": 0.5, "node": "n"},
+                               checkpoint=None, error_msg=None)
+
+    done, stopped, running = trial("done", "RUNNING", 3), trial("stopped", "RUNNING", 1), trial("run", "RUNNING", 1)
+    trials = [done, stopped, running]
+    table = TrialsTable(tmp_path / "trials.csv", "val_miou", max_epochs=3)
+    table.on_trial_complete(0, trials, done)  # trained to the end
+    assert [r["status"] for r in read_rows(tmp_path / "trials.csv")] == ["completed", "running", "running"]
+    done.status = "TERMINATED"  # what Tune does after the callbacks
+    table.on_trial_complete(1, trials, stopped)  # stopped by ASHA after 1 of 3 epochs
+    assert [r["status"] for r in read_rows(tmp_path / "trials.csv")] == ["completed", "stopped", "running"]
+    stopped.status = running.status = "TERMINATED"
+    running.last_result["epoch"] = 3
+    table.on_experiment_end(trials)
+    assert [r["status"] for r in read_rows(tmp_path / "trials.csv")] == ["completed", "stopped", "completed"]
+
+
 # ---------------------------------------------------------------- Ray runs of tune/run.py
 
 
@@ -271,16 +321,19 @@ def private_ray_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
 
 
-def cli_env(ray_dir: Path | None = None) -> dict:
+def cli_env(ray_dir: Path | None = None, cache: Path | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_JOB_ID", "RAY_JOB_SUBMISSION_ID")}
     env.update(HF_HUB_OFFLINE="1", WANDB_MODE="offline", PYTHONUNBUFFERED="1", RAY_USAGE_STATS_ENABLED="0")
     if ray_dir is not None:
         env["RAY_TMPDIR"] = str(ray_dir)
+    if cache is not None:
+        env["SEGHPO_CACHE"] = str(cache)
     return env
 
 
-def cli(*args: str, ray_dir: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(RUN), *map(str, args)], cwd=ROOT, env=cli_env(ray_dir),
+def cli(*args: str, ray_dir: Path | None = None, cache: Path | None = None,
+        timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(RUN), *map(str, args)], cwd=ROOT, env=cli_env(ray_dir, cache),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -320,9 +373,36 @@ def clean_up_ray(ray_dir: Path) -> None:
     shutil.rmtree(ray_dir, ignore_errors=True)
 
 
+def scratch_dir(prefix: str) -> Path:
+    """A directory of our own for a Ray run (minutes long): concurrent pytest sessions prune each
+    other's numbered basetemp directories (only the last 3 are kept), even while they are in use."""
+    return Path(tempfile.mkdtemp(prefix=f"seghpo-{prefix}-"))
+
+
+@pytest.fixture
+def scratch(request):
+    """Kept (and named in the teardown output) when the test fails."""
+    path, failed_before = scratch_dir(request.node.name[5:25]), request.session.testsfailed
+    yield path
+    if request.session.testsfailed > failed_before:
+        print(f"kept for inspection: {path}")
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def camvid_cache():
+    """The CamVid masks, rasterised once for this module's runs (never ~/.cache/seghpo)."""
+    path = scratch_dir("cache")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def run_args(storage: Path, name: str, *extra: str) -> list[str]:
+    # W&B (on by default, offline without an API key) has its own tests; here it would only add a
+    # logging actor per trial to the 2 cores
     return ["--space", str(TINY), "--data", str(TRAIN_JSON), "--storage", str(storage), "--name", name,
-            "--folds", "2", *extra]
+            "--folds", "2", "--wandb", "disabled", *extra]
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -340,31 +420,32 @@ def studies(run_dir: Path) -> dict[int, optuna.Study]:
 
 
 @pytest.fixture(scope="module")
-def e2e(tmp_path_factory):
+def e2e(camvid_cache):
     """One finished run: 2 folds x 2 trials x 2 epochs on CamVid (about 2 minutes on 2 cores)."""
     if not TRAIN_JSON.exists():
         pytest.skip(f"CamVid not found at {TRAIN_JSON}: the end-to-end runs need the shared dataset")
-    storage = tmp_path_factory.mktemp("e2e") / "runs"
+    base = scratch_dir("e2e")
+    storage = base / "runs"
     ray_dir = private_ray_dir()
     args = run_args(storage, "e2e", "--num-samples", "2", "--max-epochs", "2")
     try:
-        proc = cli(*args, ray_dir=ray_dir, timeout=420)
-        lingering = stop_ray(ray_dir)
+        # generous: a busy machine is several times slower
+        proc = cli(*args, ray_dir=ray_dir, cache=camvid_cache, timeout=900)
     finally:
         clean_up_ray(ray_dir)
-    return SimpleNamespace(run_dir=storage / "e2e", args=args, proc=proc, lingering=lingering)
+    yield SimpleNamespace(run_dir=storage / "e2e", args=args, proc=proc)
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.mark.slow
 @needs_camvid
-def test_end_to_end_run_on_camvid(e2e):
+def test_end_to_end_run_on_camvid(e2e, camvid_cache):
     import torch
 
     from trainables.checkpoint import load_checkpoint, model_from_checkpoint
 
     proc, run_dir = e2e.proc, e2e.run_dir
     assert proc.returncode == 0, tail(proc.stdout + proc.stderr)
-    assert e2e.lingering == []  # the finished run took its Ray cluster down with it
     rows = read_rows(run_dir / "trials.csv")
     assert len(rows) == 4, rows
     assert sorted(r["fold"] for r in rows) == ["0", "0", "1", "1"]
@@ -392,7 +473,7 @@ def test_end_to_end_run_on_camvid(e2e):
     experiment = json.loads((run_dir / "experiment.json").read_text())
     from trainables.data import load_dataset
 
-    assert experiment["dataset"]["fingerprint"] == load_dataset(str(TRAIN_JSON)).fingerprint
+    assert experiment["dataset"]["fingerprint"] == load_dataset(str(TRAIN_JSON), cache_dir=camvid_cache).fingerprint
     assert experiment["dataset"]["images"] == 367 and len(experiment["dataset"]["class_names"]) == NUM_CLASSES
     for package in ("python", "torch", "ray", "optuna", "segmentation-models-pytorch"):
         assert experiment["versions"][package] not in ("", None, "not installed"), package
@@ -401,8 +482,18 @@ def test_end_to_end_run_on_camvid(e2e):
     assert folds["meta"]["dataset"] == experiment["dataset"]["fingerprint"] and len(folds["folds"]) == 2
 
 
-def result_lines(run_dir: Path, row: dict) -> int:
-    return len((run_dir / "tune" / f"fold{row['fold']}_{row['trial_id']}" / "result.json").read_text().splitlines())
+def trial_dirs(run_dir: Path) -> dict[str, Path]:
+    return {p.name.partition("_")[2]: p for p in (run_dir / "tune").glob("fold*_*") if p.is_dir()}
+
+
+def reported_epochs(trial_dir: Path) -> list[int]:
+    path = trial_dir / "result.json"
+    return [json.loads(line)["epoch"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def finished_rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "trials.csv"
+    return [r for r in read_rows(path) if r["status"] in ("completed", "stopped")] if path.exists() else []
 
 
 def rung_entries(state: dict, trial_ids: set[str]) -> dict[tuple[str, float, str], float]:
@@ -417,37 +508,51 @@ def rung_entries(state: dict, trial_ids: set[str]) -> dict[tuple[str, float, str
 
 @pytest.mark.slow
 @needs_camvid
-def test_resume_after_killing_the_driver(tmp_path):
-    storage, name = tmp_path / "runs", "resume"
+def test_resume_after_killing_the_driver(scratch, camvid_cache):
+    """SIGKILL the driver (and its Ray) while a trial trains, after another has finished; --resume.
+
+    The kill waits until the running trial has reported its first epoch, plus 1 s: that epoch's
+    checkpoint makes Tune snapshot the experiment, so the snapshot knows every trial asked so far.
+    A kill at any moment can find Tune's snapshot up to ~10 s old; what the searcher does then
+    (orphan Optuna trials FAIL, trials told before the crash ignore repeated results) is tested
+    above without Ray, where the timing is exact.
+    """
+    storage, name = scratch / "runs", "resume"
     run_dir = storage / name
-    args = run_args(storage, name, "--num-samples", "3", "--max-epochs", "3", "--max-concurrent", "1")
+    cpus = str(min(2, os.cpu_count() or 1))  # one trial at a time: let it use both cores
+    args = run_args(storage, name, "--num-samples", "3", "--max-epochs", "3", "--max-concurrent", "1",
+                    "--cpus-per-trial", cpus)
     ray_dir = private_ray_dir()
-    log = tmp_path / "first.log"
+    log = scratch / "first.log"
     try:
         with open(log, "w") as out:
-            first = subprocess.Popen([sys.executable, str(RUN), *args], cwd=ROOT, env=cli_env(ray_dir), stdout=out,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+            first = subprocess.Popen([sys.executable, str(RUN), *args], cwd=ROOT, env=cli_env(ray_dir, camvid_cache),
+                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            deadline = time.monotonic() + 300
-            done: list[dict] = []
-            while not done:
+            deadline = time.monotonic() + 600
+            running: list[str] = []
+            while not running:
                 assert first.poll() is None, f"the run ended before it was killed:\n{tail(log.read_text())}"
                 assert time.monotonic() < deadline, f"no trial finished in time:\n{tail(log.read_text())}"
                 time.sleep(0.5)
-                if (run_dir / "trials.csv").exists():
-                    done = [r for r in read_rows(run_dir / "trials.csv") if r["status"] in ("completed", "stopped")]
-            before = {r["trial_id"]: (r, result_lines(run_dir, r)) for r in done}
+                done = {r["trial_id"] for r in finished_rows(run_dir)}
+                running = [t for t, d in trial_dirs(run_dir).items() if done and t not in done and reported_epochs(d)]
+            time.sleep(1.0)
+            done_rows = finished_rows(run_dir)
+            (resumed,) = running
+            assert resumed not in {r["trial_id"] for r in done_rows}, "the running trial ended before the kill"
+            before = {r["trial_id"]: (r, reported_epochs(trial_dirs(run_dir)[r["trial_id"]])) for r in done_rows}
             asha_before = rung_entries(json.loads((run_dir / "asha_state.json").read_text()), set(before))
         finally:
             os.killpg(first.pid, signal.SIGKILL)  # the driver and every process of its group
             first.wait(timeout=30)
-        stop_ray(ray_dir, grace=5.0)
+        stop_ray(ray_dir, grace=5.0)  # anything of that Ray cluster outside the group
         assert ray_processes(ray_dir) == []
         assert asha_before, "the trials finished before the kill left no rung entries"
 
-        second = cli(*args, "--resume", ray_dir=ray_dir, timeout=480)
-        assert stop_ray(ray_dir) == []
+        second = cli(*args, "--resume", ray_dir=ray_dir, cache=camvid_cache, timeout=900)
         assert second.returncode == 0, tail(second.stdout + second.stderr)
+        stop_ray(ray_dir)
     finally:
         clean_up_ray(ray_dir)
 
@@ -457,18 +562,28 @@ def test_resume_after_killing_the_driver(tmp_path):
     assert all(r["status"] in ("completed", "stopped") for r in rows), [(r["trial_id"], r["status"], r["error"])
                                                                        for r in rows]
     now = {r["trial_id"]: r for r in rows}
-    for trial_id, (row, lines) in before.items():
+    for trial_id, (row, epochs_before) in before.items():
         assert trial_id in now, f"trial {trial_id}, finished before the kill, is gone"
         kept = {k: now[trial_id][k] for k in ("fold", "status", "epochs", "best_epoch", "best_val_miou", "checkpoint")}
         assert kept == {k: row[k] for k in kept}, f"trial {trial_id} changed after the resume"
-        assert result_lines(run_dir, row) == lines, f"trial {trial_id} was trained again after the resume"
+        assert reported_epochs(trial_dirs(run_dir)[trial_id]) == epochs_before, f"trial {trial_id} was trained again"
+    # the trial killed mid-training went on under its own id from its checkpoint (the best epoch so
+    # far, so an epoch after it may be trained twice), not from scratch
+    assert resumed in now
+    continued = reported_epochs(trial_dirs(run_dir)[resumed])
+    assert continued.count(1) == 1 and continued == sorted(continued), continued
+    assert sorted(set(continued)) == list(range(1, int(now[resumed]["epochs"]) + 1)), continued
 
     for fold, study in studies(run_dir).items():
         trials = study.get_trials(deepcopy=False)
-        assert len(trials) == 3, [(t.number, t.state, t.user_attrs) for t in trials]
+        assert len(trials) == 3, [(t.number, t.state, t.user_attrs.get("tune_trial_id")) for t in trials]
         assert not [t for t in trials if t.state == TrialState.RUNNING]
         assert {t.user_attrs["tune_trial_id"] for t in trials} == {r["trial_id"] for r in rows
                                                                  if r["fold"] == str(fold)}
+        for t in trials:
+            row = now[t.user_attrs["tune_trial_id"]]
+            assert t.state == (TrialState.COMPLETE if row["status"] == "completed" else TrialState.PRUNED), row
+            assert sorted(t.intermediate_values) == list(range(1, int(row["epochs"]) + 1)), row
     asha_after = rung_entries(json.loads((run_dir / "asha_state.json").read_text()), set(before))
     assert asha_after == asha_before
 
@@ -506,7 +621,8 @@ def test_cli_rejects_one_fold(tmp_path):
 
 
 def test_cli_resume_needs_an_experiment(tmp_path):
-    assert_user_error(cli("--space", "segformer.yaml", "--resume", "--storage", tmp_path, "--name", "nothing"),
+    assert_user_error(cli("--space", str(TINY), "--data", TRAIN_JSON, "--resume", "--storage", tmp_path,
+                          "--name", "nothing"),
                       "--resume", "no experiment")
     assert not (tmp_path / "nothing" / "tune").exists()
     assert list(tmp_path.iterdir()) == []

@@ -117,7 +117,11 @@ class FoldedOptunaSearch(Searcher):
         if not info or info.get("number") is None or value is None or not math.isfinite(value):
             return
         trial = optuna.trial.Trial(self.study(info["fold"]), self._internal_id(info))
-        trial.report(float(value), step=int(result.get("epoch", result.get("training_iteration", 0))))
+        try:
+            trial.report(float(value), step=int(result.get("epoch", result.get("training_iteration", 0))))
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # told before a crash, then resumed by Tune from an older experiment snapshot: keep what was told
+            logger.debug("trial %s already finished in its study; result not reported", trial_id)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         info = self.live.pop(trial_id, None)
@@ -126,13 +130,20 @@ class FoldedOptunaSearch(Searcher):
         study = self.study(info["fold"])
         number = info["number"]
         internal = self._internal_id(info)
-        if study._storage.get_trial(internal).state != TrialState.RUNNING:
+        frozen = study._storage.get_trial(internal)
+        if frozen.state != TrialState.RUNNING:
             return  # already told (e.g. before a restore)
         best = (result or {}).get("best_score")
         epochs = int((result or {}).get("epoch", 0))
         if error or not result or best is None or not math.isfinite(best):
             study.tell(number, state=TrialState.FAIL)
             return
+        value = result.get(self._metric)
+        if value is not None and math.isfinite(value) and epochs not in frozen.intermediate_values:
+            # the result on which the scheduler stopped the trial (ASHA at a rung, or at max_t) comes
+            # only here, never through on_trial_result: without it a trial stopped at the first rung
+            # would be PRUNED with no intermediate value at all
+            study._storage.set_trial_intermediate_value(internal, epochs, float(value))
         study._storage.set_trial_user_attr(internal, "best_epoch", int(result.get("best_epoch", epochs)))
         config = {k: v for k, v in info["config"].items() if k not in ("fold", "retrain")}
         study._storage.set_trial_user_attr(internal, "config", config)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from ray import tune
 
-from trainables.checkpoint import save_checkpoint
+from trainables.checkpoint import load_checkpoint, save_checkpoint
 from trainables.config import merge
 from trainables.data import load_dataset
 from trainables.folds import train_val_indices
@@ -49,8 +49,9 @@ def train_trial(config: dict, base: dict, folds: list[list[str]], cpus: float) -
     restored = tune.get_checkpoint()
     if restored:
         with restored.as_directory() as ckpt_dir:
-            trainer.load_state_dict(torch.load(Path(ckpt_dir) / STATE_FILE, map_location=trainer.device,
-                                               weights_only=True))
+            state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location=trainer.device, weights_only=True)
+            state["best_state"] = load_checkpoint(ckpt_dir)["state_dict"]  # kept once, in model.pt
+            trainer.load_state_dict(state)
         logger.info("trial resumed after epoch %d", trainer.epoch)
     node = os.environ.get("SEGHPO_NODE_LABEL") or socket.gethostname()
     for record in trainer.epochs():
@@ -60,6 +61,8 @@ def train_trial(config: dict, base: dict, folds: list[list[str]], cpus: float) -
             continue
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(trainer.best_checkpoint(), tmp)
-            torch.save(trainer.state_dict(), Path(tmp) / STATE_FILE)
+            state = trainer.state_dict()
+            del state["best_state"]  # the same weights as model.pt: written once
+            torch.save(state, Path(tmp) / STATE_FILE)
             np.savez_compressed(Path(tmp) / PREVIEW_FILE, **trainer.preview())
             tune.report(record, checkpoint=tune.Checkpoint.from_directory(tmp))

@@ -1,0 +1,1 @@
+"""Benchmarks of the segmentation HPO tool: ``python bench/run.py [--quick] [--only NAME]`` (see README.md)."""

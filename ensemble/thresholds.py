@@ -74,7 +74,9 @@ def threshold_grid(bins: int) -> np.ndarray:
 
 
 def _as_probabilities(probs: np.ndarray) -> np.ndarray:
-    probs = np.asarray(probs, dtype=np.float64)
+    probs = np.asarray(probs)
+    if probs.dtype not in (np.float32, np.float64):
+        probs = probs.astype(np.float64)
     if probs.size and (probs.min() < 0.0 or probs.max() > 1.0):
         raise ValueError("probabilities must lie in [0, 1]")
     return probs
@@ -164,18 +166,17 @@ class MultilabelThresholdTuner:
                 f"expected probs and target of shape ([B,] {self.num_classes}, H, W), "
                 f"got {probs.shape} and {target.shape}"
             )
-        mask = np.ones(probs.shape, dtype=bool)
+        slots = len(self.grid)
+        cls = np.arange(self.num_classes)[None, :, None, None]
+        # one bincount over (class, slot, truth): positive and negative histograms together
+        index = (cls * slots + _slot(self.grid, probs)) * 2 + target
         if valid is not None:
             valid = np.asarray(valid, dtype=bool)
             valid = valid[None, None] if valid.ndim == 2 else valid[:, None]
-            mask = np.broadcast_to(valid, probs.shape)
-        slots = len(self.grid)
-        cls = np.broadcast_to(np.arange(self.num_classes)[None, :, None, None], probs.shape)
-        index = (cls * slots + _slot(self.grid, probs))[mask]
-        truth = target[mask]
-        size = self.num_classes * slots
-        self.positive_hist += np.bincount(index[truth], minlength=size).reshape(-1, slots)
-        self.negative_hist += np.bincount(index[~truth], minlength=size).reshape(-1, slots)
+            index = index[np.broadcast_to(valid, probs.shape)]
+        counts = np.bincount(index.ravel(), minlength=self.num_classes * slots * 2).reshape(-1, slots, 2)
+        self.negative_hist += counts[..., 0]
+        self.positive_hist += counts[..., 1]
 
     def fit(self) -> dict:
         """Best threshold per class, its score, the score at 0.5, and the full curves."""

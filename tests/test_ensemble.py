@@ -466,3 +466,23 @@ def test_streaming_thresholds_match_brute_force_on_oof(experiment, ensemble_run)
             _, value = brute_force_multiclass_class(probs, targets, c, grid[k:k + 1], fit["thresholds"], 0,
                                                     data.ignore_index)
             assert math.isclose(curve[k], value, abs_tol=1e-9) or (math.isnan(curve[k]) and math.isnan(value))
+
+
+def test_rerun_after_a_crash_gives_the_same_outputs(experiment, ensemble_run, tmp_path, monkeypatch):
+    """Re-running the ensemble step (as after a crash) on a copy rewrites identical results; the
+    W&B offline run of the report lands in the experiment (its files written as a group member)."""
+    from ensemble.run import main
+
+    first = {name: (ensemble_run.report / name).read_text() for name in ("members.json", "thresholds.json")}
+    oof = json.loads((ensemble_run.report / "oof_metrics.json").read_text())
+    rerun = _copy_experiment(experiment.run_dir, tmp_path / "rerun")
+    (rerun / "ensemble").mkdir()
+    (rerun / "ensemble" / "thresholds.json").write_text('{"trunc')  # a half-written leftover is replaced
+    monkeypatch.setenv("SEGHPO_CACHE", str(experiment.cache))
+    main(["--experiment", str(rerun), "--top-k", "2", "--wandb", "offline"])
+    assert (rerun / "ensemble" / "thresholds.json").read_text() == first["thresholds.json"]
+    members = json.loads((rerun / "ensemble" / "members.json").read_text())
+    assert members == json.loads(first["members.json"])
+    again = json.loads((rerun / "ensemble" / "oof_metrics.json").read_text())
+    assert again["tuned"]["miou"] == oof["tuned"]["miou"] and again["single"] == oof["single"]
+    assert list((rerun / "wandb").glob("offline-run-*/run-*.wandb"))

@@ -64,24 +64,11 @@ def loader_epochs(trainer, epochs: int) -> list[float]:
 
 def model_ips(trainer, batch, steps: int) -> float:
     """The per-batch work of ``train_one_epoch`` on one pre-made batch, repeated ``steps`` times."""
-    import torch
-
-    from trainables.loop import predict_logits
-
     trainer.model.train()
     images, target = trainer._to_device(*batch)
-    clip = float(trainer.cfg["train"]["grad_clip"])
 
     def step():
-        logits = predict_logits(trainer.model, images, trainer.amp)
-        loss = trainer.loss_fn(logits, target)
-        trainer.scaler.scale(loss).backward()
-        trainer.scaler.unscale_(trainer.optimizer)
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), clip)
-        trainer.scaler.step(trainer.optimizer)
-        trainer.scaler.update()
-        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.train_step(images, target)
 
     step()  # warm-up
     start = time.perf_counter()

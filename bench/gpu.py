@@ -73,25 +73,14 @@ def step_throughput(trainer, steps: int, warmup: int = 3) -> float:
     """Images/s of the per-batch work of ``train_one_epoch`` on a pre-made on-device batch."""
     import torch
 
-    from trainables.loop import predict_logits
-
     bs, (h, w) = trainer.cfg["train"]["batch_size"], trainer.cfg["train"]["image_size"]
     images = torch.randn(bs, 3, h, w)
     target = torch.randint(0, trainer.data.num_classes, (bs, h, w))
     images, target = trainer._to_device(images, target)
-    clip = float(trainer.cfg["train"]["grad_clip"])
     trainer.model.train()
 
     def step():
-        logits = predict_logits(trainer.model, images, trainer.amp)
-        loss = trainer.loss_fn(logits, target)
-        trainer.scaler.scale(loss).backward()
-        trainer.scaler.unscale_(trainer.optimizer)
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), clip)
-        trainer.scaler.step(trainer.optimizer)
-        trainer.scaler.update()
-        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.train_step(images, target)
 
     for _ in range(warmup):
         step()

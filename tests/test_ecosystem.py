@@ -8,7 +8,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -16,7 +15,7 @@ import pytest
 import yaml
 
 from tests.wandb_records import history, records
-from tune.space import load_space, sample, with_demo
+from tune.space import load_space, sample
 from tune.wandb_logging import SweepTrial, sweep_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -144,10 +144,28 @@ class FoldTrainer:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, target.to(self.device, non_blocking=True)
 
+    def train_step(self, images: torch.Tensor, target: torch.Tensor, update: bool = True,
+                   accum: int = 1) -> torch.Tensor:
+        """Forward under autocast, float32 loss, scaled backward; with ``update``: unscale, clip,
+        optimiser and scaler step, zero the gradients, advance the schedule. Returns the loss."""
+        logits = predict_logits(self.model, images, self.amp)
+        loss = self.loss_fn(logits, target)
+        self.scaler.scale(loss / accum).backward()
+        if update:
+            self.scaler.unscale_(self.optimizer)
+            clip = float(self.cfg["train"]["grad_clip"])
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.schedule.step()
+        return loss.detach()
+
     def train_one_epoch(self) -> dict:
         self.model.train()
         train = self.cfg["train"]
-        accum, clip, cap = max(1, int(train["accum_steps"])), float(train["grad_clip"]), train["max_train_batches"]
+        accum, cap = max(1, int(train["accum_steps"])), train["max_train_batches"]
         total = torch.zeros((), device=self.device)
         batches, images_seen, wait = 0, 0, 0.0
         start = tick = time.perf_counter()
@@ -157,18 +175,7 @@ class FoldTrainer:
                 break
             wait += time.perf_counter() - tick
             images, target = self._to_device(images, target)
-            logits = predict_logits(self.model, images, self.amp)
-            loss = self.loss_fn(logits, target)
-            self.scaler.scale(loss / accum).backward()
-            if (step + 1) % accum == 0:
-                self.scaler.unscale_(self.optimizer)
-                if clip > 0:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.schedule.step()
-            total += loss.detach()
+            total += self.train_step(images, target, update=(step + 1) % accum == 0, accum=accum)
             batches += 1
             images_seen += images.shape[0]
             tick = time.perf_counter()

@@ -84,7 +84,7 @@ def read_image(path: Path) -> np.ndarray:
 def read_cached_mask(path: Path, task: str, num_classes: int) -> np.ndarray:
     if task == "multiclass":
         with Image.open(path) as im:
-            return np.asarray(im)
+            return np.array(im)  # writable: torch.from_numpy warns on read-only arrays
     packed = np.load(path)  # (H, W, ceil((C+1)/8)) bits: C class channels + 1 "ignored" channel
     bits = np.unpackbits(packed, axis=-1, count=num_classes + 1)
     mask = bits[..., :num_classes]

@@ -41,6 +41,19 @@ def write_coco(root: Path, images=2, anns=None, drop=None, size=(16, 24), catego
     return path
 
 
+def write_mask_folder(root: Path, masks: dict[str, np.ndarray], extra_images=(), classes=None) -> Path:
+    """An image/mask folder dataset: 8x8 RGB images for every mask stem (and ``extra_images``)."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for stem in [*masks, *extra_images]:
+        Image.new("RGB", (8, 8)).save(root / "images" / f"{stem}.png")
+    for stem, mask in masks.items():
+        Image.fromarray(mask).save(root / "masks" / f"{stem}.png")
+    if classes:
+        (root / "classes.txt").write_text("\n".join(classes) + "\n")
+    return root
+
+
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:
     with pytest.raises(SystemExit) as exit_info:
         tune_run.main(argv)
@@ -72,25 +85,11 @@ def hostile(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     resized = write_coco(tmp_path / "resized")
     Image.new("RGB", (30, 30)).save(resized.parent / "images" / "im1.png")
     cases["image size differs from the json"] = (["--data", str(resized)], "annotation file says 24x16")
-    folder = tmp_path / "folder"
-    (folder / "images").mkdir(parents=True)
-    (folder / "masks").mkdir()
-    Image.new("RGB", (8, 8)).save(folder / "images" / "a.png")
-    Image.new("RGB", (8, 8)).save(folder / "images" / "b.png")
-    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "masks" / "a.png")
+    folder = write_mask_folder(tmp_path / "folder", {"a": np.zeros((8, 8), np.uint8)}, extra_images=["b"])
     cases["image/mask folder with unmatched names"] = (["--data", str(folder)], "without a partner")
-    sized = tmp_path / "sized"
-    (sized / "images").mkdir(parents=True)
-    (sized / "masks").mkdir()
-    Image.new("RGB", (8, 8)).save(sized / "images" / "a.png")
-    Image.fromarray(np.zeros((6, 8), np.uint8)).save(sized / "masks" / "a.png")
+    sized = write_mask_folder(tmp_path / "sized", {"a": np.zeros((6, 8), np.uint8)})
     cases["mask size differs from its image"] = (["--data", str(sized)], "differs from its image")
-    high = tmp_path / "high"
-    (high / "images").mkdir(parents=True)
-    (high / "masks").mkdir()
-    Image.new("RGB", (8, 8)).save(high / "images" / "a.png")
-    Image.fromarray(np.full((8, 8), 5, np.uint8)).save(high / "masks" / "a.png")
-    (high / "classes.txt").write_text("background\nthing\n")
+    high = write_mask_folder(tmp_path / "high", {"a": np.full((8, 8), 5, np.uint8)}, classes=["background", "thing"])
     cases["class index above the class count"] = (["--data", str(high)], "class index 5 is above the 2 classes")
     cases["more folds than images"] = (["--data", str(write_coco(tmp_path / "few", images=2)), "--folds", "3"],
                                        "3 folds but the dataset has only 2 images")

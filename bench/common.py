@@ -22,7 +22,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -207,23 +206,6 @@ def scratch(prefix: str) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _ray_processes(marker_dir: Path) -> list[int]:
-    """Live processes of the Ray cluster under ``marker_dir`` (its path in their command line or env)."""
-    marker = str(marker_dir).encode()
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                continue
-            if marker in (proc / "cmdline").read_bytes() or marker in (proc / "environ").read_bytes():
-                pids.append(int(proc.name))
-        except (OSError, IndexError):
-            continue
-    return pids
-
-
 @contextlib.contextmanager
 def private_ray() -> Iterator[dict]:
     """Start a local Ray cluster of our own (its own RAY_TMPDIR: never joins another one on this
@@ -235,6 +217,7 @@ def private_ray() -> Iterator[dict]:
     os.environ["RAY_TMPDIR"] = str(ray_dir)
     import ray
 
+    from tune.localray import stop_ray
     from tune.search import init_ray
 
     start = time.perf_counter()
@@ -244,12 +227,7 @@ def private_ray() -> Iterator[dict]:
         yield info
     finally:
         ray.shutdown()
-        deadline = time.monotonic() + 10
-        while _ray_processes(ray_dir) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        for pid in _ray_processes(ray_dir):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        stop_ray(ray_dir)
         shutil.rmtree(ray_dir, ignore_errors=True)
 
 

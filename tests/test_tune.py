@@ -31,6 +31,7 @@ from optuna.trial import TrialState
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
+from tune.localray import ray_processes, stop_ray
 from tune.scheduler import PerFoldASHA
 from tune.searcher import FoldedOptunaSearch, study_name
 from tune.space import load_space, with_overrides
@@ -335,37 +336,6 @@ def cli(*args: str, ray_dir: Path | None = None, cache: Path | None = None,
         timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(RUN), *map(str, args)], cwd=ROOT, env=cli_env(ray_dir, cache),
                           capture_output=True, text=True, timeout=timeout)
-
-
-def ray_processes(ray_dir: Path) -> list[int]:
-    """Live processes of the Ray cluster under ``ray_dir`` (its path in their command line or env)."""
-    marker = str(ray_dir).encode()
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                continue  # a zombie: already dead
-            if marker in (proc / "cmdline").read_bytes() or marker in (proc / "environ").read_bytes():
-                pids.append(int(proc.name))
-        except (OSError, IndexError):
-            continue
-    return pids
-
-
-def stop_ray(ray_dir: Path, grace: float = 10.0) -> list[int]:
-    """Wait for the cluster under ``ray_dir`` to go away, SIGKILL what is left; returns the killed pids."""
-    deadline = time.monotonic() + grace
-    while ray_processes(ray_dir) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    killed = ray_processes(ray_dir)
-    for pid in killed:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return killed
 
 
 def clean_up_ray(ray_dir: Path) -> None:

@@ -1,0 +1,45 @@
+"""Processes of one local Ray cluster, found by its own temp directory (``RAY_TMPDIR``).
+
+A cluster started with its own ``RAY_TMPDIR`` carries that path in every process's command line
+or environment, so it can be stopped without touching other Ray clusters on the same machine
+(``ray stop --force`` stops them all). Used by the tests and benchmarks that start private
+clusters.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+
+def ray_processes(ray_dir: Path) -> list[int]:
+    """Live processes of the Ray cluster under ``ray_dir`` (its path in their command line or env)."""
+    marker = str(ray_dir).encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue  # a zombie: already dead
+            if marker in (proc / "cmdline").read_bytes() or marker in (proc / "environ").read_bytes():
+                pids.append(int(proc.name))
+        except (OSError, IndexError):
+            continue
+    return pids
+
+
+def stop_ray(ray_dir: Path, grace: float = 10.0) -> list[int]:
+    """Wait up to ``grace`` seconds for the cluster under ``ray_dir`` to go away, then SIGKILL
+    what is left; returns the killed pids."""
+    deadline = time.monotonic() + grace
+    while ray_processes(ray_dir) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    killed = ray_processes(ray_dir)
+    for pid in killed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return killed

@@ -98,10 +98,9 @@ def main(argv=None) -> None:
         raise InputError(d["path"], "the dataset changed since the search: out-of-fold results would be mixed")
     out_dir = run_dir / "ensemble"
     ensembles = {}
-    import torch
+    from trainables.loop import resolve_device
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     for fold, chosen in pool.items():
         members = [load_member(r["checkpoint"], r["trial_id"], device) for r in chosen]
         ensembles[fold] = Ensemble(members, tta, args.voting, device)

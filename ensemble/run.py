@@ -80,7 +80,7 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from ensemble.members import top_k
     from ensemble.predictor import TTA, Ensemble, load_member
-    from trainables.data import load_dataset
+    from trainables.data import load_data
     from trainables.io import atomic_write_json
 
     run_dir = args.experiment
@@ -93,7 +93,7 @@ def main(argv=None) -> None:
         raise ConfigError("command line", "--tta", str(exc)) from None
     pool = top_k(rows, metric, mode, args.top_k * (2 if args.selection == "greedy" else 1))
     d = settings["fixed"]["data"]
-    data = load_dataset(d["path"], d["images"], d["task"], d["unannotated"], d["cache_dir"])
+    data = load_data(d)
     if data.fingerprint != experiment["dataset"]["fingerprint"]:
         raise InputError(d["path"], "the dataset changed since the search: out-of-fold results would be mixed")
     out_dir = run_dir / "ensemble"

@@ -20,6 +20,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "unannotated": "background",  # COCO pixels without annotation: background | ignore
         "max_size": None,  # downscale on load so the longer side is at most this
         "cache_dir": None,  # mask cache (default: $SEGHPO_CACHE or ~/.cache/seghpo)
+        "subset": None,  # use only this many images, evenly spaced (quick checks, --debug)
     },
     "folds": {
         "strategy": "kfold",  # kfold | stratified | multilabel | group

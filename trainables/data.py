@@ -20,7 +20,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +69,18 @@ class SegData:
         """(H, W) uint8 labels for multiclass; (H, W, C) uint8 {0,1} (+255 where ignored) for multilabel."""
         return read_cached_mask(self.mask_paths[i], self.task, self.num_classes)
 
+    def subset(self, indices: list[int]) -> "SegData":
+        """These images only (quick checks). Pixel counts are estimated from the dataset's by the
+        share of images containing each class; the fingerprint names the subset, so folds and
+        experiments made on it are never mistaken for ones of the whole dataset."""
+        idx = [int(i) for i in indices]
+        share = self.presence[idx].sum(0) / np.maximum(self.presence.sum(0), 1)
+        pick = lambda seq: [seq[i] for i in idx]  # noqa: E731
+        return replace(self, ids=pick(self.ids), image_paths=pick(self.image_paths), mask_paths=pick(self.mask_paths),
+                       sizes=pick(self.sizes), presence=self.presence[idx],
+                       pixel_counts=np.round(self.pixel_counts * share).astype(np.int64),
+                       fingerprint=fingerprint(self.fingerprint, "subset", idx), meta={**self.meta, "subset": len(idx)})
+
 
 def read_image(path: Path) -> np.ndarray:
     """RGB uint8 (H, W, 3); grayscale, palette and RGBA images are converted."""
@@ -116,6 +128,16 @@ def load_dataset(
     from trainables.coco import load_coco  # pycocotools only when needed
 
     return load_coco(path, images, task, unannotated, cache_root)
+
+
+def load_data(d: dict) -> SegData:
+    """The dataset of a trial config's ``data`` section: :func:`load_dataset`, then ``subset``
+    (that many images, evenly spaced over the file order) when it is set."""
+    data = load_dataset(d["path"], d["images"], d["task"], d["unannotated"], d["cache_dir"])
+    n = d.get("subset")
+    if not n or n >= len(data):
+        return data
+    return data.subset(np.linspace(0, len(data) - 1, int(n)).round().astype(int).tolist())
 
 
 def fingerprint(*parts) -> str:

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainables.checkpoint import save_checkpoint  # noqa: E402
 from trainables.cli import exit_on_user_error, parse_sets  # noqa: E402
 from trainables.config import resolve  # noqa: E402
-from trainables.data import load_dataset  # noqa: E402
+from trainables.data import load_data  # noqa: E402
 from trainables.errors import InputError  # noqa: E402
 from trainables.folds import coverage_table, fold_coverage, load_or_make_folds, train_val_indices  # noqa: E402
 from trainables.io import atomic_write_text  # noqa: E402
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         overrides["data.path"] = args.data
     cfg = resolve(load_config_file(args.config), overrides, source="command line")
     d = cfg["data"]
-    data = load_dataset(d["path"], d["images"], d["task"], d["unannotated"], d["cache_dir"])
+    data = load_data(d)
     f = cfg["folds"]
     folds = load_or_make_folds(args.out / "folds.json", f["strategy"], f["k"], f["seed"], data.ids, data.presence,
                                data.fingerprint, f["group_regex"])

@@ -77,12 +77,12 @@ def overrides(args: argparse.Namespace) -> tuple[dict, dict, dict]:
 def export_sweep(spec, args: argparse.Namespace) -> None:
     import yaml
 
-    from trainables.data import load_dataset
+    from trainables.data import load_data
     from trainables.io import atomic_write_text
     from tune.wandb_logging import sweep_config
 
     d = spec.base_config()["data"]
-    data = load_dataset(d["path"], d["images"], d["task"], d["unannotated"], d["cache_dir"])
+    data = load_data(d)
     config = sweep_config(spec, data.num_classes, args.sweep_fold, args.wandb_project, args.space,
                           str(Path(args.data).resolve()) if args.data else None)
     atomic_write_text(args.export_wandb_sweep, yaml.safe_dump(config, sort_keys=False))

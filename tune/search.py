@@ -14,7 +14,7 @@ from tune.scheduler import PerFoldASHA
 from tune.searcher import FoldedOptunaSearch
 from tune.space import SearchSpec, check_classes
 from tune.trainable import train_trial
-from trainables.data import SegData, load_dataset
+from trainables.data import SegData, load_data
 from trainables.errors import ConfigError
 from trainables.folds import coverage_table, fold_coverage, load_or_make_folds
 
@@ -35,7 +35,7 @@ def absolute_data_paths(base: dict) -> dict:
 def prepare(spec: SearchSpec, run_dir: Path) -> tuple[dict, SegData, list[list[str]]]:
     base = absolute_data_paths(spec.base_config())
     d = base["data"]
-    data = load_dataset(d["path"], d["images"], d["task"], d["unannotated"], d["cache_dir"])
+    data = load_data(d)
     if d["path"] is None:
         base["data"]["path"] = str(data.source)
     check_classes(spec, data.num_classes)

@@ -39,7 +39,7 @@ def main(argv=None) -> None:
     import wandb
 
     from trainables.config import merge
-    from trainables.data import load_dataset
+    from trainables.data import load_data
     from trainables.folds import make_folds, train_val_indices
     from trainables.loop import FoldTrainer
     from tune.space import load_space, sample, with_demo, with_overrides
@@ -53,7 +53,7 @@ def main(argv=None) -> None:
                      group=f"{spec.name}-sweep", tags=[f"fold{args.fold}", "wandb-sweep"])
     base = spec.base_config()
     d = base["data"]
-    data = load_dataset(d["path"], d["images"], d["task"], d["unannotated"], d["cache_dir"])
+    data = load_data(d)
     sampled = sample(spec, SweepTrial(dict(run.config)), data.num_classes)
     run.config.update({"fold": args.fold, **{f"resolved/{k}": v for k, v in sampled.items()}}, allow_val_change=True)
     cfg = merge(base, sampled, source="sweep")

@@ -19,7 +19,7 @@ from ray import tune
 
 from trainables.checkpoint import load_checkpoint, save_checkpoint
 from trainables.config import merge
-from trainables.data import load_dataset
+from trainables.data import load_data
 from trainables.folds import train_val_indices
 from trainables.loop import FoldTrainer
 
@@ -43,7 +43,7 @@ def train_trial(config: dict, base: dict, folds: list[list[str]], cpus: float) -
     if config.get("retrain"):
         cfg["train"]["epochs"] = int(config["retrain"]["epochs"])
     d = cfg["data"]
-    data = load_dataset(d["path"], d["images"], d["task"], d["unannotated"], d["cache_dir"])
+    data = load_data(d)
     train_idx, val_idx = train_val_indices(folds, fold, data.ids)
     trainer = FoldTrainer(cfg, data, train_idx, val_idx, fold=fold)
     restored = tune.get_checkpoint()

@@ -52,8 +52,10 @@ def make_tuner(data: SegData, tune_min_area: bool, bins: int):
 
 
 def oof_evaluate(ensembles: dict[int, Ensemble], data: SegData, folds: list[list[str]], max_size: int | None,
-                 out_dir: Path, batch_size: int = 8, tune_min_area: bool = False, bins: int = 1000) -> dict:
-    """Run both passes; returns metrics (a)/(b)/(c), thresholds and bookkeeping for the report."""
+                 out_dir: Path, batch_size: int = 8, tune_min_area: bool = False, bins: int = 1000,
+                 max_per_fold: int | None = None) -> dict:
+    """Run both passes; returns metrics (a)/(b)/(c), thresholds and bookkeeping for the report.
+    ``max_per_fold`` evaluates only the first images of each fold (quick checks)."""
     task, ignore = data.task, data.ignore_index
     single, default = (SegMetrics(data.num_classes, task, ignore) for _ in range(2))
     tuner = make_tuner(data, tune_min_area, bins)
@@ -62,6 +64,7 @@ def oof_evaluate(ensembles: dict[int, Ensemble], data: SegData, folds: list[list
     seen: list[tuple[int, Path]] = []
     for fold, ens in sorted(ensembles.items()):
         _, val_idx = train_val_indices(folds, fold, data.ids)
+        val_idx = val_idx[:max_per_fold] if max_per_fold else val_idx
         loader = SegDataset(data, val_idx, transform=None, max_size=max_size, cache=False)
         for start in tqdm(range(0, len(val_idx), batch_size), desc=f"out-of-fold fold {fold}", leave=False, disable=None):
             idx = val_idx[start:start + batch_size]

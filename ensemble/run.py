@@ -46,6 +46,23 @@ def parse_args(argv):
     p.add_argument("--wandb", choices=["offline", "online", "disabled"],
                    help="log the report to the experiment's W&B group [offline, online with an API key]")
     p.add_argument("--wandb-project", default="segmentation-hpo")
+    p.add_argument("--crf", action="store_true",
+                   help="fit a fully connected CRF on the out-of-fold probabilities (kept only if it helps; "
+                        "needs pydensecrf2); row (d) of the report, applied by --predict and --pseudo-label")
+    p.add_argument("--pseudo-label", type=Path, metavar="UNLABELED",
+                   help="write the ensemble's labels of these images as a mask folder for data.extra_train")
+    p.add_argument("--pseudo-out", type=Path, help="where --pseudo-label writes [runs/<name>/pseudo]")
+    p.add_argument("--pseudo-confidence", type=float, default=0.9,
+                   help="pixels whose probability of their label is below this are ignored (255) [0.9]")
+    p.add_argument("--pseudo-per-fold", action="store_true",
+                   help="one label set per fold, from that fold's members only: <pseudo-out>/fold<k>")
+    p.add_argument("--compare", type=Path, metavar="RUN_DIR",
+                   help="another experiment on the same folds (e.g. without pseudo-labels): out-of-fold mIoU side by side")
+    p.add_argument("--cam", metavar="CLASS", help="Grad-CAM overlays of this class (name or index) for each fold's best member")
+    p.add_argument("--cam-images", default="4", help="number of out-of-fold images, or a folder of images [4]")
+    p.add_argument("--debug", action="store_true",
+                   help="check the ensemble step in about a minute: 1 member per fold, no TTA, 4 out-of-fold images "
+                        "per fold, written to runs/<name>/ensemble-debug")
     return p.parse_args(argv)
 
 
@@ -78,12 +95,19 @@ def load_experiment(run_dir: Path) -> tuple[dict, list[list[str]], list[dict]]:
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from ensemble.members import top_k
+    from ensemble.members import local_checkpoint, top_k
     from ensemble.predictor import TTA, Ensemble, load_member
     from trainables.data import load_data
     from trainables.io import atomic_write_json
 
+    if args.debug:
+        args.top_k, args.tta, args.selection = 1, "none", "topk"
     run_dir = args.experiment
+    if args.crf:
+        from ensemble.crf import missing
+
+        if missing():
+            raise ConfigError("command line", "--crf", missing())
     experiment, folds, rows = load_experiment(run_dir)
     settings = experiment["settings"]
     metric, mode = settings["search"]["metric"], settings["search"]["mode"]
@@ -96,13 +120,15 @@ def main(argv=None) -> None:
     data = load_data(d)
     if data.fingerprint != experiment["dataset"]["fingerprint"]:
         raise InputError(d["path"], "the dataset changed since the search: out-of-fold results would be mixed")
-    out_dir = run_dir / "ensemble"
+    out_dir = run_dir / ("ensemble-debug" if args.debug else "ensemble")
     ensembles = {}
     from trainables.loop import resolve_device
 
     device = resolve_device(args.device)
     for fold, chosen in pool.items():
-        members = [load_member(r["checkpoint"], r["trial_id"], device) for r in chosen]
+        # a URI (trials in an object store) is fetched once into the run directory
+        members = [load_member(local_checkpoint(r["checkpoint"], run_dir / "checkpoints"), r["trial_id"], device)
+                   for r in chosen]
         ensembles[fold] = Ensemble(members, tta, args.voting, device)
     if args.selection == "greedy":
         from ensemble.selection import greedy_members
@@ -115,28 +141,49 @@ def main(argv=None) -> None:
                                                  "voting": args.voting, "tta": args.tta, "members": members_json})
     from ensemble.oof import oof_evaluate
 
-    result = oof_evaluate(ensembles, data, folds, d["max_size"], out_dir, args.batch_size, args.min_area)
+    result = oof_evaluate(ensembles, data, folds, d["max_size"], out_dir, args.batch_size, args.min_area,
+                          max_per_fold=4 if args.debug else None)
     thresholds = result["thresholds"]
     atomic_write_json(out_dir / "thresholds.json", thresholds)
     report = {k: result[k] for k in ("single", "ensemble", "tuned")}
     report["class_names"] = data.class_names
     report["oof_images"] = len(result["images"])
+    report["extra_train"] = d.get("extra_train")  # pseudo-labels (or other extra data) the members trained on
+    post = {"crf": None}
+    if args.crf:
+        from ensemble.crf import crf_step
+
+        report["crf"], post = crf_step(result, next(iter(ensembles.values())), data, d["max_size"], out_dir, args.min_area)
+        report["postprocessing"] = {k: v for k, v in post["crf"].items() if k != "thresholds"}
+    atomic_write_json(out_dir / "postprocessing.json", post)
+    if args.compare:
+        from ensemble.pseudo import compare_oof
+
+        report["compare"] = compare_oof(run_dir, args.compare, report, experiment)
     atomic_write_json(out_dir / "oof_metrics.json", report)
     write_plots(out_dir, report, thresholds, data, ensembles, folds, d["max_size"])
     print_table(report, data.class_names)
+    print_extras(report)
     if args.predict:
         from ensemble.infer import predict_folder
 
         all_members = [m for e in ensembles.values() for m in e.members]
         everyone = Ensemble(all_members, tta, args.voting, device)
         out = args.out or out_dir / "predictions"
-        res = predict_folder(everyone, thresholds, args.predict, out, data.task, d["unannotated"], data.class_names,
-                             args.batch_size, args.save_probs, d["cache_dir"])
+        res = predict_folder(everyone, post_thresholds(post, thresholds), args.predict, out, data.task,
+                             d["unannotated"], data.class_names, args.batch_size, args.save_probs, d["cache_dir"],
+                             refine=crf_refiner(post, d["max_size"]))
         print(f"predicted {res['images']} images with {len(all_members)} members -> {out}")
         if "test_metrics" in res:
             t = res["test_metrics"]
             print(f"test: mIoU {t['miou']:.4f}  Dice {t['dice']:.4f}  bIoU {t.get('biou', float('nan')):.4f} "
                   f"-> {out / 'test_metrics.json'}")
+    if args.pseudo_label:
+        write_pseudo(args, ensembles, post, thresholds, data, d, run_dir, tta, device)
+    if args.cam:
+        from ensemble.cam import cam_step
+
+        cam_step(ensembles, data, folds, d["max_size"], args.cam, args.cam_images, out_dir, d["cache_dir"])
     from tune.report import write_report
     from tune.wandb_logging import default_mode
 
@@ -147,12 +194,58 @@ def main(argv=None) -> None:
 
 
 def print_table(report: dict, class_names: list[str]) -> None:
-    keys = ("single", "ensemble", "tuned")
-    print(f"\nout-of-fold ({report['oof_images']} images)    (a) single  (b) ensemble  (c) tuned")
+    keys = ("single", "ensemble", "tuned", "crf")[:4 if "crf" in report else 3]
+    print(f"\nout-of-fold ({report['oof_images']} images)    (a) single  (b) ensemble  (c) tuned"
+          + ("   (d) CRF" if "crf" in report else ""))
     for label, field in (("mIoU", "miou"), ("mean Dice", "dice"), ("boundary IoU", "biou"), ("pixel acc", "pixel_acc")):
         print(f"{label:<28}" + "".join(f"{report[k].get(field, float('nan')):>12.4f}" for k in keys))
     for c, name in enumerate(class_names):
         print(f"  IoU {name:<22}" + "".join(f"{report[k]['iou_per_class'][c]:>12.4f}" for k in keys))
+
+
+def print_extras(report: dict) -> None:
+    """The CRF decision and the --compare table, under the out-of-fold table."""
+    if report.get("postprocessing"):
+        p = report["postprocessing"]
+        print(f"CRF {'kept' if p['kept'] else 'not kept'}: tuned mIoU {p['miou_without']:.4f} without, "
+              f"{p['miou_with']:.4f} with ({p['params']})")
+    if report.get("compare"):
+        print("\nout-of-fold mIoU          (a) single  (b) ensemble  (c) tuned  extra_train")
+        for key in ("this", "other"):
+            r = report["compare"][key]
+            print(f"{Path(r['experiment']).name[:24]:<24}" + "".join(f"{r[k]:>12.4f}" for k in ("single", "ensemble", "tuned"))
+                  + f"  {r['extra_train'] or '-'}")
+
+
+def post_thresholds(post: dict, thresholds: dict) -> dict:
+    """The thresholds fitted for the probabilities the decision will see (CRF-refined ones when it was kept)."""
+    crf = post.get("crf")
+    return crf["thresholds"] if crf and crf["kept"] else thresholds
+
+
+def crf_refiner(post: dict, max_size):
+    from ensemble.crf import crf_refiner as refiner
+
+    return refiner(post, max_size) if post.get("crf") else None
+
+
+def write_pseudo(args, ensembles: dict, post: dict, thresholds: dict, data, d: dict, run_dir: Path, tta,
+                 device) -> None:
+    from ensemble.predictor import Ensemble
+    from ensemble.pseudo import write_pseudo_labels
+
+    out = args.pseudo_out or run_dir / "pseudo"
+    sets = ({f"fold{f}": e.members for f, e in ensembles.items()} if args.pseudo_per_fold
+            else {"": [m for e in ensembles.values() for m in e.members]})
+    for sub, members in sets.items():
+        summary = write_pseudo_labels(
+            Ensemble(members, tta, args.voting, device), post_thresholds(post, thresholds), args.pseudo_label,
+            out / sub if sub else out, data.class_names, args.pseudo_confidence, crf_refiner(post, d["max_size"]),
+            args.batch_size, {"experiment": str(run_dir), "members": [m.name for m in members]}, d["cache_dir"])
+        print(f"pseudo-labels: {summary['images']} images, {100 * summary['kept_share']:.0f}% of pixels kept "
+              f"-> {out / sub if sub else out}")
+    entry = out / "fold{fold}" if args.pseudo_per_fold else out
+    print(f"train with them: --set 'data.extra_train=[{entry}]'")
 
 
 def write_plots(out_dir: Path, report: dict, thresholds: dict, data, ensembles, folds, max_size) -> None:

@@ -1,4 +1,5 @@
-"""Shared command-line plumbing: user errors as one line + exit 2, ``--set key=value`` parsing."""
+"""Shared command-line plumbing: user errors as one line + exit 2, ``--set key=value`` parsing,
+the ``--debug`` budget."""
 from __future__ import annotations
 
 import functools
@@ -20,6 +21,21 @@ class _ValueLoader(yaml.SafeLoader):
 
 _ValueLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
                                    list("-+0123456789."))
+
+
+# ``--debug``: a new dataset or space end to end in about a minute. Settings given explicitly on
+# the command line (--set, --max-epochs, ...) still win over these.
+DEBUG_SETTINGS = {
+    "data.subset": 16,  # 16 images, evenly spaced over the dataset
+    "data.max_size": 128,
+    "folds.k": 2,
+    "train.epochs": 1,
+    "train.max_train_batches": 2,
+    "train.batch_size": 4,
+    "train.image_size": [64, 64],
+}
+DEBUG_HELP = ("check a dataset and space end to end in about a minute: 16 images, 2 folds, one epoch of 2 "
+              "batches at 64x64")
 
 
 def exit_on_user_error(main: Callable) -> Callable:

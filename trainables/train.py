@@ -22,7 +22,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainables.checkpoint import save_checkpoint  # noqa: E402
-from trainables.cli import exit_on_user_error, parse_sets  # noqa: E402
+from trainables.cli import DEBUG_HELP, DEBUG_SETTINGS, exit_on_user_error, parse_sets  # noqa: E402
 from trainables.config import resolve  # noqa: E402
 from trainables.data import load_data  # noqa: E402
 from trainables.errors import InputError  # noqa: E402
@@ -59,10 +59,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override settings")
     parser.add_argument("--fold", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/plain"))
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    overrides = parse_sets(args.set)
+    overrides = {**(DEBUG_SETTINGS if args.debug else {}), **parse_sets(args.set)}
     if args.data:
         overrides["data.path"] = args.data
     cfg = resolve(load_config_file(args.config), overrides, source="command line")
@@ -73,8 +74,12 @@ def main(argv: list[str] | None = None) -> None:
                                data.fingerprint, f["group_regex"])
     print(coverage_table(fold_coverage(folds, data.ids, data.presence), data.class_names))
     train_idx, val_idx = train_val_indices(folds, args.fold, data.ids)
-    print(f"{data.source}: {len(data)} images, {data.num_classes} classes; fold {args.fold}: "
-          f"{len(train_idx)} train / {len(val_idx)} val")
+    from trainables.extra import with_extra_train  # data.extra_train: appended to training only
+
+    labelled = len(data)
+    data, train_idx = with_extra_train(data, train_idx, d, args.fold)
+    print(f"{data.source}: {labelled} images, {data.num_classes} classes; fold {args.fold}: "
+          f"{len(train_idx)} train ({len(data) - labelled} extra) / {len(val_idx)} val")
     trainer = FoldTrainer(cfg, data, train_idx, val_idx, fold=args.fold)
     fold_dir = args.out / f"fold{args.fold}"
     records = []

@@ -23,7 +23,7 @@ if sys.path[0] == str(Path(__file__).resolve().parent):
 elif str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from trainables.cli import exit_on_user_error, parse_sets  # noqa: E402
+from trainables.cli import DEBUG_HELP, DEBUG_SETTINGS, exit_on_user_error, parse_sets  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -34,6 +34,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--task", choices=["multiclass", "multilabel"])
     p.add_argument("--name", help="experiment name (default: the space's name; '-demo' added for the demo)")
     p.add_argument("--storage", type=Path, default=Path("runs"), help="where runs/<name>/ goes [runs]")
+    p.add_argument("--trial-storage", metavar="PATH_OR_URI",
+                   help="where the trials write results and checkpoints (Tune's storage_path): a directory every "
+                        "node sees, or s3://bucket/prefix, gs://... [runs/<name>/tune]")
     p.add_argument("--resume", action="store_true", help="continue the experiment runs/<name>")
     p.add_argument("--folds", type=int, help="number of folds k")
     p.add_argument("--fold-strategy", choices=["kfold", "stratified", "multilabel", "group"])
@@ -57,6 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--export-wandb-sweep", type=Path, metavar="SWEEP_YAML",
                    help="write the space as a W&B sweep config (one fold: --sweep-fold) and exit")
     p.add_argument("--sweep-fold", type=int, default=0)
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP + ", one trial per fold (runs/<name>-debug)")
     return p.parse_args(argv)
 
 
@@ -69,6 +73,9 @@ def overrides(args: argparse.Namespace) -> tuple[dict, dict, dict]:
             fixed[key] = value
     search = {k: v for k, v in (("num_samples", args.num_samples), ("metric", args.metric), ("mode", args.mode),
                                 ("seed", args.seed), ("search_folds", args.search_folds)) if v is not None}
+    if args.debug:
+        fixed = {**DEBUG_SETTINGS, **fixed}
+        search.setdefault("num_samples", 1)
     resources = {k: v for k, v in (("cpus_per_trial", args.cpus_per_trial), ("gpus_per_trial", args.gpus_per_trial),
                                    ("max_concurrent", args.max_concurrent)) if v is not None}
     return fixed, search, resources
@@ -106,6 +113,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"demo: no --data given, running {spec.source.name} on the shipped CamVid sample with its demo budget")
     spec = with_overrides(spec, *overrides(args))
     name = args.name or (f"{spec.name}-demo" if demo else spec.name)
+    if args.debug:
+        name += "-debug"
+        print(f"debug: {DEBUG_HELP} -> {args.storage / name}")
     if args.export_wandb_sweep:
         export_sweep(spec, args)
         return
@@ -113,7 +123,13 @@ def main(argv: list[str] | None = None) -> None:
     from tune.wandb_logging import default_mode
 
     run_dir = args.storage / name
+    if args.debug and not args.resume and (run_dir / "experiment.json").exists():
+        import shutil
+
+        print(f"debug: replacing the earlier debug run {run_dir}")
+        shutil.rmtree(run_dir)
     rows = run_search(spec, run_dir, resume=args.resume, address=args.address, max_failures=args.max_failures,
+                      trial_storage=args.trial_storage,
                       dashboard=args.dashboard, wandb_mode=args.wandb or default_mode(),
                       wandb_project=args.wandb_project)
     ok = [r for r in rows if r["status"] in ("completed", "stopped")]

@@ -24,6 +24,9 @@ class PerFoldASHA(FIFOScheduler):
                  brackets: int = 1, state_path: str | None = None, time_attr: str = "training_iteration"):
         super().__init__()
         self._metric, self._mode = metric, mode
+        if grace_period > max_t:  # e.g. --max-epochs 1: nothing to stop early, ASHA would refuse
+            logger.info("ASHA grace period %s is above the %s epochs of a trial: using %s", grace_period, max_t, max_t)
+            grace_period = max_t
         self.asha_args = dict(metric=metric, mode=mode, max_t=max_t, grace_period=grace_period,
                               reduction_factor=reduction_factor, brackets=brackets, time_attr=time_attr)
         self.state_path = state_path

@@ -123,3 +123,52 @@ def test_load_checkpoint_errors_name_the_file(tmp_path):
     torch.save({"state_dict": {}}, other)
     with pytest.raises(InputError, match="not a seghpo-checkpoint/1 checkpoint"):
         load_checkpoint(other)
+
+
+@pytest.mark.parametrize("arch, encoder, kwargs, dropped", [
+    ("Unet", "resnet18", SMALL_UNET, ["encoder.layer3", "encoder.layer4"]),
+    ("DeepLabV3Plus", "resnet18", {"encoder_depth": 4}, ["encoder.layer4"]),
+    ("Unet", "mit_b0", {"encoder_depth": 4, "decoder_channels": [64, 32, 16, 8]},
+     ["encoder.patch_embed4", "encoder.block4", "encoder.norm4"]),
+    ("Unet", "resnet18", {}, []),  # full depth: every stage is used
+])
+def test_unused_encoder_stages_are_dropped_without_changing_the_model(arch, encoder, kwargs, dropped):
+    from trainables.models import _build_smp
+
+    torch.manual_seed(0)
+    full = _build_smp(arch, encoder, C, None, dict(kwargs)).eval()
+    torch.manual_seed(0)
+    model = build_model(arch, encoder, C, weights=None, kwargs=kwargs).eval()
+    assert model.trimmed_modules == dropped
+    state, full_state = model.state_dict(), full.state_dict()
+    assert set(state) == {k for k in full_state if not k.startswith(tuple(f"{d}." for d in dropped))}
+    assert all(torch.equal(state[k], full_state[k]) for k in state)  # same random init for what is kept
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        assert torch.equal(model(x), full(x))
+    # a checkpoint written before trimming (with the unused weights) still loads
+    ckpt = make_checkpoint(full_state, resolve({"model.arch": arch, "model.encoder": encoder, "model.kwargs": kwargs}),
+                           [f"c{i}" for i in range(C)], "multiclass", "val_miou", 0.5, 1, None)
+    with torch.no_grad():
+        assert torch.equal(model_from_checkpoint(ckpt).eval()(x), full(x))
+
+
+def test_encoder_weights_used_without_calling_their_module_are_kept():
+    """The hooks only see module calls: weights read directly (here ``skip.weight``) must survive
+    because the encoder's output would change without them."""
+    from torch import nn
+
+    from trainables.models import trim_unused_encoder
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.skip, self.unused = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            return [self.stem(x) + nn.functional.conv2d(x, self.skip.weight)]
+
+    model = nn.Module()
+    model.encoder = Encoder()
+    assert trim_unused_encoder(model) == []  # dropping skip changed the output: everything put back
+    assert isinstance(model.encoder.skip, nn.Conv2d) and isinstance(model.encoder.unused, nn.Conv2d)

@@ -65,5 +65,8 @@ def model_from_checkpoint(ckpt: dict) -> nn.Module:
     """Rebuild the network (random init, no download) and load the saved weights."""
     spec = ckpt["model"]
     model = build_model(spec["arch"], spec["encoder"], spec["num_classes"], weights=None, kwargs=spec["kwargs"])
-    model.load_state_dict(ckpt["state_dict"])
+    trimmed = tuple(f"{name}." for name in getattr(model, "trimmed_modules", []))
+    # checkpoints written before unused encoder stages were dropped still carry their weights
+    model.load_state_dict({k: v for k, v in ckpt["state_dict"].items() if not k.startswith(trimmed)} if trimmed
+                          else ckpt["state_dict"])
     return model

@@ -144,6 +144,59 @@ def _build_smp(arch: str, encoder: str, num_classes: int, weights: str | None, k
     return cls(encoder_name=encoder, encoder_weights=None, classes=num_classes, **kwargs)
 
 
+def _encoder_output(encoder: nn.Module, x: torch.Tensor) -> list[torch.Tensor] | None:
+    try:
+        with torch.no_grad():
+            return [f.clone() for f in encoder(x)]
+    except Exception:  # an encoder that needs other input sizes: leave it as it is
+        return None
+
+
+def trim_unused_encoder(model: nn.Module) -> list[str]:
+    """Drop encoder modules that a forward pass never calls; returns their names.
+
+    smp builds the whole backbone and, with ``encoder_depth`` < 5, skips its last stages in
+    ``forward`` (ResNet's ``layer4`` is 2/3 of resnet18's weights): they would be trained by no
+    one, yet saved in every checkpoint, copied by Tune and loaded by every ensemble member. Found
+    by forward hooks, replaced by ``nn.Identity`` only if the encoder's output is then unchanged.
+    """
+    encoder = getattr(model, "encoder", None)
+    if encoder is None:
+        return []
+    called: set[int] = set()
+    hooks = [m.register_forward_pre_hook(lambda mod, _args: called.add(id(mod))) for m in encoder.modules()]
+    was_training = encoder.training
+    encoder.eval()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    try:
+        before = _encoder_output(encoder, x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    dropped: dict[str, nn.Module] = {}
+    if before is not None:
+        for name, module in encoder.named_modules():
+            if not name or any(name.startswith(f"{d}.") for d in dropped) or id(module) in called:
+                continue
+            if any(id(m) in called for m in module.modules()) or next(module.parameters(), None) is None:
+                continue
+            parent_name, _, attr = name.rpartition(".")
+            parent = encoder.get_submodule(parent_name) if parent_name else encoder
+            dropped[name] = module
+            setattr(parent, attr, nn.Identity())
+    after = _encoder_output(encoder, x) if dropped else before
+    if dropped and (after is None or len(after) != len(before)
+                    or not all(torch.equal(a, b) for a, b in zip(after, before))):
+        for name, module in dropped.items():  # something used those weights after all: put them back
+            parent_name, _, attr = name.rpartition(".")
+            setattr(encoder.get_submodule(parent_name) if parent_name else encoder, attr, module)
+        dropped = {}
+    encoder.train(was_training)
+    if dropped:
+        logger.debug("encoder modules never called, dropped: %s", ", ".join(dropped))
+    return list(dropped)
+
+
 def build_model(arch: str, encoder: str, num_classes: int, weights: str | None = "imagenet",
                 kwargs: dict | None = None) -> nn.Module:
     problem = model_problem(arch, encoder)
@@ -152,7 +205,9 @@ def build_model(arch: str, encoder: str, num_classes: int, weights: str | None =
     kwargs = dict(kwargs or {})
     if is_hf_arch(arch):
         return _build_segformer(encoder, num_classes, weights, kwargs)
-    return _build_smp(arch, encoder, num_classes, weights, kwargs)
+    model = _build_smp(arch, encoder, num_classes, weights, kwargs)
+    model.trimmed_modules = [f"encoder.{name}" for name in trim_unused_encoder(model)]
+    return model
 
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

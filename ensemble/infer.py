@@ -54,7 +54,9 @@ def _save_png(path: Path, array: np.ndarray) -> None:
 
 
 def predict_folder(ens: Ensemble, thresholds: dict | None, inputs: Path, out: Path, task: str, unannotated: str,
-                   class_names: list[str], batch_size: int = 8, save_probs: bool = False, cache_dir=None) -> dict:
+                   class_names: list[str], batch_size: int = 8, save_probs: bool = False, cache_dir=None,
+                   refine=None) -> dict:
+    """``refine(probs, image)``: post-processing of the probabilities before the decision (the CRF)."""
     paths, ids, data = list_inputs(inputs, task, unannotated, cache_dir)
     if data is not None and data.class_names != class_names:
         raise InputError(inputs, f"classes {data.class_names} differ from the experiment's {class_names}")
@@ -66,7 +68,8 @@ def predict_folder(ens: Ensemble, thresholds: dict | None, inputs: Path, out: Pa
     for start in tqdm(range(0, len(paths), batch_size), desc="predicting", unit="batch", disable=None):
         batch = list(range(start, min(start + batch_size, len(paths))))
         images = [read_image(paths[i]) for i in batch]
-        for i, probs in zip(batch, ens.predict_batch(images)):
+        for i, image, probs in zip(batch, images, ens.predict_batch(images)):
+            probs = refine(probs, image) if refine is not None else probs
             stem = Path(ids[i]).stem
             decision = ens.decide(probs, thresholds)
             if task == "multiclass":

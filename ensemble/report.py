@@ -15,7 +15,8 @@ from trainables.io import atomic_path  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-LABELS = {"single": "(a) best single trial / fold", "ensemble": "(b) ensemble, default", "tuned": "(c) ensemble, tuned"}
+LABELS = {"single": "(a) best single trial / fold", "ensemble": "(b) ensemble, default", "tuned": "(c) ensemble, tuned",
+          "crf": "(d) ensemble + CRF, tuned"}
 
 
 def _save(fig, path: Path) -> Path:
@@ -27,11 +28,12 @@ def _save(fig, path: Path) -> Path:
 
 def iou_bars(metrics: dict, class_names: list[str], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(class_names) + 2), 4))
-    width = 0.8 / len(LABELS)
+    rows = [(key, label) for key, label in LABELS.items() if key in metrics]  # (d) with --crf only
+    width = 0.8 / len(rows)
     x = np.arange(len(class_names))
-    for k, (key, label) in enumerate(LABELS.items()):
+    for k, (key, label) in enumerate(rows):
         values = np.nan_to_num(np.asarray(metrics[key]["iou_per_class"], dtype=float))
-        ax.bar(x + (k - 1) * width, values, width, label=f"{label}: mIoU {metrics[key]['miou']:.3f}")
+        ax.bar(x + (k - (len(rows) - 1) / 2) * width, values, width, label=f"{label}: mIoU {metrics[key]['miou']:.3f}")
     ax.set_xticks(x, class_names, rotation=45, ha="right")
     ax.set_ylabel("IoU (out-of-fold)")
     ax.set_ylim(0, 1)

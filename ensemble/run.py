@@ -245,7 +245,7 @@ def write_pseudo(args, ensembles: dict, post: dict, thresholds: dict, data, d: d
         print(f"pseudo-labels: {summary['images']} images, {100 * summary['kept_share']:.0f}% of pixels kept "
               f"-> {out / sub if sub else out}")
     entry = out / "fold{fold}" if args.pseudo_per_fold else out
-    print(f"train with them: --set 'data.extra_train=[{entry}]'")
+    print(f"train with them: --set \"data.extra_train=['{entry}']\"")
 
 
 def write_plots(out_dir: Path, report: dict, thresholds: dict, data, ensembles, folds, max_size) -> None:

@@ -1,0 +1,112 @@
+"""Pseudo-labels: the ensemble's decisions on unlabelled images, written as a training dataset.
+
+``ensemble/run.py --experiment runs/x --pseudo-label UNLABELED_DIR`` writes a mask folder (the
+format :func:`trainables.data.load_dataset` reads; multiclass tasks only):
+
+* ``images/<file>``: copies of the unlabelled images;
+* ``masks/<stem>.png``: uint8 class indices by the tuned decision rule (the out-of-fold
+  thresholds, and the CRF when ``postprocessing.json`` kept it); ``255`` (ignored by the loss)
+  where the ensemble's probability of the chosen class is below ``--pseudo-confidence`` or the
+  rule leaves the pixel void;
+* ``classes.txt``: the experiment's class names, so the loader checks they match;
+* ``pseudo.json``: where the labels came from (experiment, members, confidence, rule) and the
+  share of pixels kept per image and per class.
+
+A later search or ``trainables/train.py`` run adds it to every fold's training set, never to
+validation: ``--set data.extra_train=[runs/x/pseudo]`` (see :mod:`trainables.extra`).
+
+With ``--pseudo-per-fold`` the labels of ``fold<k>/`` come from fold ``k``'s members only, and
+``data.extra_train=[runs/x/pseudo/fold{fold}]`` gives each fold its own: no fold then learns,
+through another fold's labels, from its own validation images, so the out-of-fold comparison
+with and without pseudo-labels stays fair. (The thresholds are tuned on all out-of-fold
+predictions either way.)
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from ensemble.infer import list_inputs
+from ensemble.predictor import Ensemble
+from trainables.data import read_image
+from trainables.errors import ConfigError, InputError
+from trainables.io import atomic_path, atomic_write_json, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+VOID = 255
+
+
+def confident_labels(probs: np.ndarray, decision: np.ndarray, confidence: float) -> np.ndarray:
+    """``decision`` (H, W) with pixels whose probability of their label is below ``confidence`` set to 255."""
+    labels = decision.astype(np.uint8).copy()
+    chosen = np.take_along_axis(probs, np.minimum(labels, probs.shape[0] - 1)[None].astype(np.int64), 0)[0]
+    labels[(chosen < confidence) | (decision == VOID)] = VOID
+    return labels
+
+
+def write_pseudo_labels(ens: Ensemble, thresholds: dict | None, inputs: Path, out: Path, class_names: list[str],
+                        confidence: float = 0.9, refine: Callable | None = None, batch_size: int = 8,
+                        provenance: dict | None = None, cache_dir=None) -> dict:
+    """Predict ``inputs`` (folder of images or COCO json) and write the mask folder ``out``."""
+    if ens.task != "multiclass":
+        raise ConfigError("command line", "--pseudo-label", "pseudo-labels are class-index masks: multiclass only")
+    if not 0.0 <= confidence <= 1.0:
+        raise ConfigError("command line", "--pseudo-confidence", f"must lie in [0, 1], got {confidence=}")
+    paths, ids, _ = list_inputs(inputs, "multiclass", "background", cache_dir)
+    stems = [Path(i).stem for i in ids]
+    if len(set(stems)) != len(stems):
+        dup = next(s for s in stems if stems.count(s) > 1)
+        raise InputError(inputs, f"two images share the file stem {dup!r}: mask names would collide")
+    kept_per_image, counts = {}, np.zeros(len(class_names), np.int64)
+    for start in tqdm(range(0, len(paths), batch_size), desc="pseudo-labels", unit="batch", disable=None):
+        batch = list(range(start, min(start + batch_size, len(paths))))
+        images = [read_image(paths[i]) for i in batch]
+        for i, image, probs in zip(batch, images, ens.predict_batch(images)):
+            if refine is not None:
+                probs = refine(probs, image)
+            labels = confident_labels(probs, ens.decide(probs, thresholds), confidence)
+            with atomic_path(out / "images" / Path(ids[i]).name) as tmp:
+                shutil.copyfile(paths[i], tmp)
+            with atomic_path(out / "masks" / f"{stems[i]}.png") as tmp:
+                Image.fromarray(labels).save(tmp, format="PNG")
+            kept_per_image[ids[i]] = float((labels != VOID).mean())
+            counts += np.bincount(labels[labels != VOID].ravel(), minlength=len(class_names))[:len(class_names)]
+    atomic_write_text(out / "classes.txt", "".join(f"{n}\n" for n in class_names))
+    summary = {**(provenance or {}), "source": str(inputs), "images": len(paths), "confidence": confidence,
+               "thresholds": "tuned out-of-fold" if thresholds else "argmax", "crf": refine is not None,
+               "kept_share": float(np.mean(list(kept_per_image.values()))) if kept_per_image else 0.0,
+               "pixels_per_class": dict(zip(class_names, counts.tolist())), "kept_share_per_image": kept_per_image}
+    atomic_write_json(out / "pseudo.json", summary)
+    logger.info("pseudo-labels for %d images -> %s (%.0f%% of pixels kept at confidence %.2f)", len(paths), out,
+                100 * summary["kept_share"], confidence)
+    return summary
+
+
+def compare_oof(run_dir: Path, other: Path, report: dict, experiment: dict) -> dict:
+    """``--compare OTHER``: this experiment's out-of-fold results beside another's on the same
+    folds and data (say one trained with pseudo-labels, one without); the other experiment's
+    ``ensemble/oof_metrics.json`` must exist."""
+    import json
+
+    for name in ("experiment.json", "folds.json", "ensemble/oof_metrics.json"):
+        if not (other / name).exists():
+            raise InputError(other / name, "missing: --compare needs another experiment with its ensemble report")
+    theirs = json.loads((other / "experiment.json").read_text())
+    if theirs["dataset"]["fingerprint"] != experiment["dataset"]["fingerprint"]:
+        raise InputError(other, "was searched on another dataset: its out-of-fold results are not comparable")
+    if json.loads((other / "folds.json").read_text())["folds"] != json.loads((run_dir / "folds.json").read_text())["folds"]:
+        raise InputError(other / "folds.json", "other folds: its out-of-fold results are not comparable")
+    their_report = json.loads((other / "ensemble" / "oof_metrics.json").read_text())
+
+    def row(path: Path, exp: dict, rep: dict) -> dict:
+        return {"experiment": str(path), "extra_train": exp["settings"]["fixed"]["data"].get("extra_train"),
+                **{k: rep[k]["miou"] for k in ("single", "ensemble", "tuned", "crf") if k in rep}}
+
+    return {"this": row(run_dir, experiment, report), "other": row(other, theirs, their_report)}

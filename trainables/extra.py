@@ -1,0 +1,83 @@
+"""Extra training data (``data.extra_train``): datasets added to every fold's training set only.
+
+Typical use: pseudo-labels written by ``ensemble/run.py --pseudo-label`` (a mask folder whose
+255 pixels are ignored). Folds are always computed on the labelled dataset alone, so
+``folds.json`` and its fingerprint check are unchanged, and an extra image can never be in a
+validation fold: extra images are appended after the labelled ones and only their indices
+are added to ``train_idx``.
+
+An entry may contain ``{fold}``: ``runs/x/pseudo/fold{fold}`` gives each fold its own set
+(pseudo-labels made by that fold's members only, so no fold learns from its validation images
+through the labels of another fold's models).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from trainables.data import SegData, fingerprint, load_dataset
+from trainables.errors import ConfigError, InputError
+
+logger = logging.getLogger(__name__)
+
+
+def extra_paths(d: dict, fold: int | None) -> list[Path]:
+    """The ``data.extra_train`` entries of a data config, with ``{fold}`` filled in."""
+    entries = d.get("extra_train") or []
+    if isinstance(entries, (str, Path)):
+        entries = [entries]
+    if not isinstance(entries, list):
+        raise ConfigError("config", "data.extra_train", f"expected a list of dataset paths, got {entries!r}")
+    if fold is None and any("{fold}" in str(e) for e in entries):
+        raise ConfigError("config", "data.extra_train", "an entry with {fold} needs a fold")
+    return [Path(str(e).replace("{fold}", str(fold))) for e in entries]
+
+
+def load_extra(d: dict, data: SegData, fold: int | None) -> list[SegData]:
+    """Load every extra dataset of ``d`` for ``fold``; classes and task must match ``data``."""
+    extras = []
+    for path in extra_paths(d, fold):
+        extra = load_dataset(path, None, d["task"], d["unannotated"], d["cache_dir"])
+        if extra.class_names != data.class_names:
+            raise InputError(path, f"extra training data has classes {extra.class_names}, "
+                                   f"the dataset has {data.class_names}")
+        extras.append(extra)
+    return extras
+
+
+def check_extra_train(d: dict, data: SegData, num_folds: int) -> None:
+    """Load every extra dataset once up front (every fold's, for ``{fold}`` entries): errors
+    before any training starts, and the mask caches are warm for the trials."""
+    entries = [str(e) for e in (d.get("extra_train") or [])]
+    for fold in range(num_folds) if any("{fold}" in e for e in entries) else [None]:
+        load_extra(d, data, fold)
+
+
+def concat(data: SegData, extras: list[SegData]) -> SegData:
+    """``data`` followed by the images of ``extras`` (indices ``len(data)..``)."""
+    if not extras:
+        return data
+    parts = [data, *extras]
+    ids = list(data.ids) + [f"extra{j}/{i}" for j, e in enumerate(extras) for i in e.ids]
+    return replace(
+        data, ids=ids,
+        image_paths=[p for s in parts for p in s.image_paths], mask_paths=[p for s in parts for p in s.mask_paths],
+        sizes=[z for s in parts for z in s.sizes], presence=np.concatenate([s.presence for s in parts]),
+        pixel_counts=np.sum([s.pixel_counts for s in parts], axis=0),
+        fingerprint=fingerprint(data.fingerprint, "extra", [e.fingerprint for e in extras]),
+        meta={**data.meta, "extra_train": [str(e.source) for e in extras], "labelled_images": len(data)})
+
+
+def with_extra_train(data: SegData, train_idx: list[int], d: dict, fold: int | None) -> tuple[SegData, list[int]]:
+    """(dataset, training indices) with the extra datasets of ``d`` appended to training only."""
+    extras = load_extra(d, data, fold)
+    if not extras:
+        return data, train_idx
+    combined = concat(data, extras)
+    added = list(range(len(data), len(combined)))
+    logger.info("fold %s: %d extra training images from %s", fold, len(added),
+                ", ".join(str(e.source) for e in extras))
+    return combined, list(train_idx) + added

@@ -21,6 +21,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "max_size": None,  # downscale on load so the longer side is at most this
         "cache_dir": None,  # mask cache (default: $SEGHPO_CACHE or ~/.cache/seghpo)
         "subset": None,  # use only this many images, evenly spaced (quick checks, --debug)
+        "extra_train": None,  # datasets added to every fold's training set only (pseudo-labels); {fold} allowed
     },
     "folds": {
         "strategy": "kfold",  # kfold | stratified | multilabel | group

@@ -16,6 +16,7 @@ from tune.space import SearchSpec, check_classes
 from tune.trainable import train_trial
 from trainables.data import SegData, load_data
 from trainables.errors import ConfigError
+from trainables.extra import check_extra_train
 from trainables.folds import coverage_table, fold_coverage, load_or_make_folds
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,8 @@ def absolute_data_paths(base: dict) -> dict:
     for key in ("path", "images", "cache_dir"):
         if data.get(key):
             data[key] = str(Path(data[key]).expanduser().resolve())
+    if data.get("extra_train"):
+        data["extra_train"] = [str(Path(p).expanduser().resolve()) for p in data["extra_train"]]
     return base
 
 
@@ -42,6 +45,7 @@ def prepare(spec: SearchSpec, run_dir: Path) -> tuple[dict, SegData, list[list[s
     f = base["folds"]
     folds = load_or_make_folds(run_dir / "folds.json", f["strategy"], f["k"], f["seed"], data.ids, data.presence,
                                data.fingerprint, f["group_regex"])
+    check_extra_train(d, data, len(folds))  # folds are the labelled images' only
     print(f"{data.source}: {len(data)} images, {data.num_classes} classes, {f['k']} folds ({f['strategy']})")
     print(coverage_table(fold_coverage(folds, data.ids, data.presence), data.class_names))
     return base, data, folds

@@ -20,6 +20,7 @@ from ray import tune
 from trainables.checkpoint import load_checkpoint, save_checkpoint
 from trainables.config import merge
 from trainables.data import load_data
+from trainables.extra import with_extra_train
 from trainables.folds import train_val_indices
 from trainables.loop import FoldTrainer
 
@@ -45,6 +46,7 @@ def train_trial(config: dict, base: dict, folds: list[list[str]], cpus: float) -
     d = cfg["data"]
     data = load_data(d)
     train_idx, val_idx = train_val_indices(folds, fold, data.ids)
+    data, train_idx = with_extra_train(data, train_idx, d, fold)  # data.extra_train: training only
     trainer = FoldTrainer(cfg, data, train_idx, val_idx, fold=fold)
     restored = tune.get_checkpoint()
     if restored:

@@ -152,6 +152,7 @@ def test_jobs_api_round_trip_with_wandb_and_report(tmp_path):
         rows = history(run_file)
         assert rows and all("val_miou" in r for r in rows)
         assert any("best/class_iou/_type" in r for r in rows)  # the class-wise IoU table at a best epoch
+        assert any(k.startswith("best/examples") for r in rows for k in r)  # masks from preview.npz
         run = next(r.run for r in records(run_file) if r.WhichOneof("record_type") == "run")
         assert run.run_group == "job" and any(t.startswith("fold") for t in run.tags)
     # the report exists and every image it references is there

@@ -432,6 +432,9 @@ def test_end_to_end_run_on_camvid(e2e, camvid_cache):
         assert optuna_trials[row["trial_id"]].state == state_of[row["status"]], row
     for row in finished:
         assert row["checkpoint"], row
+        # W&B is off: no example predictions written with the checkpoint, only what resuming needs
+        written = {p.name for p in Path(row["checkpoint"]).parent.iterdir()}
+        assert {"model.pt", "state.pt"} <= written and "preview.npz" not in written, (row, written)
         ckpt = load_checkpoint(row["checkpoint"])
         assert ckpt["fold"] == int(row["fold"]) and ckpt["epoch"] == int(row["best_epoch"])
         assert abs(ckpt["score"] - float(row["best_val_miou"])) < 1e-9

@@ -70,6 +70,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "grid_distortion": 0.0,
         "random_crop": False,  # crop image_size from a padded/resized image instead of resizing
         "albumentations": None,  # a full albumentations pipeline (A.to_dict form) used instead
+        "copy_paste": 0.0,  # probability of pasting instances from other training images (trainables/copypaste.py)
+        "copy_paste_classes": 3,  # n: the n rarest classes by pixel share, or a list of class names/indices
+        "copy_paste_scale": [0.1, 2.0],  # large-scale jitter: scale range of each pasted instance
+        "copy_paste_max": 3,  # at most this many instances per pasted image
     },
     "train": {
         "epochs": 20,
@@ -85,6 +89,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "mode": "max",
         "device": "auto",  # auto | cpu | cuda | cuda:N
         "max_train_batches": None,  # cap batches per epoch (debug and benchmarks)
+        "preview_images": 4,  # validation images + predictions kept with each best checkpoint (W&B); 0: none
+        "oversample": 0.0,  # draw images with rare classes more often: strength, 0 = off (trainables/sampling.py)
+        "oversample_cap": 5.0,  # most an image's sampling weight can be (the commonest images have 1)
     },
 }
 

@@ -111,7 +111,13 @@ def main(argv: list[str] | None = None) -> None:
     if demo:
         spec = with_demo(spec)
         print(f"demo: no --data given, running {spec.source.name} on the shipped CamVid sample with its demo budget")
-    spec = with_overrides(spec, *overrides(args))
+    from tune.wandb_logging import default_mode
+
+    wandb_mode = args.wandb or default_mode()
+    fixed, search, resources = overrides(args)
+    if wandb_mode == "disabled":
+        fixed.setdefault("train.preview_images", 0)  # example predictions are only for W&B
+    spec = with_overrides(spec, fixed, search, resources)
     name = args.name or (f"{spec.name}-demo" if demo else spec.name)
     if args.debug:
         name += "-debug"
@@ -120,7 +126,6 @@ def main(argv: list[str] | None = None) -> None:
         export_sweep(spec, args)
         return
     from tune.search import run_search
-    from tune.wandb_logging import default_mode
 
     run_dir = args.storage / name
     if args.debug and not args.resume and (run_dir / "experiment.json").exists():
@@ -130,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(run_dir)
     rows = run_search(spec, run_dir, resume=args.resume, address=args.address, max_failures=args.max_failures,
                       trial_storage=args.trial_storage,
-                      dashboard=args.dashboard, wandb_mode=args.wandb or default_mode(),
+                      dashboard=args.dashboard, wandb_mode=wandb_mode,
                       wandb_project=args.wandb_project)
     ok = [r for r in rows if r["status"] in ("completed", "stopped")]
     if not ok:

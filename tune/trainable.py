@@ -8,8 +8,6 @@ the selection metric improves it also reports a checkpoint holding the best mode
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import tempfile
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from trainables.data import load_data
 from trainables.extra import with_extra_train
 from trainables.folds import train_val_indices
 from trainables.loop import FoldTrainer
+from tune.experiment import node_label
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +54,7 @@ def train_trial(config: dict, base: dict, folds: list[list[str]], cpus: float) -
             state["best_state"] = load_checkpoint(ckpt_dir)["state_dict"]  # kept once, in model.pt
             trainer.load_state_dict(state)
         logger.info("trial resumed after epoch %d", trainer.epoch)
-    node = os.environ.get("SEGHPO_NODE_LABEL") or socket.gethostname()
+    node = node_label()
     for record in trainer.epochs():
         record["node"] = node
         if not record.pop("improved"):
@@ -66,5 +65,6 @@ def train_trial(config: dict, base: dict, folds: list[list[str]], cpus: float) -
             state = trainer.state_dict()
             del state["best_state"]  # the same weights as model.pt: written once
             torch.save(state, Path(tmp) / STATE_FILE)
-            np.savez_compressed(Path(tmp) / PREVIEW_FILE, **trainer.preview())
+            if cfg["train"]["preview_images"]:  # only W&B shows them (tune/run.py sets 0 without it)
+                np.savez_compressed(Path(tmp) / PREVIEW_FILE, **trainer.preview(int(cfg["train"]["preview_images"])))
             tune.report(record, checkpoint=tune.Checkpoint.from_directory(tmp))

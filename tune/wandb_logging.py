@@ -82,12 +82,15 @@ def best_epoch_media(trial, class_names: list[str]) -> dict[str, Any]:
     checkpoint = trial.checkpoint
     if checkpoint is None:
         return {}
-    with checkpoint.filesystem.open_input_file(f"{checkpoint.path}/{PREVIEW_FILE}") as fh:
-        preview = dict(np.load(fh))
     media: dict[str, Any] = {"training_iteration": result.get("training_iteration")}
     table = wandb.Table(columns=["class", "iou"],
                         data=[[n, result.get(f"val_iou/{n}")] for n in class_names])
     media["best/class_iou"] = table
+    preview_path = f"{checkpoint.path}/{PREVIEW_FILE}"
+    if checkpoint.filesystem.get_file_info(preview_path).type.name == "NotFound":
+        return media  # train.preview_images: 0
+    with checkpoint.filesystem.open_input_file(preview_path) as fh:
+        preview = dict(np.load(fh))
     if preview["truth"].ndim == 3:  # multiclass: label maps
         labels = dict(enumerate(class_names))
         media["best/examples"] = [

@@ -139,6 +139,8 @@ def test_search_makes_extra_train_paths_absolute():
 
     base = absolute_data_paths({"data": {"path": "a.json", "extra_train": ["runs/x/pseudo/fold{fold}"]}})
     assert base["data"]["extra_train"] == [str(Path("runs/x/pseudo").resolve() / "fold{fold}")]
+    one = absolute_data_paths({"data": {"path": "a.json", "extra_train": "runs/x/pseudo"}})  # one path alone
+    assert one["data"]["extra_train"] == [str(Path("runs/x/pseudo").resolve())]
 
 
 def test_compare_needs_the_same_folds(experiment, extras_run, tmp_path):  # noqa: F811

@@ -24,16 +24,27 @@ from trainables.errors import ConfigError, InputError
 logger = logging.getLogger(__name__)
 
 
+def extra_entries(d: dict) -> list[str]:
+    """``data.extra_train`` as a list of strings (one path alone is accepted too)."""
+    value = d.get("extra_train") or []
+    if isinstance(value, (str, Path)):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError("config", "data.extra_train", f"expected a list of dataset paths, got {value!r}")
+    return [str(v) for v in value]
+
+
+def absolute_extra_train(d: dict) -> list[str]:
+    """The entries made absolute (trials run in other directories and on other nodes)."""
+    return [str(Path(e).expanduser().resolve()) for e in extra_entries(d)]
+
+
 def extra_paths(d: dict, fold: int | None) -> list[Path]:
     """The ``data.extra_train`` entries of a data config, with ``{fold}`` filled in."""
-    entries = d.get("extra_train") or []
-    if isinstance(entries, (str, Path)):
-        entries = [entries]
-    if not isinstance(entries, list):
-        raise ConfigError("config", "data.extra_train", f"expected a list of dataset paths, got {entries!r}")
-    if fold is None and any("{fold}" in str(e) for e in entries):
+    items = extra_entries(d)
+    if fold is None and any("{fold}" in e for e in items):
         raise ConfigError("config", "data.extra_train", "an entry with {fold} needs a fold")
-    return [Path(str(e).replace("{fold}", str(fold))) for e in entries]
+    return [Path(e.replace("{fold}", str(fold))) for e in items]
 
 
 def load_extra(d: dict, data: SegData, fold: int | None) -> list[SegData]:
@@ -51,8 +62,8 @@ def load_extra(d: dict, data: SegData, fold: int | None) -> list[SegData]:
 def check_extra_train(d: dict, data: SegData, num_folds: int) -> None:
     """Load every extra dataset once up front (every fold's, for ``{fold}`` entries): errors
     before any training starts, and the mask caches are warm for the trials."""
-    entries = [str(e) for e in (d.get("extra_train") or [])]
-    for fold in range(num_folds) if any("{fold}" in e for e in entries) else [None]:
+    per_fold = any("{fold}" in e for e in extra_entries(d))
+    for fold in range(num_folds) if per_fold else [None]:
         load_extra(d, data, fold)
 
 

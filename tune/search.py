@@ -16,7 +16,7 @@ from tune.space import SearchSpec, check_classes
 from tune.trainable import train_trial
 from trainables.data import SegData, load_data
 from trainables.errors import ConfigError
-from trainables.extra import check_extra_train
+from trainables.extra import absolute_extra_train, check_extra_train
 from trainables.folds import coverage_table, fold_coverage, load_or_make_folds
 
 logger = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ def absolute_data_paths(base: dict) -> dict:
         if data.get(key):
             data[key] = str(Path(data[key]).expanduser().resolve())
     if data.get("extra_train"):
-        data["extra_train"] = [str(Path(p).expanduser().resolve()) for p in data["extra_train"]]
+        data["extra_train"] = absolute_extra_train(data)
     return base
 
 

@@ -15,6 +15,7 @@ from tests.conftest import REPO, tiny_config
 from trainables import loop as loop_module
 from trainables.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from trainables.dataset import normalise
+from trainables.errors import ConfigError
 from trainables.folds import make_folds, train_val_indices
 from trainables.loop import DivergedError, FoldTrainer
 
@@ -41,7 +42,9 @@ def test_training_lowers_the_loss_and_reports_metrics(two_epochs, sample):
     for rec in records:
         assert np.isfinite(rec["train_loss"]) and np.isfinite(rec["val_loss"])
         for key in METRICS:
-            assert 0.0 <= rec[key] <= 1.0, key
+            if key != "val_biou" or rec["epoch"] == 2:  # boundary IoU: at the last epoch by default
+                assert 0.0 <= rec[key] <= 1.0, key
+        assert ("val_biou" in rec) == (rec["epoch"] == 2)
         per_class = [rec[f"val_iou/{name}"] for name in sample.class_names]
         assert len(per_class) == 12
         assert np.nanmean(per_class) == pytest.approx(rec["val_miou"])
@@ -195,3 +198,25 @@ def test_parse_sets_reads_exponents_as_numbers():
     assert sets == {"optimizer.lr": 0.003, "optimizer.weight_decay": 0.0001, "train.image_size": [64, 96],
                     "model.weights": None, "model.encoder": "resnet18", "model.kwargs": {"a": 100.0},
                     "x.y": "1e5"}
+
+
+@pytest.mark.parametrize("setting, metric, with_boundary", [
+    ("last", "val_miou", [False, False, True]),
+    ("every", "val_miou", [True, True, True]),
+    ("off", "val_miou", [False, False, False]),
+    ("off", "val_biou", [True, True, True]),  # the selection metric is always computed
+])
+def test_boundary_iou_epochs(sample, split, setting, metric, with_boundary):
+    trainer = FoldTrainer(tiny_config(**{"train.boundary_iou": setting, "train.metric": metric, "train.epochs": 3}),
+                          sample, split[0], split[1][:4], fold=0)
+    seen = []
+    for epoch in range(3):
+        trainer.epoch = epoch  # validate() as it would run in epoch + 1
+        seen.append("val_biou" in trainer.validate())
+    assert seen == with_boundary
+
+
+def test_boundary_iou_setting_is_checked(sample, split):
+    trainer = FoldTrainer(tiny_config(**{"train.boundary_iou": "sometimes"}), sample, split[0], split[1][:4], fold=0)
+    with pytest.raises(ConfigError, match=r"^config: train.boundary_iou: expected every, last or off, got 'sometimes'$"):
+        trainer.validate()

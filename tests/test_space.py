@@ -269,6 +269,9 @@ def test_with_overrides_validates_and_merges():
     assert out.base_config()["train"]["epochs"] == 2 and out.base_config()["folds"]["k"] == 3
     assert out.base_config()["train"]["image_size"] == [352, 480]
     assert out.search["mode"] == "min" and out.resources["gpus_per_trial"] == 1
+    # trials keep their best checkpoint by the searched metric, not the training default
+    assert (out.base_config()["train"]["metric"], out.base_config()["train"]["mode"]) == ("val_loss", "min")
+    assert spec.base_config()["train"]["metric"] == "val_miou"
     assert spec.base_config()["train"]["epochs"] == 40  # the original is untouched
 
 

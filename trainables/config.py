@@ -89,6 +89,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "mode": "max",
         "device": "auto",  # auto | cpu | cuda | cuda:N
         "max_train_batches": None,  # cap batches per epoch (debug and benchmarks)
+        "boundary_iou": "last",  # boundary IoU (val_biou) at: every epoch | last (the planned last epoch) | off
         "preview_images": 4,  # validation images + predictions kept with each best checkpoint (W&B); 0: none
         "oversample": 0.0,  # draw images with rare classes more often: strength, 0 = off (trainables/sampling.py)
         "oversample_cap": 5.0,  # most an image's sampling weight can be (the commonest images have 1)

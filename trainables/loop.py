@@ -23,12 +23,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from trainables.checkpoint import make_checkpoint
+from trainables.copypaste import build_copy_paste
 from trainables.data import SegData
 from trainables.dataset import SegDataset, build_transforms
+from trainables.errors import ConfigError
 from trainables.losses import build_loss
 from trainables.metrics import SegMetrics
 from trainables.models import build_model
 from trainables.optim import Schedule, build_optimizer
+from trainables.sampling import build_sampler
 
 logger = logging.getLogger(__name__)
 
@@ -101,12 +104,16 @@ class FoldTrainer:
         seed = int(train["seed"]) + (fold or 0)
         self.train_set = SegDataset(data, train_idx, build_transforms(cfg["augment"], train["image_size"], True, seed),
                                     max_size)
+        self.train_set.copy_paste = build_copy_paste(cfg["augment"], data, train_idx, self.train_set.load,
+                                                     self._train_pixel_counts(train_idx), seed)
+        sampler = build_sampler(train, data.presence[train_idx], data.has_background, self.generator)
         self.val_set = SegDataset(data, val_idx, build_transforms(cfg["augment"], train["image_size"], False), max_size)
         workers = int(train["num_workers"])
         loader_args = dict(num_workers=workers, pin_memory=self.device.type == "cuda",
                            persistent_workers=workers > 0)
-        self.train_loader = DataLoader(self.train_set, batch_size=train["batch_size"], shuffle=True, drop_last=
-                                       len(self.train_set) > train["batch_size"], generator=self.generator, **loader_args)
+        self.train_loader = DataLoader(self.train_set, batch_size=train["batch_size"], shuffle=sampler is None,
+                                       sampler=sampler, drop_last=len(self.train_set) > train["batch_size"],
+                                       generator=self.generator, **loader_args)
         self.val_loader = DataLoader(self.val_set, batch_size=train["batch_size"], shuffle=False, **loader_args)
         model_cfg = cfg["model"]
         self.model = build_model(model_cfg["arch"], model_cfg["encoder"], data.num_classes, model_cfg["weights"],
@@ -186,10 +193,21 @@ class FoldTrainer:
         return {"train_loss": train_loss, "train_images_per_s": images_seen / max(elapsed, 1e-9),
                 "data_wait_frac": wait / max(elapsed, 1e-9), "lr": self.optimizer.param_groups[0]["lr"]}
 
+    def _boundary_this_epoch(self) -> bool:
+        """Boundary IoU costs about as much as the rest of validation on a CPU: by default it is
+        computed at the planned last epoch only (every epoch when it is the selection metric)."""
+        setting = self.cfg["train"]["boundary_iou"]
+        if setting not in ("every", "last", "off"):
+            raise ConfigError("config", "train.boundary_iou", f"expected every, last or off, got {setting!r}")
+        if setting == "every" or self.metric == "val_biou":
+            return True
+        return setting == "last" and self.epoch + 1 >= int(self.cfg["train"]["epochs"])
+
     @torch.no_grad()
     def validate(self) -> dict:
         self.model.eval()
-        metrics = SegMetrics(self.data.num_classes, self.data.task, self.data.ignore_index)
+        metrics = SegMetrics(self.data.num_classes, self.data.task, self.data.ignore_index,
+                             boundary=self._boundary_this_epoch())
         total = torch.zeros((), device=self.device)
         batches = 0
         for images, target in self.val_loader:
@@ -205,7 +223,8 @@ class FoldTrainer:
         result = metrics.compute()
         record = {"val_loss": float(total) / max(batches, 1)}
         for key in ("miou", "dice", "pixel_acc", "biou"):
-            record[f"val_{key}"] = result[key]
+            if key in result:
+                record[f"val_{key}"] = result[key]
         for name, iou in zip(self.data.class_names, result["iou_per_class"]):
             record[f"val_iou/{name}"] = iou
         return record
@@ -265,7 +284,11 @@ class FoldTrainer:
                 "scaler": self.scaler.state_dict(), "schedule": self.schedule.state_dict(), "epoch": self.epoch,
                 "best_score": self.best_score, "best_epoch": self.best_epoch, "best_state": self._best_state,
                 "rng": torch.get_rng_state(), "loader_rng": self.generator.get_state(),
-                "augment_rng": augment_rng_state(self.train_set.transform)}
+                "augment_rng": augment_rng_state(self.train_set.transform), **self._copy_paste_state()}
+
+    def _copy_paste_state(self) -> dict:
+        paste = self.train_set.copy_paste
+        return {} if paste is None else {"copy_paste_rng": paste.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -278,3 +301,5 @@ class FoldTrainer:
         self.generator.set_state(state["loader_rng"])
         if "augment_rng" in state:  # absent in states saved before it was recorded
             set_augment_rng_state(self.train_set.transform, state["augment_rng"])
+        if self.train_set.copy_paste is not None and "copy_paste_rng" in state:
+            self.train_set.copy_paste.load_state_dict(state["copy_paste_rng"])

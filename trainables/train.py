@@ -78,8 +78,9 @@ def main(argv: list[str] | None = None) -> None:
 
     labelled = len(data)
     data, train_idx = with_extra_train(data, train_idx, d, args.fold)
+    extra = f" ({len(data) - labelled} extra)" if len(data) > labelled else ""
     print(f"{data.source}: {labelled} images, {data.num_classes} classes; fold {args.fold}: "
-          f"{len(train_idx)} train ({len(data) - labelled} extra) / {len(val_idx)} val")
+          f"{len(train_idx)} train{extra} / {len(val_idx)} val")
     trainer = FoldTrainer(cfg, data, train_idx, val_idx, fold=args.fold)
     fold_dir = args.out / f"fold{args.fold}"
     records = []
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         records.append(rec)
         per_class = {"iou_per_class": [rec[f"val_iou/{n}"] for n in data.class_names]}
         line = summary_line({"miou": rec["val_miou"], "dice": rec["val_dice"], "pixel_acc": rec["val_pixel_acc"],
-                             "biou": rec["val_biou"], **per_class}, data.class_names)
+                             **({"biou": rec["val_biou"]} if "val_biou" in rec else {}), **per_class}, data.class_names)
         print(f"epoch {rec['epoch']:3d} loss {rec['train_loss']:.4f} val_loss {rec['val_loss']:.4f} | {line}"
               f" | {rec['epoch_time_s']:.1f}s", flush=True)
         atomic_write_text(fold_dir / "epochs.csv", records_csv(records))

@@ -223,8 +223,11 @@ class SearchSpec:
     demo: dict[str, Any] = field(default_factory=dict)
 
     def base_config(self) -> dict:
-        """The trial config every trial starts from: defaults updated by ``fixed``."""
-        return config.resolve(self.fixed, source=str(self.source))
+        """The trial config every trial starts from: defaults updated by ``fixed``; the trial keeps
+        its best checkpoint by the metric the search optimises."""
+        cfg = config.resolve(self.fixed, source=str(self.source))
+        cfg["train"]["metric"], cfg["train"]["mode"] = self.search["metric"], self.search["mode"]
+        return cfg
 
 
 # ---------------------------------------------------------------- parsing the sections

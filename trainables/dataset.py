@@ -76,13 +76,14 @@ class SegDataset(Dataset):
     """Items of a :class:`SegData` subset as (image float32 CHW normalised, target) tensors.
 
     Decoded (and downscaled) images and masks are kept in memory after their first read when
-    ``cache`` is set, so later epochs pay only for augmentation.
+    ``cache`` is set, so later epochs pay only for augmentation. ``copy_paste`` (a
+    :class:`trainables.copypaste.CopyPaste`) pastes instances before ``transform``.
     """
 
     def __init__(self, data: SegData, indices: list[int], transform: A.Compose, max_size: int | None = None,
-                 cache: bool = True):
+                 cache: bool = True, copy_paste=None):
         self.data, self.indices, self.transform = data, list(indices), transform
-        self.max_size, self.cache = max_size, cache
+        self.max_size, self.cache, self.copy_paste = max_size, cache, copy_paste
         self._store: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def __len__(self) -> int:
@@ -103,6 +104,8 @@ class SegDataset(Dataset):
 
     def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = self.load(self.indices[k])
+        if self.copy_paste is not None:
+            image, mask = self.copy_paste(image, mask, index=self.indices[k])
         out = self.transform(image=image, mask=mask)
         image = (out["image"].astype(np.float32) - MEAN) / STD
         image_t = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))

@@ -41,6 +41,7 @@ def test_rarest_classes_by_pixel_share(sample):
     rarest = sorted(range(1, sample.num_classes), key=lambda c: share[c])[:3]
     assert names == [sample.class_names[c] for c in sorted(rarest)] and "background" not in names
     assert choose_classes(["Bicyclist", 9], sample, sample.pixel_counts) == [9, sample.class_names.index("Bicyclist")]
+    assert choose_classes(99, sample, sample.pixel_counts) == list(range(1, 12))  # more than there are: all
 
 
 def test_instances_are_components_of_chosen_classes(sample):
@@ -179,10 +180,27 @@ def test_multilabel_masks_paste_the_whole_label_vector(sample_cache):
     ("augment.copy_paste_max", 0, "integer >= 1"),
     ("augment.copy_paste_classes", ["Unicorn"], "unknown class 'Unicorn'"),
     ("augment.copy_paste_classes", ["background"], "is the background"),
-    ("augment.copy_paste_classes", 0, "rarest classes"),
-    ("augment.copy_paste_classes", 99, "rarest classes"),
+    ("augment.copy_paste_classes", 0, "at least 1 rarest class"),
+    ("augment.copy_paste_classes", "Pedestrian", "a list of class names"),
 ])
 def test_bad_settings_are_one_line_config_errors(sample, key, value, message):
     with pytest.raises(ConfigError, match=message) as err:
         build(sample, TRAIN, sample.read_mask, **{key: value})
     assert err.value.key == key and "\n" not in str(err.value)
+
+
+def test_search_space_accepts_the_settings(tmp_path):
+    from tune.space import load_space
+
+    path = tmp_path / "space.yaml"
+    path.write_text("fixed: {augment: {copy_paste_scale: [0.2, 1.5]}}\nspace:\n"
+                    "  augment.copy_paste: {choice: [0.0, 0.5, 1.0]}\n"
+                    "  augment.copy_paste_classes: {choice: [3, [Pedestrian, Bicyclist]], "
+                    "when: {augment.copy_paste: [0.5, 1.0]}}\n"
+                    "  train.oversample: {choice: [0.0, 1.0, 2.0]}\n")
+    spec = load_space(str(path), tmp_path)
+    assert spec.space["augment.copy_paste_classes"].choices == [3, ["Pedestrian", "Bicyclist"]]
+    assert spec.fixed["augment"]["copy_paste_scale"] == [0.2, 1.5]
+    path.write_text("fixed: {augment: {copy_paste_scale: [2.0, 1.0]}}\nspace:\n  train.oversample: {choice: [0, 1]}\n")
+    with pytest.raises(ConfigError, match=r"augment.copy_paste_scale: expected \[low, high\]"):
+        load_space(str(path), tmp_path)

@@ -68,9 +68,9 @@ def choose_classes(spec, data: SegData, pixel_counts: np.ndarray) -> list[int]:
     key = "augment.copy_paste_classes"
     first = 1 if data.has_background else 0  # background is never an object to paste
     if isinstance(spec, int) and not isinstance(spec, bool):
-        present = [c for c in range(first, data.num_classes) if pixel_counts[c] > 0]
-        if not 1 <= spec <= len(present):
-            raise ConfigError("config", key, f"expected 1..{len(present)} rarest classes, got {spec}")
+        if spec < 1:
+            raise ConfigError("config", key, f"expected at least 1 rarest class, got {spec}")
+        present = [c for c in range(first, data.num_classes) if pixel_counts[c] > 0]  # fewer: all of them
         return sorted(sorted(present, key=lambda c: (pixel_counts[c], c))[:spec])
     if not isinstance(spec, (list, tuple)) or not spec:
         raise ConfigError("config", key, f"expected a number of rarest classes or a list of class names, got {spec!r}")

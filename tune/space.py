@@ -92,7 +92,8 @@ RESOURCES_DEFAULTS = {"cpus_per_trial": 1, "gpus_per_trial": 0, "max_concurrent"
 CLASS_WEIGHT_SCHEMES = ("none", "inverse", "median", "sqrt_inverse")
 ALLOWED = {"data.task": ("multiclass", "multilabel"), "data.unannotated": ("background", "ignore"),
            "folds.strategy": ("kfold", "stratified", "multilabel", "group")}
-MINIMUM = {"folds.k": 2, "train.epochs": 1, "train.batch_size": 1, "train.accum_steps": 1}
+MINIMUM = {"folds.k": 2, "train.epochs": 1, "train.batch_size": 1, "train.accum_steps": 1,
+           "augment.copy_paste": 0, "augment.copy_paste_max": 1, "train.oversample": 0, "train.oversample_cap": 1}
 NULLABLE = {"model.weights"}  # settings with a non-null default that also accept null
 
 
@@ -125,6 +126,18 @@ def value_problem(key: str, value: Any) -> str | None:
         if isinstance(value, list) and len(value) == 2 and all(_is_int(v) and v > 0 for v in value):
             return None
         return f"expected [height, width], two positive integers, {_got(value)}"
+    if key == "augment.copy_paste_classes":  # the n rarest classes, or class names/indices
+        if (_is_int(value) and value >= 1) or (isinstance(value, list) and value
+                                               and all(isinstance(v, str) or _is_int(v) for v in value)):
+            return None
+        return f"expected a number of rarest classes or a list of class names/indices, {_got(value)}"
+    if key == "augment.copy_paste_scale":
+        if isinstance(value, list) and len(value) == 2 and all(_is_number(v) for v in value) \
+                and 0 < value[0] <= value[1]:
+            return None
+        return f"expected [low, high] with 0 < low <= high, {_got(value)}"
+    if key == "augment.copy_paste" and _is_number(value) and value > 1:
+        return f"expected a probability in [0, 1], got {value!r}"
     if value is None:
         return None if default is None or key in NULLABLE else "cannot be null"
     if default is None:

@@ -45,8 +45,9 @@ TARGET = "tune epochs/s >= 0.95 x direct"
 def base_config(cache_dir: Path, epochs: int) -> dict:
     from trainables.config import resolve
 
+    # no W&B here, so no example predictions with the checkpoints (as tune/run.py --wandb disabled)
     return resolve(common.tiny_overrides(**{"data.path": str(common.SAMPLE), "data.cache_dir": str(cache_dir),
-                                            "train.epochs": epochs, "folds.k": 2}))
+                                            "train.epochs": epochs, "folds.k": 2, "train.preview_images": 0}))
 
 
 def run_direct(base: dict, folds: list) -> dict:
@@ -87,9 +88,11 @@ def checkpoint_parts(trainer) -> dict:
             save_checkpoint(trainer.best_checkpoint(), tmp)
             parts["model.pt"].append(time.perf_counter() - t)
             t = time.perf_counter()
-            torch.save(trainer.state_dict(), Path(tmp) / "state.pt")
+            state = trainer.state_dict()
+            del state["best_state"]  # as train_trial: those weights are in model.pt
+            torch.save(state, Path(tmp) / "state.pt")
             parts["state.pt"].append(time.perf_counter() - t)
-            if hasattr(trainer, "preview"):
+            if trainer.cfg["train"]["preview_images"]:
                 t = time.perf_counter()
                 np.savez_compressed(Path(tmp) / "preview.npz", **trainer.preview())
                 parts["preview.npz"].append(time.perf_counter() - t)

@@ -90,7 +90,8 @@ def _slot(grid: np.ndarray, scores: np.ndarray) -> np.ndarray:
     is exactly ``searchsorted(grid, scores, side="right") - 1``.
     """
     bins = len(grid) - 1
-    slot = np.clip((scores * bins).astype(np.intp), 0, bins)
+    slot = (scores * bins).astype(np.intp)  # scores lie in [0, 1]: already >= 0
+    np.minimum(slot, bins, out=slot)
     edges = np.append(grid, np.inf)
     slot -= scores < edges[slot]
     slot += scores >= edges[slot + 1]
@@ -167,9 +168,12 @@ class MultilabelThresholdTuner:
                 f"got {probs.shape} and {target.shape}"
             )
         slots = len(self.grid)
-        cls = np.arange(self.num_classes)[None, :, None, None]
-        # one bincount over (class, slot, truth): positive and negative histograms together
-        index = (cls * slots + _slot(self.grid, probs)) * 2 + target
+        # one bincount over (class, slot, truth): positive and negative histograms together;
+        # index = (class * slots + slot) * 2 + truth, built in place (no pixel-sized temporaries)
+        index = _slot(self.grid, probs)
+        index *= 2
+        index += target
+        index += (np.arange(self.num_classes) * (slots * 2))[None, :, None, None]
         if valid is not None:
             valid = np.asarray(valid, dtype=bool)
             valid = valid[None, None] if valid.ndim == 2 else valid[:, None]

@@ -1,11 +1,11 @@
 """search_efficiency: the tool's Optuna (TPE) + per-fold ASHA against random search without early stopping.
 
 The search of ``bench/spaces/search.yaml`` (a tiny random-init Unet on CamVid train, 367 images
-downscaled to 96 px and fed at 64x96, 2 folds, 8 batches of 8 an epoch, learning rate, weight
+downscaled to 96 px and fed at 64x96, 2 folds, 16 batches of 8 an epoch, learning rate, weight
 decay and loss searched) runs through the tool's own ``tune.search.run_search`` three times on one
 private local Ray (2 trials at a time, one CPU each):
 
-* **optuna+asha**: the tool's searcher and scheduler as configured (TPE after 2 random trials;
+* **optuna+asha**: the tool's searcher and scheduler as configured (TPE after 4 random trials;
   ASHA grace 1, reduction factor 3, one bracket, max_t = epochs: the tool's defaults);
 * **random**: the same spec with ``n_startup_trials = num_samples`` (Optuna's random start-up
   sampler for every trial, same seed) and ``asha: null`` (every trial trains all epochs);
@@ -19,7 +19,8 @@ order) are also *replayed* through ``PerFoldASHA`` and through a shared ``ASHASc
 learning curves under both schedulers, without the timing luck of a real run.
 
 Target: the best mIoU per fold within noise of random search (mean over folds, A - B >= -0.02) with
-at most 1/3 of its epochs. Runtime: ~8 min full (6 trials/fold, 6 epochs), ~2 min quick (2
+at most 1/3 of its epochs. Runtime: ~20 min full (12 trials/fold, 9 epochs: rungs at 1, 3 and 9,
+where ideal successive halving spends 0.26 of the epochs), ~2 min quick (2
 trials/fold, 3 epochs, 4 batches an epoch, no shared-ASHA run: a check that it all works).
 """
 from __future__ import annotations

@@ -14,6 +14,7 @@ import optuna
 import pytest
 import yaml
 
+from tests.test_tune import clean_up_ray, private_ray_dir
 from tests.wandb_records import history, records
 from tune.space import load_space, sample
 from tune.wandb_logging import SweepTrial, sweep_config
@@ -123,7 +124,8 @@ def test_jobs_api_round_trip_with_wandb_and_report(tmp_path):
     submitted through the Jobs API, whose status and logs are read back through it; then the
     search's W&B offline runs and its report are checked."""
     port, dash = _free_port(), _free_port()
-    ray_env = env(tmp_path, RAY_AUTH_MODE="token")
+    ray_dir = private_ray_dir()  # only this cluster is stopped afterwards, never another one on the machine
+    ray_env = env(tmp_path, RAY_AUTH_MODE="token", RAY_TMPDIR=str(ray_dir))
     start = subprocess.run(["ray", "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
                             f"--dashboard-port={dash}", "--include-dashboard=true", "--num-cpus=2",
                             "--disable-usage-stats"], env=ray_env, capture_output=True, text=True, timeout=180)
@@ -142,7 +144,7 @@ def test_jobs_api_round_trip_with_wandb_and_report(tmp_path):
         assert "best trial per fold" in answer["logs"] and "next: python ensemble/run.py" in answer["logs"]
         assert answer["listed"]
     finally:
-        subprocess.run(["ray", "stop", "--force"], env=ray_env, capture_output=True, timeout=120)
+        clean_up_ray(ray_dir)
     run_dir = storage / "job"
     trials = (run_dir / "trials.csv").read_text().splitlines()[1:]
     # W&B: one offline run per trial, grouped by experiment, with the per-epoch metrics

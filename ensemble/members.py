@@ -5,11 +5,18 @@ epochs). Trials stopped early by ASHA trained on a fraction of the budget and wo
 average down; they are used only for a fold without any completed trial.
 ``greedy_select``: Caruana et al. (2004) forward selection with replacement on out-of-fold
 score, driven by a scoring function so it is testable without models.
+
+A member's checkpoint (the ``checkpoint`` column) is a path, on the shared storage every node of
+the search wrote to, or a URI (``s3://...``, ``gs://...``, ``file://...``) when the trials wrote to
+an object store; ``local_checkpoint`` copies such a file once into a local cache. Either way the
+ensemble needs no access to the node that trained the member.
 """
 from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -42,9 +49,47 @@ def top_k(rows: list[dict], metric: str, mode: str, k: int) -> dict[int, list[di
         raise InputError("trials.csv", "no completed trial with a checkpoint: nothing to ensemble")
     for fold, chosen in members.items():
         for row in chosen:
-            if not Path(row["checkpoint"]).exists():
+            if not checkpoint_exists(row["checkpoint"]):
                 raise InputError(row["checkpoint"], f"checkpoint of trial {row['trial_id']} (fold {fold}) is missing")
     return members
+
+
+def _fs(ref: str):
+    import pyarrow.fs
+
+    try:
+        return pyarrow.fs.FileSystem.from_uri(ref)
+    except Exception as exc:  # unknown scheme, missing credentials, unreachable endpoint
+        raise InputError(ref, f"cannot open the checkpoint's storage ({type(exc).__name__}: {exc})") from None
+
+
+def checkpoint_exists(ref: str) -> bool:
+    if "://" not in ref:
+        return Path(ref).exists()
+    import pyarrow.fs
+
+    fs, path = _fs(ref)
+    return fs.get_file_info(path).type == pyarrow.fs.FileType.File
+
+
+def local_checkpoint(ref: str, cache_dir: Path) -> Path:
+    """A member's checkpoint as a local file: a path as it is, a URI downloaded (once) to
+    ``cache_dir/<trial dir>/<checkpoint dir>/model.pt``."""
+    if "://" not in ref:
+        return Path(ref)
+    fs, path = _fs(ref)
+    parts = Path(path.split("?")[0]).parts
+    target = Path(cache_dir, *parts[-3:-1], parts[-1])  # <trial dir>/<checkpoint_nnnnnn>/model.pt
+    size = fs.get_file_info(path).size
+    if target.exists() and target.stat().st_size == size:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".part")
+    with fs.open_input_stream(path) as src, open(partial, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    os.replace(partial, target)
+    logger.info("checkpoint %s -> %s", ref, target)
+    return target
 
 
 def greedy_select(candidates: Sequence[str], score: Callable[[list[str]], float], max_members: int,

@@ -3,7 +3,7 @@
 A cluster started with its own ``RAY_TMPDIR`` carries that path in every process's command line
 or environment, so it can be stopped without touching other Ray clusters on the same machine
 (``ray stop --force`` stops them all). Used by the tests and benchmarks that start private
-clusters.
+clusters, and by the multi-node test to find (and kill) one node's processes.
 """
 from __future__ import annotations
 
@@ -28,6 +28,20 @@ def ray_processes(ray_dir: Path) -> list[int]:
         except (OSError, IndexError):
             continue
     return pids
+
+
+def node_processes(ray_dir: Path, label: str) -> list[int]:
+    """Processes of one node of that cluster: started by a ``ray start`` whose environment had
+    ``SEGHPO_NODE_LABEL=<label>`` (the raylet and what it starts: its trial workers inherit it)."""
+    marker = f"SEGHPO_NODE_LABEL={label}".encode()
+    out = []
+    for pid in ray_processes(ray_dir):
+        try:
+            if marker in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                out.append(pid)
+        except OSError:
+            continue
+    return out
 
 
 def stop_ray(ray_dir: Path, grace: float = 10.0) -> list[int]:

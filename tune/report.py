@@ -32,7 +32,7 @@ import optuna  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from trainables.io import atomic_path, atomic_write_text  # noqa: E402
-from tune.experiment import best_per_fold, read_trials_csv  # noqa: E402
+from tune.experiment import best_per_fold, read_trial_file, read_trials_csv  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -87,10 +87,10 @@ def learning_curves(run_dir: Path, rows: list[dict], metric: str, mode: str, out
         ranked = sorted((r for r in rows if int(r["fold"]) == fold and r.get(f"best_{metric}")),
                         key=lambda r: sign * float(r[f"best_{metric}"]))[:top]
         for row in ranked:
-            path = run_dir / "tune" / f"fold{fold}_{row['trial_id']}" / "result.json"
-            if not path.exists():
+            text = read_trial_file(run_dir, f"fold{fold}_{row['trial_id']}", "result.json")
+            if text is None:
                 continue
-            points = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            points = [json.loads(line) for line in text.splitlines() if line.strip()]
             ax.plot([p["epoch"] for p in points], [p.get(metric, math.nan) for p in points], marker=".",
                     label=f"fold {fold} {row['trial_id']}")
             drawn += 1

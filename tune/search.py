@@ -1,6 +1,16 @@
-"""Run one search: data and folds once on the driver, then a Ray Tune experiment over all folds."""
+"""Run one search: data and folds once on the driver, then a Ray Tune experiment over all folds.
+
+What stays on the driver, in the run directory: experiment.json, folds.json, trials.csv,
+studies.db (the searcher) and asha_state.json (the scheduler); both run in the driver process.
+What the trials write (Tune's per-trial results and checkpoints) goes to Tune's ``storage_path``:
+by default ``<run dir>/tune``, or ``--trial-storage``, a directory every node sees (NFS, EFS) or
+an object store URI (``s3://bucket/prefix``, ``gs://...``, any pyarrow filesystem URI), where the
+experiment is ``<trial storage>/<name>``. A trial never reads the driver's disk: it gets the fixed
+config (absolute data paths, which must exist on its node) and the folds as arguments.
+"""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -9,7 +19,8 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from tune.experiment import TrialsTable, read_trials_csv, summary_table, write_experiment_json
+from tune.experiment import (TrialsTable, experiment_location, is_uri, read_trials_csv, summary_table,
+                             write_experiment_json)
 from tune.scheduler import PerFoldASHA
 from tune.searcher import FoldedOptunaSearch
 from tune.space import SearchSpec, check_classes
@@ -68,6 +79,19 @@ def init_ray(address: str | None, dashboard: bool) -> None:
                  configure_logging=False)
 
 
+def storage_root(trial_storage: str | None) -> str | None:
+    """A plain path made absolute (the same on every node); a URI as given."""
+    if not trial_storage or is_uri(trial_storage):
+        return trial_storage
+    return str(Path(trial_storage).expanduser().resolve())
+
+
+def experiment_exists(location: str) -> bool:
+    if is_uri(location):
+        return tune.Tuner.can_restore(location)
+    return Path(location).exists()
+
+
 def trial_dirname(trial) -> str:
     return f"fold{trial.config['fold']}_{trial.trial_id}"
 
@@ -81,15 +105,15 @@ def progress_reporter(metric: str) -> tune.CLIReporter:
 
 
 def build_tuner(spec: SearchSpec, base: dict, folds: list, data: SegData, run_dir: Path, max_failures: int,
-                resume: bool, callbacks: list | None = None) -> tune.Tuner:
+                resume: bool, callbacks: list | None = None, trial_storage: str | None = None) -> tune.Tuner:
     search, res = spec.search, spec.resources
     metric, mode, max_epochs = search["metric"], search["mode"], int(base["train"]["epochs"])
     cpus, gpus = float(res["cpus_per_trial"]), float(res["gpus_per_trial"])
     trainable = tune.with_resources(tune.with_parameters(train_trial, base=base, folds=folds, cpus=cpus),
                                     {"cpu": cpus, "gpu": gpus})
-    experiment_dir = run_dir / "tune"
     if resume:
-        return tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_errored=True)
+        return tune.Tuner.restore(experiment_location(run_dir, trial_storage), trainable=trainable,
+                                  resume_errored=True)
     searcher = FoldedOptunaSearch(spec, len(folds), data.num_classes, f"sqlite:///{run_dir / 'studies.db'}",
                                   spec.name, max_epochs)
     asha = search.get("asha")
@@ -101,11 +125,11 @@ def build_tuner(spec: SearchSpec, base: dict, folds: list, data: SegData, run_di
                                     max_concurrent_trials=res.get("max_concurrent"),
                                     trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(
-            name="tune", storage_path=str(run_dir),
+            name=run_dir.name if trial_storage else "tune", storage_path=trial_storage or str(run_dir),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric,
                                                     checkpoint_score_order=mode),
             failure_config=tune.FailureConfig(max_failures=max_failures),
-            callbacks=[TrialsTable(run_dir / "trials.csv", metric, max_epochs), *(callbacks or [])],
+            callbacks=[TrialsTable(run_dir / "trials.csv", metric, max_epochs, trial_storage), *(callbacks or [])],
             progress_reporter=progress_reporter(metric),
             verbose=1,
         ),
@@ -114,19 +138,31 @@ def build_tuner(spec: SearchSpec, base: dict, folds: list, data: SegData, run_di
 
 def run_search(spec: SearchSpec, run_dir: Path, *, resume: bool = False, address: str | None = None,
                max_failures: int = 0, dashboard: bool = False, wandb_mode: str = "disabled",
-               wandb_project: str = "segmentation-hpo") -> list[dict]:
-    """Search, then print the best trial per fold; returns the rows of ``trials.csv``."""
+               wandb_project: str = "segmentation-hpo", trial_storage: str | None = None) -> list[dict]:
+    """Search, then print the best trial per fold; returns the rows of ``trials.csv``.
+
+    ``trial_storage``: Tune's storage for the trials' results and checkpoints (see the module doc);
+    on ``--resume`` the one recorded in experiment.json unless given again (it must then match)."""
     run_dir = run_dir.resolve()
-    experiment_dir = run_dir / "tune"
-    if resume and not (experiment_dir / "tuner.pkl").exists():
+    trial_storage = storage_root(trial_storage)
+    saved = run_dir / "experiment.json"
+    if resume and saved.exists():
+        recorded = json.loads(saved.read_text())["settings"].get("trial_storage")
+        if trial_storage and trial_storage != recorded:
+            raise ConfigError("command line", "--trial-storage", f"the experiment in {run_dir} keeps its trials in "
+                                                                 f"{recorded or run_dir / 'tune'}, not {trial_storage}")
+        trial_storage = recorded
+    location = experiment_location(run_dir, trial_storage)
+    if resume and not tune.Tuner.can_restore(location):
         raise ConfigError("command line", "--resume", f"no experiment to resume in {run_dir}")
-    if not resume and experiment_dir.exists():
-        raise ConfigError("command line", "--name", f"{run_dir} already holds an experiment; "
+    if not resume and ((run_dir / "tune").exists() or (trial_storage and experiment_exists(location))):
+        where = location if trial_storage else run_dir
+        raise ConfigError("command line", "--name", f"{where} already holds an experiment; "
                                                     "add --resume to continue it or choose another --name")
     start = time.perf_counter()
     base, data, folds = prepare(spec, run_dir)
     settings = {"space": str(spec.source), "name": spec.name, "fixed": base, "search": spec.search,
-                "resources": spec.resources, "space_params": sorted(spec.space)}
+                "resources": spec.resources, "space_params": sorted(spec.space), "trial_storage": trial_storage}
     write_experiment_json(run_dir, settings, {"fingerprint": data.fingerprint, "source": str(data.source),
                                               "class_names": data.class_names, "task": data.task,
                                               "images": len(data)})
@@ -138,7 +174,9 @@ def run_search(spec: SearchSpec, run_dir: Path, *, resume: bool = False, address
         callbacks.append(wandb_callback(wandb_project, run_dir.name, str(run_dir), wandb_mode, data.class_names,
                                         base))
         print(f"W&B ({wandb_mode}): project {wandb_project}, group {run_dir.name}, files in {run_dir / 'wandb'}")
-    tuner = build_tuner(spec, base, folds, data, run_dir, max_failures, resume, callbacks)
+    if trial_storage:
+        print(f"trials' results and checkpoints: {location}")
+    tuner = build_tuner(spec, base, folds, data, run_dir, max_failures, resume, callbacks, trial_storage)
     tuner.fit()
     rows = read_trials_csv(run_dir / "trials.csv")
     metric, mode = spec.search["metric"], spec.search["mode"]

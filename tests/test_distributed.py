@@ -1,0 +1,218 @@
+"""The search on a real multi-node Ray cluster on this machine, and the loss of a worker node.
+
+Started as Ray's own multi-node tests do (``ray start --head``, then ``ray start --address=...``
+per worker): a head without CPUs (it runs the driver, the searcher and the scheduler, like the CPU
+head of cluster.yaml) and two worker nodes with one CPU each. Every node has its own custom
+resource (``node_<label>``) and ``SEGHPO_NODE_LABEL`` in the environment of its Ray processes, which
+their trial workers inherit, so ``trials.csv`` says where each trial ran.
+
+``tune/run.py --address auto`` runs a tiny search on the real CamVid split with its trials' results
+and checkpoints in a ``file://`` URI (the object-store code path of ``--trial-storage``). When a
+trial on worker ``w1`` has reported its first epoch (and so its first checkpoint), w1's raylet is
+killed with SIGKILL: the node is gone, its trial fails and Tune retries it from that checkpoint on
+the surviving worker (``--max-failures``). The search must finish with every trial accounted for,
+the per-fold studies consistent, and every checkpoint readable by the ensemble step.
+
+The cluster is private (its own ``RAY_TMPDIR``) and is torn down by killing exactly its processes
+(``tune.localray.stop_ray``), also when the test fails.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from tests.test_tune import (RUN, TINY, TRAIN_JSON, by_tune_id, cli_env, needs_camvid, private_ray_dir, read_rows,
+                             scratch_dir, tail)
+from tune.localray import node_processes, stop_ray
+from tune.searcher import study_name
+
+WORKERS = ("w1", "w2")
+# the head notices a dead node after 3 missed health checks of 1 s (Ray's default takes longer)
+HEALTH_CHECKS = {"RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "1000",
+                 "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalCluster:
+    """A head and worker nodes on this machine, one ``ray start`` each, under one private RAY_TMPDIR."""
+
+    def __init__(self, ray_dir: Path, cache: Path):
+        self.ray_dir, self.port = ray_dir, _free_port()
+        # token authentication is on by default; every node and the driver read ~/.ray/auth_token
+        self.env = {**cli_env(ray_dir, cache), "RAY_AUTH_MODE": "token", **HEALTH_CHECKS}
+
+    def _start(self, label: str, *args: str) -> subprocess.Popen:
+        return subprocess.Popen(["ray", "start", *args, "--disable-usage-stats",
+                                 f"--resources={json.dumps({f'node_{label}': 1})}"],
+                                env={**self.env, "SEGHPO_NODE_LABEL": label}, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    @staticmethod
+    def _wait(label: str, proc: subprocess.Popen) -> None:
+        out, _ = proc.communicate(timeout=240)
+        assert proc.returncode == 0, f"ray start of {label} failed:\n{tail(out)}"
+
+    def start(self, workers: tuple[str, ...], cpus_per_worker: int = 1) -> None:
+        self._wait("head", self._start("head", "--head", f"--port={self.port}", "--num-cpus=0",
+                                       "--include-dashboard=false"))
+        for label in workers:  # one at a time: a node that takes over 30 s to register fails to start
+            self._wait(label, self._start(label, f"--address=127.0.0.1:{self.port}", f"--num-cpus={cpus_per_worker}"))
+
+    def raylet(self, label: str) -> int:
+        (pid,) = [p for p in node_processes(self.ray_dir, label) if cmdline(p).split(b"\0")[0].endswith(b"/raylet")]
+        return pid
+
+    def kill_node(self, label: str) -> int:
+        pid = self.raylet(label)
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+
+@pytest.fixture
+def cluster(camvid_cache):
+    ray_dir = private_ray_dir()
+    try:
+        yield LocalCluster(ray_dir, camvid_cache)
+    finally:
+        stop_ray(ray_dir, grace=5.0)
+        shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def camvid_cache():
+    path = scratch_dir("dist-cache")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def epochs_in(storage: Path, name: str, row: dict) -> list[int]:
+    path = storage / name / f"fold{row['fold']}_{row['trial_id']}" / "result.json"
+    return [json.loads(line)["epoch"] for line in path.read_text().splitlines()]
+
+
+def node_counts(rows: list[dict]) -> dict[str, int]:
+    """Trials per node, counting every attempt (a trial retried elsewhere counts on both)."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        for node in row["nodes"].split(">"):
+            counts[node] = counts.get(node, 0) + 1
+    return counts
+
+
+@pytest.mark.slow
+@needs_camvid
+def test_search_across_nodes_survives_losing_a_worker(cluster, camvid_cache):
+    from ensemble.members import local_checkpoint, top_k
+    from ensemble.predictor import load_member
+
+    start = time.monotonic()
+    scratch = scratch_dir("dist")
+    storage, name, shared = scratch / "runs", "dist", scratch / "shared"
+    run_dir = storage / name
+    cluster.start(WORKERS)
+    started = time.monotonic() - start
+    args = ["--space", str(TINY), "--data", str(TRAIN_JSON), "--storage", str(storage), "--name", name,
+            "--trial-storage", shared.as_uri(), "--address", "auto", "--folds", "2", "--num-samples", "2",
+            "--max-epochs", "3", "--max-failures", "2", "--wandb", "disabled"]
+    log = scratch / "driver.log"
+    with open(log, "w") as out:
+        driver = subprocess.Popen([sys.executable, str(RUN), *args], cwd=RUN.parents[1], env=cluster.env,
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        # wait for a trial on w1 with its first epoch reported: its checkpoint is in the storage
+        # before Tune sees the result (tune.report persists it first)
+        deadline, victim = time.monotonic() + 420, None
+        while victim is None:
+            assert driver.poll() is None, f"the search ended before a node was lost:\n{tail(log.read_text())}"
+            assert time.monotonic() < deadline, f"no trial ran on w1 in time:\n{tail(log.read_text())}"
+            time.sleep(0.5)
+            rows = read_rows(run_dir / "trials.csv") if (run_dir / "trials.csv").exists() else []
+            victim = next((r for r in rows if r["status"] == "running" and r["node"] == "w1"
+                           and int(r["epochs"] or 0) >= 1), None)
+        time.sleep(1.0)
+        before = {r["trial_id"]: r for r in read_rows(run_dir / "trials.csv") if r["status"] in ("completed", "stopped")}
+        assert victim["trial_id"] not in before, "the trial on w1 ended before its node was killed"
+        cluster.kill_node("w1")
+        killed_at = time.monotonic() - start
+        driver.wait(timeout=600)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait(timeout=30)
+    output = log.read_text()
+    assert driver.returncode == 0, tail(output)
+    assert "The actor died because its node has died" in output  # the loss, as Tune saw it
+    assert not [p for p in node_processes(cluster.ray_dir, "w1") if b"train_trial" in cmdline(p)]  # its trial died
+
+    # every trial accounted for: 2 folds x 2, each finished, none repeated
+    rows = read_rows(run_dir / "trials.csv")
+    now = {r["trial_id"]: r for r in rows}
+    summary = "\n".join(f"  {r['trial_id']} fold {r['fold']} {r['status']:9} nodes {r['nodes']:6} "
+                        f"failures {r['failures']} epochs {epochs_in(shared, name, r)}" for r in rows)
+    print(f"\ncluster up in {started:.0f}s, w1 killed at {killed_at:.0f}s, done at {time.monotonic() - start:.0f}s;"
+          f" trials per node {node_counts(rows)}\n{summary}")
+    assert len(now) == len(rows) == 4 and sorted(r["fold"] for r in rows) == ["0", "0", "1", "1"], summary
+    assert all(r["status"] in ("completed", "stopped") for r in rows), summary
+    assert len({n for r in rows for n in r["nodes"].split(">")}) >= 2, summary  # more than one node ran trials
+    assert all(r["nodes"].split(">")[0] in WORKERS for r in rows), summary  # none on the CPU-less head
+
+    # the trial of the lost node: retried from its checkpoint on the surviving worker
+    lost = now[victim["trial_id"]]
+    assert lost["nodes"] == "w1>w2" and lost["node"] == "w2" and int(lost["failures"]) == 1, summary
+    continued = epochs_in(shared, name, lost)
+    assert continued.count(1) == 1 and continued == sorted(continued), continued  # not from scratch
+    assert sorted(set(continued)) == list(range(1, int(lost["epochs"]) + 1)), continued
+    # the trials that had finished before are untouched; nothing ran on w1 after the loss
+    for trial_id, row in before.items():
+        kept = ("fold", "status", "epochs", "best_epoch", "best_val_miou", "checkpoint", "nodes")
+        assert {k: now[trial_id][k] for k in kept} == {k: row[k] for k in kept}, trial_id
+    assert all(r["node"] != "w1" for r in rows), summary
+
+    # the per-fold studies: one Optuna trial per Tune trial, told once, as it finally ended
+    db = f"sqlite:///{run_dir / 'studies.db'}"
+    for fold in (0, 1):
+        trials = by_tune_id(optuna.load_study(study_name=study_name("tiny", fold), storage=db))
+        assert set(trials) == {r["trial_id"] for r in rows if r["fold"] == str(fold)}
+        for trial_id, t in trials.items():
+            row = now[trial_id]
+            assert t.state == (TrialState.COMPLETE if row["status"] == "completed" else TrialState.PRUNED), row
+            assert sorted(t.intermediate_values) == list(range(1, int(row["epochs"]) + 1)), row
+
+    # the ensemble step reads every member from the trials' storage, whichever node trained it
+    assert all(r["checkpoint"].startswith(shared.as_uri() + "/") for r in rows), summary
+    members = top_k(rows, "val_miou", "max", k=2)
+    assert sum(len(m) for m in members.values()) == 4
+    cache = run_dir / "checkpoints"
+    for fold, chosen in members.items():
+        for row in chosen:
+            path = local_checkpoint(row["checkpoint"], cache)
+            assert cache in path.parents
+            member = load_member(path, row["trial_id"], "cpu")
+            assert member.fold == fold and member.meta["epoch"] == int(row["best_epoch"]), row
+            assert member.score == pytest.approx(float(row["best_val_miou"]))
+    assert sorted(p.parent.parent.name for p in cache.rglob("model.pt")) == sorted(
+        f"fold{r['fold']}_{r['trial_id']}" for r in rows)
+    shutil.rmtree(scratch, ignore_errors=True)

@@ -31,7 +31,7 @@ elif str(ROOT) not in sys.path:
 
 from bench.common import format_table, overall_lines  # noqa: E402
 
-BENCHMARKS = ["trial_overhead", "search_efficiency", "data_path", "thresholds", "ensemble_inference", "gpu"]
+BENCHMARKS = ["trial_overhead", "search_efficiency", "data_path", "thresholds", "ensemble_inference", "scale", "gpu"]
 PROGRESS = re.compile(r"^(\d\d:\d\d:\d\d |gpu: skipped)")
 
 

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -120,6 +121,80 @@ def node_counts(rows: list[dict]) -> dict[str, int]:
         for node in row["nodes"].split(">"):
             counts[node] = counts.get(node, 0) + 1
     return counts
+
+
+# ---------------------------------------------------------------- without Ray: node history, storage URIs
+
+
+def test_trials_csv_records_the_node_of_every_attempt(tmp_path):
+    """Rewritten when a trial reports its first result on a node and when it is retried; the
+    history survives a new callback (--resume)."""
+    from tune.experiment import TrialsTable
+
+    a = SimpleNamespace(trial_id="a", status="RUNNING", config={"fold": 0}, last_result=None, checkpoint=None,
+                        num_failures=0)
+    b = SimpleNamespace(trial_id="b", status="PENDING", config={"fold": 1}, last_result=None, checkpoint=None,
+                        num_failures=0)
+    path = tmp_path / "trials.csv"
+    table = TrialsTable(path, "val_miou", max_epochs=3)
+    table.on_trial_result(0, [a, b], a, {"epoch": 1, "node": "w1"})  # Tune sets last_result afterwards
+    (row_a, row_b) = read_rows(path)
+    assert (row_a["status"], row_a["node"], row_a["nodes"], row_a["epochs"]) == ("running", "w1", "w1", "1")
+    assert row_b["nodes"] == "" and row_b["status"] == "pending"
+    a.last_result = {"epoch": 1, "node": "w1"}
+    before = path.stat().st_mtime_ns
+    table.on_trial_result(1, [a, b], a, {"epoch": 2, "node": "w1"})  # same node: no rewrite
+    assert path.stat().st_mtime_ns == before
+    a.status, a.num_failures = "PENDING", 1  # its node died: Tune requeues it
+    table.on_trial_recover(2, [a, b], a)
+    assert read_rows(path)[0]["failures"] == "1"
+    a.status = "RUNNING"
+    table.on_trial_result(3, [a, b], a, {"epoch": 2, "node": "w2"})
+    assert read_rows(path)[0]["nodes"] == "w1>w2"
+    resumed = TrialsTable(path, "val_miou", max_epochs=3)
+    a.last_result = {"epoch": 3, "node": "w2"}
+    resumed.on_trial_complete(4, [a, b], a)
+    row = read_rows(path)[0]
+    assert (row["status"], row["node"], row["nodes"], row["failures"]) == ("completed", "w2", "w1>w2", "1")
+
+
+def test_checkpoints_in_an_object_store_are_recorded_as_uris_and_fetched(tmp_path):
+    from ensemble.members import checkpoint_exists, local_checkpoint
+    from tune.experiment import checkpoint_ref, experiment_location, read_trial_file
+
+    store = tmp_path / "bucket"
+    trial_dir = store / "exp" / "fold0_abc"
+    (trial_dir / "checkpoint_000002").mkdir(parents=True)
+    (trial_dir / "checkpoint_000002" / "model.pt").write_bytes(b"weights" * 100)
+    (trial_dir / "result.json").write_text('{"epoch": 1}\n')
+    uri = store.as_uri()
+    # Tune's checkpoint path is the one inside the filesystem, without the scheme
+    ckpt = SimpleNamespace(path=str(trial_dir / "checkpoint_000002"))
+    ref = checkpoint_ref(ckpt, uri)
+    assert ref == f"{uri}/exp/fold0_abc/checkpoint_000002/model.pt"
+    assert checkpoint_ref(ckpt, None) == str(trial_dir / "checkpoint_000002" / "model.pt")
+    assert checkpoint_ref(ckpt, str(store)) == str(trial_dir / "checkpoint_000002" / "model.pt")
+    assert experiment_location(tmp_path / "runs" / "exp", uri) == f"{uri}/exp"
+    assert experiment_location(tmp_path / "runs" / "exp", "s3://b/p/?region=x", "f/result.json") == \
+        "s3://b/p/exp/f/result.json?region=x"
+
+    assert checkpoint_exists(ref) and not checkpoint_exists(ref.replace("000002", "000001"))
+    cache = tmp_path / "cache"
+    local = local_checkpoint(ref, cache)
+    assert local == cache / "fold0_abc" / "checkpoint_000002" / "model.pt"
+    assert local.read_bytes() == b"weights" * 100
+    mtime = local.stat().st_mtime_ns
+    assert local_checkpoint(ref, cache) == local and local.stat().st_mtime_ns == mtime  # fetched once
+    assert local_checkpoint(str(local), cache) == local  # a path stays a path
+
+    run_dir = tmp_path / "runs" / "exp"
+    run_dir.mkdir(parents=True)
+    (run_dir / "experiment.json").write_text(json.dumps({"settings": {"trial_storage": uri}}))
+    assert read_trial_file(run_dir, "fold0_abc", "result.json") == '{"epoch": 1}\n'
+    assert read_trial_file(run_dir, "fold0_zzz", "result.json") is None
+
+
+# ---------------------------------------------------------------- a real cluster
 
 
 @pytest.mark.slow

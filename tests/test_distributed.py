@@ -6,9 +6,10 @@ head of cluster.yaml) and two worker nodes with one CPU each. Every node has its
 resource (``node_<label>``) and ``SEGHPO_NODE_LABEL`` in the environment of its Ray processes, which
 their trial workers inherit, so ``trials.csv`` says where each trial ran.
 
-``tune/run.py --address auto`` runs a tiny search on the real CamVid split with its trials' results
-and checkpoints in a ``file://`` URI (the object-store code path of ``--trial-storage``). When a
-trial on worker ``w1`` has reported its first epoch (and so its first checkpoint), w1's raylet is
+``tune/run.py --address auto`` runs a tiny search (tests/spaces/tiny.yaml without early stopping)
+on the real CamVid split with its trials' results and checkpoints in a ``file://`` URI (the
+object-store code path of ``--trial-storage``). Once a trial has finished and a trial started on
+worker ``w1`` after it has reported its first epoch (and so its first checkpoint), w1's raylet is
 killed with SIGKILL: the node is gone, its trial fails and Tune retries it from that checkpoint on
 the surviving worker (``--max-failures``). The search must finish with every trial accounted for,
 the per-fold studies consistent, and every checkpoint readable by the ensemble step.
@@ -31,6 +32,7 @@ from types import SimpleNamespace
 
 import optuna
 import pytest
+import yaml
 from optuna.trial import TrialState
 
 from tests.test_tune import (RUN, TINY, TRAIN_JSON, by_tune_id, cli_env, needs_camvid, private_ray_dir, read_rows,
@@ -207,9 +209,15 @@ def test_search_across_nodes_survives_losing_a_worker(cluster, camvid_cache):
     scratch = scratch_dir("dist")
     storage, name, shared = scratch / "runs", "dist", scratch / "shared"
     run_dir = storage / name
+    # the tiny space without early stopping: every trial trains its 3 epochs, so a trial on w1
+    # is still training when it is chosen (ASHA could stop it at its first result)
+    space = yaml.safe_load(TINY.read_text())
+    space["search"]["asha"] = None
+    scratch.mkdir(parents=True, exist_ok=True)
+    (scratch / "tiny.yaml").write_text(yaml.safe_dump(space))
     cluster.start(WORKERS)
     started = time.monotonic() - start
-    args = ["--space", str(TINY), "--data", str(TRAIN_JSON), "--storage", str(storage), "--name", name,
+    args = ["--space", str(scratch / "tiny.yaml"), "--data", str(TRAIN_JSON), "--storage", str(storage), "--name", name,
             "--trial-storage", shared.as_uri(), "--address", "auto", "--folds", "2", "--num-samples", "2",
             "--max-epochs", "3", "--max-failures", "2", "--wandb", "disabled"]
     log = scratch / "driver.log"
@@ -217,19 +225,23 @@ def test_search_across_nodes_survives_losing_a_worker(cluster, camvid_cache):
         driver = subprocess.Popen([sys.executable, str(RUN), *args], cwd=RUN.parents[1], env=cluster.env,
                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        # wait for a trial on w1 with its first epoch reported: its checkpoint is in the storage
-        # before Tune sees the result (tune.report persists it first)
-        deadline, victim = time.monotonic() + 420, None
+        # wait until a trial has finished and a trial started on w1 after that has reported its
+        # first epoch: its checkpoint is in the storage before Tune sees the result (tune.report
+        # persists it first), and it has epochs to go
+        deadline, victim, first_round = time.monotonic() + 480, None, None
         while victim is None:
             assert driver.poll() is None, f"the search ended before a node was lost:\n{tail(log.read_text())}"
-            assert time.monotonic() < deadline, f"no trial ran on w1 in time:\n{tail(log.read_text())}"
+            assert time.monotonic() < deadline, f"no second trial ran on w1 in time:\n{tail(log.read_text())}"
             time.sleep(0.5)
             rows = read_rows(run_dir / "trials.csv") if (run_dir / "trials.csv").exists() else []
-            victim = next((r for r in rows if r["status"] == "running" and r["node"] == "w1"
-                           and int(r["epochs"] or 0) >= 1), None)
+            if first_round is None and any(r["status"] == "completed" for r in rows):
+                first_round = {r["trial_id"] for r in rows if r["nodes"]}
+            victim = next((r for r in rows if first_round is not None and r["trial_id"] not in first_round
+                           and r["status"] == "running" and r["node"] == "w1" and int(r["epochs"] or 0) >= 1), None)
         time.sleep(1.0)
         before = {r["trial_id"]: r for r in read_rows(run_dir / "trials.csv") if r["status"] in ("completed", "stopped")}
         assert victim["trial_id"] not in before, "the trial on w1 ended before its node was killed"
+        assert before, "no trial had finished before the node was killed"
         cluster.kill_node("w1")
         killed_at = time.monotonic() - start
         driver.wait(timeout=600)
@@ -260,11 +272,12 @@ def test_search_across_nodes_survives_losing_a_worker(cluster, camvid_cache):
     continued = epochs_in(shared, name, lost)
     assert continued.count(1) == 1 and continued == sorted(continued), continued  # not from scratch
     assert sorted(set(continued)) == list(range(1, int(lost["epochs"]) + 1)), continued
-    # the trials that had finished before are untouched; nothing ran on w1 after the loss
+    # the trials that had finished before are untouched (also one that ran on w1: its checkpoint is
+    # in the storage, not on the node); nothing ran on w1 after the loss
     for trial_id, row in before.items():
         kept = ("fold", "status", "epochs", "best_epoch", "best_val_miou", "checkpoint", "nodes")
         assert {k: now[trial_id][k] for k in kept} == {k: row[k] for k in kept}, trial_id
-    assert all(r["node"] != "w1" for r in rows), summary
+    assert all(r["node"] != "w1" for r in rows if r["trial_id"] not in before), summary
 
     # the per-fold studies: one Optuna trial per Tune trial, told once, as it finally ended
     db = f"sqlite:///{run_dir / 'studies.db'}"

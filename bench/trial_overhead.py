@@ -89,7 +89,7 @@ def checkpoint_parts(trainer) -> dict:
             parts["model.pt"].append(time.perf_counter() - t)
             t = time.perf_counter()
             state = trainer.state_dict()
-            del state["best_state"]  # as train_trial: those weights are in model.pt
+            del state["best_state"], state["model"]  # as train_trial: those weights are in model.pt
             torch.save(state, Path(tmp) / "state.pt")
             parts["state.pt"].append(time.perf_counter() - t)
             if trainer.cfg["train"]["preview_images"]:

@@ -51,7 +51,9 @@ def train_trial(config: dict, base: dict, folds: list[list[str]], cpus: float) -
     if restored:
         with restored.as_directory() as ckpt_dir:
             state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location=trainer.device, weights_only=True)
-            state["best_state"] = load_checkpoint(ckpt_dir)["state_dict"]  # kept once, in model.pt
+            weights = load_checkpoint(ckpt_dir)["state_dict"]  # kept once, in model.pt
+            state["best_state"] = weights
+            state.setdefault("model", weights)  # checkpoints are written at the best epoch: the same weights
             trainer.load_state_dict(state)
         logger.info("trial resumed after epoch %d", trainer.epoch)
     node = node_label()
@@ -63,7 +65,8 @@ def train_trial(config: dict, base: dict, folds: list[list[str]], cpus: float) -
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(trainer.best_checkpoint(), tmp)
             state = trainer.state_dict()
-            del state["best_state"]  # the same weights as model.pt: written once
+            # the best and the current weights are model.pt's (this is the best epoch): written once
+            del state["best_state"], state["model"]
             torch.save(state, Path(tmp) / STATE_FILE)
             if cfg["train"]["preview_images"]:  # only W&B shows them (tune/run.py sets 0 without it)
                 np.savez_compressed(Path(tmp) / PREVIEW_FILE, **trainer.preview(int(cfg["train"]["preview_images"])))

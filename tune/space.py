@@ -15,8 +15,9 @@ Every key is optional except ``space``; defaults are in brackets::
       mode: max                    # max | min [min for a metric ending in "loss", else max]
       seed: 0                      # Optuna TPE seed [0]
       n_startup_trials: 5          # random trials before TPE takes over [5]
-      asha: {grace_period: 1, reduction_factor: 3, brackets: 1}   # early stopping [these];
-                                   #   max_t is train.epochs; null: no early stopping
+      asha: {grace_period: 2, reduction_factor: 3, brackets: 1}   # early stopping [these];
+                                   #   max_t is train.epochs; null: no early stopping. Grace 2: a
+                                   #   first-epoch score ranks from-scratch trials poorly (bench/)
       search_folds: null           # folds searched [null = every fold]; [0]: search fold 0 only,
       retrain_top: 3               #   then retrain its best `retrain_top` configs on the others [3]
     resources: {cpus_per_trial: 1, gpus_per_trial: 0, max_concurrent: null}
@@ -85,7 +86,7 @@ logger = logging.getLogger(__name__)
 TOP_KEYS = ("name", "fixed", "search", "resources", "space", "demo")
 DEMO_KEYS = ("fixed", "search", "resources", "space")
 FORMS = ("choice", "choice_by", "uniform", "loguniform", "quniform", "int", "per_class", "type")
-ASHA_DEFAULTS = {"grace_period": 1, "reduction_factor": 3, "brackets": 1}
+ASHA_DEFAULTS = {"grace_period": 2, "reduction_factor": 3, "brackets": 1}
 SEARCH_DEFAULTS = {"num_samples": 8, "metric": "val_miou", "mode": "max", "seed": 0, "n_startup_trials": 5,
                    "asha": ASHA_DEFAULTS, "search_folds": None, "retrain_top": 3}
 RESOURCES_DEFAULTS = {"cpus_per_trial": 1, "gpus_per_trial": 0, "max_concurrent": None}

@@ -107,7 +107,15 @@ import json, sys, time
 from ray.job_submission import JobStatus, JobSubmissionClient
 address, entrypoint, runtime_env = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 client = JobSubmissionClient(address)
-job = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+# the head's job agent registers a few seconds after `ray start` returns (longer on a busy machine)
+for attempt in range(60):
+    try:
+        job = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+        break
+    except RuntimeError as exc:
+        if "No available agent" not in str(exc) or attempt == 59:
+            raise
+        time.sleep(2)
 deadline = time.time() + 420
 status = client.get_job_status(job)
 while status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) and time.time() < deadline:

@@ -73,9 +73,11 @@ def log_to_wandb(run_dir: Path, out_dir: Path, report: dict, mode: str, project:
     run = wandb.init(project=project, group=run_dir.resolve().name, job_type="ensemble", name=f"{run_dir.name}-ensemble",
                      dir=str(run_dir), mode=mode, config={"experiment": str(run_dir)})
     table = wandb.Table(columns=["", "mIoU", "mean Dice", "boundary IoU", "pixel acc"])
-    for key, label in (("single", "(a) best single"), ("ensemble", "(b) ensemble"), ("tuned", "(c) tuned")):
-        table.add_data(label, *(report[key].get(f) for f in ("miou", "dice", "biou", "pixel_acc")))
-    run.log({"ensemble/oof": table, **{f"ensemble/{k}_miou": report[k]["miou"] for k in ("single", "ensemble", "tuned")},
+    rows = (("single", "(a) best single"), ("ensemble", "(b) ensemble"), ("tuned", "(c) tuned"), ("crf", "(d) CRF"))
+    for key, label in rows:
+        if key in report:
+            table.add_data(label, *(report[key].get(f) for f in ("miou", "dice", "biou", "pixel_acc")))
+    run.log({"ensemble/oof": table, **{f"ensemble/{k}_miou": report[k]["miou"] for k, _ in rows if k in report},
              **{f"ensemble/{p.stem}": wandb.Image(str(p)) for p in sorted(out_dir.glob("*.png"))}})
     run.finish()
 

@@ -196,6 +196,8 @@ def test_crf_fitted_out_of_fold_and_reported_beside_the_thresholds(extras_run):
     assert len(post["grid"]) == 9 and post["grid"][0]["params"] is None
     assert len(post["thresholds"]["thresholds"]) == NUM_CLASSES
     assert len(list((extras_run.report / "oof_probs_crf").glob("*.npy"))) == report["oof_images"]
+    page = (extras_run.run_dir / "report" / "report.html").read_text()  # row (d) on the report page too
+    assert "(d) DenseCRF + tuned thresholds " + ("(kept)" if post["kept"] else "(not kept: no gain)") in page
 
 
 def test_crf_missing_package_is_one_line(experiment, monkeypatch, capsys):  # noqa: F811

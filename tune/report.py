@@ -160,7 +160,10 @@ def write_report(run_dir: Path) -> Path:
     if (ens / "oof_metrics.json").exists():
         oof = json.loads((ens / "oof_metrics.json").read_text())
         labels = {"single": "(a) best single trial per fold", "ensemble": "(b) ensemble, default decisions",
-                  "tuned": "(c) ensemble, tuned thresholds"}
+                  "tuned": "(c) ensemble, tuned thresholds", "crf": "(d) DenseCRF + tuned thresholds"}
+        labels = {k: v for k, v in labels.items() if k in oof}
+        if "postprocessing" in oof:
+            labels["crf"] += " (kept)" if oof["postprocessing"].get("kept") else " (not kept: no gain)"
         parts.append(f"<h2>Ensemble, out-of-fold ({oof['oof_images']} images)</h2>" + _table(
             ["", "mIoU", "mean Dice", "boundary IoU", "pixel acc"],
             [[label, _fmt(oof[k]["miou"]), _fmt(oof[k]["dice"]), _fmt(oof[k].get("biou")), _fmt(oof[k]["pixel_acc"])]

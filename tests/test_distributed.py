@@ -35,9 +35,9 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from tests.test_tune import (RUN, TINY, TRAIN_JSON, by_tune_id, cli_env, needs_camvid, private_ray_dir, read_rows,
-                             scratch_dir, tail)
-from tune.localray import node_processes, stop_ray
+from tests.test_tune import (RUN, TINY, TRAIN_JSON, by_tune_id, camvid_cache, clean_up_ray,  # noqa: F401 (fixture)
+                             cli_env, needs_camvid, private_ray_dir, read_rows, scratch_dir, tail)
+from tune.localray import node_processes
 from tune.searcher import study_name
 
 WORKERS = ("w1", "w2")
@@ -93,15 +93,7 @@ def cluster(camvid_cache):
     try:
         yield LocalCluster(ray_dir, camvid_cache)
     finally:
-        stop_ray(ray_dir, grace=5.0)
-        shutil.rmtree(ray_dir, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def camvid_cache():
-    path = scratch_dir("dist-cache")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+        clean_up_ray(ray_dir)
 
 
 def cmdline(pid: int) -> bytes:

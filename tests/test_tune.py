@@ -488,7 +488,9 @@ def test_resume_after_killing_the_driver(scratch, camvid_cache):
     checkpoint makes Tune snapshot the experiment, so the snapshot knows every trial asked so far.
     A kill at any moment can find Tune's snapshot up to ~10 s old; what the searcher does then
     (orphan Optuna trials FAIL, trials told before the crash ignore repeated results) is tested
-    above without Ray, where the timing is exact.
+    above without Ray, where the timing is exact. A kill during Tune's copy of the snapshot to
+    storage once left a 0-byte ``search_gen_state`` and a quiet restart; storage writes are now
+    whole-file (tune/storage.py, tests/test_storage.py).
     """
     storage, name = scratch / "runs", "resume"
     run_dir = storage / name

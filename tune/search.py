@@ -21,12 +21,14 @@ from ray import tune
 
 from tune.experiment import (TrialsTable, experiment_location, is_uri, read_trials_csv, summary_table,
                              write_experiment_json)
+from tune.resume import reconcile
 from tune.scheduler import PerFoldASHA
 from tune.searcher import FoldedOptunaSearch
 from tune.space import SearchSpec, check_classes
+from tune.storage import storage_filesystem, unreadable_state
 from tune.trainable import train_trial
 from trainables.data import SegData, load_data
-from trainables.errors import ConfigError
+from trainables.errors import ConfigError, InputError
 from trainables.extra import absolute_extra_train, check_extra_train
 from trainables.folds import coverage_table, fold_coverage, load_or_make_folds
 
@@ -111,9 +113,10 @@ def build_tuner(spec: SearchSpec, base: dict, folds: list, data: SegData, run_di
     cpus, gpus = float(res["cpus_per_trial"]), float(res["gpus_per_trial"])
     trainable = tune.with_resources(tune.with_parameters(train_trial, base=base, folds=folds, cpus=cpus),
                                     {"cpu": cpus, "gpu": gpus})
+    filesystem = storage_filesystem(trial_storage)  # whole files on a disk path (tune/storage.py)
     if resume:
         return tune.Tuner.restore(experiment_location(run_dir, trial_storage), trainable=trainable,
-                                  resume_errored=True)
+                                  resume_errored=True, storage_filesystem=filesystem)
     searcher = FoldedOptunaSearch(spec, len(folds), data.num_classes, f"sqlite:///{run_dir / 'studies.db'}",
                                   spec.name, max_epochs)
     asha = search.get("asha")
@@ -126,6 +129,7 @@ def build_tuner(spec: SearchSpec, base: dict, folds: list, data: SegData, run_di
                                     trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(
             name=run_dir.name if trial_storage else "tune", storage_path=trial_storage or str(run_dir),
+            storage_filesystem=filesystem,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric,
                                                     checkpoint_score_order=mode),
             failure_config=tune.FailureConfig(max_failures=max_failures),
@@ -155,6 +159,13 @@ def run_search(spec: SearchSpec, run_dir: Path, *, resume: bool = False, address
     location = experiment_location(run_dir, trial_storage)
     if resume and not tune.Tuner.can_restore(location):
         raise ConfigError("command line", "--resume", f"no experiment to resume in {run_dir}")
+    if resume and (damaged := unreadable_state(location)):
+        # Tune would fail to restore it and quietly start the experiment again with a wrong sample count
+        raise InputError(*damaged)
+    if resume:  # a kill during Tune's copy to storage can leave the saved states a snapshot apart
+        experiment = json.loads(saved.read_text())["settings"]["name"] if saved.exists() else spec.name
+        for change in reconcile(location, trial_storage, f"sqlite:///{run_dir / 'studies.db'}", experiment):
+            print(f"--resume: {change} (made to agree with Tune's experiment state)")
     if not resume and ((run_dir / "tune").exists() or (trial_storage and experiment_exists(location))):
         where = location if trial_storage else run_dir
         raise ConfigError("command line", "--name", f"{where} already holds an experiment; "

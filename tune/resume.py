@@ -1,0 +1,129 @@
+"""Before ``--resume``: make the saved searcher state agree with Tune's list of trials.
+
+Tune snapshots three files to storage together: the experiment state (every trial, its status
+and config), the search generator's state (how many trials it created, and its concurrency
+limiter's live trials) and the searcher's (tune/searcher.py: trials suggested per fold, the live
+trials and their Optuna numbers). It copies them in parallel, so a driver killed during a copy
+can leave one file from the new snapshot and another from the one before. With whole-file writes
+(tune/storage.py) each file is intact, but the set can still be a snapshot apart, and then:
+
+* the generator counts a trial the experiment state lacks: Tune creates one trial too few;
+* its concurrency limiter holds a live trial Tune never restores: with ``max_concurrent`` 1 no
+  trial is ever suggested again and the resumed run waits forever;
+* the generator misses a trial the experiment state has: one trial too many.
+
+The experiment state is what Tune restores, so it is the truth: the generator's count and live
+set and the searcher's per-fold counts and live trials are recomputed from it (Optuna numbers
+from the studies, where every asked trial carries its Tune trial id), and written back only
+where they differ. The formats are Ray 2.60's, which requirements.txt pins; tests/test_storage.py
+checks them against files Tune wrote.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from tune.searcher import study_name
+from tune.storage import storage_filesystem
+
+UNFINISHED = ("PENDING", "RUNNING", "PAUSED")
+
+
+def _newest(fs, root: str, pattern: str) -> str | None:
+    names = [Path(i.path).name for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+             if i.type == pafs.FileType.File]
+    matching = fnmatch.filter(names, pattern)
+    return f"{root.rstrip('/')}/{max(matching)}" if matching else None
+
+
+def _read(fs, path: str) -> bytes:
+    with fs.open_input_stream(path) as stream:
+        return stream.readall()
+
+
+def _write(fs, path: str, raw: bytes) -> None:
+    with fs.open_output_stream(path) as stream:
+        stream.write(raw)
+
+
+def tune_trials(raw: bytes) -> list[dict]:
+    """``trial_id``, ``status`` and ``config`` of every trial in an experiment state file."""
+    from ray.tune.utils.serialization import _loads_with_cloudpickle
+
+    out = []
+    for json_state, _ in _loads_with_cloudpickle(raw)["trial_data"]:
+        state = json.loads(json_state)
+        out.append({k: state[k] for k in ("trial_id", "status", "config")})
+    return out
+
+
+def optuna_numbers(studies: str, experiment: str, folds: set[int]) -> dict[str, tuple[int, int]]:
+    """Tune trial id -> (fold, Optuna trial number), from the per-fold studies."""
+    import optuna
+
+    out = {}
+    for fold in sorted(folds):
+        try:
+            study = optuna.load_study(study_name=study_name(experiment, fold), storage=studies)
+        except KeyError:  # no trial of this fold was ever asked
+            continue
+        for t in study.get_trials(deepcopy=False):
+            if "tune_trial_id" in t.user_attrs:
+                out[t.user_attrs["tune_trial_id"]] = (fold, t.number)
+    return out
+
+
+def reconcile(location: str, trial_storage: str | None, studies: str, experiment: str) -> list[str]:
+    """Rewrite the newest search generator and searcher state files in Tune's experiment
+    directory ``location`` to agree with its newest experiment state; returns what changed."""
+    from ray import cloudpickle
+    from ray.train._internal.storage import get_fs_and_path
+
+    fs, root = get_fs_and_path(location, storage_filesystem(trial_storage))
+    paths = {k: _newest(fs, root, p) for k, p in (("experiment", "experiment_state-*.json"),
+                                                   ("generator", "search_gen_state-*.json"),
+                                                   ("searcher", "searcher-state-*.pkl"))}
+    if not all(paths.values()):
+        return []
+    trials = tune_trials(_read(fs, paths["experiment"]))
+    unfinished = [t for t in trials if t["status"] in UNFINISHED]
+    changes = []
+
+    generator = cloudpickle.loads(_read(fs, paths["generator"]))
+    limiter = generator.get("name:ConcurrencyLimiter")
+    live_ids = {t["trial_id"] for t in unfinished}
+    if generator["counter"] != len(trials) or (limiter and set(limiter["live_trials"]) != live_ids):
+        changes.append(f"search generator: {generator['counter']} trials created -> {len(trials)}"
+                       + (f", live {sorted(limiter['live_trials'])} -> {sorted(live_ids)}" if limiter else ""))
+        generator["counter"] = len(trials)
+        if generator["counter"] < generator["total_samples"]:
+            generator["finished"] = False
+        if limiter:
+            limiter["live_trials"], limiter["num_unfinished_live_trials"] = set(live_ids), len(live_ids)
+        _write(fs, paths["generator"], cloudpickle.dumps(generator))
+
+    searcher = json.loads(_read(fs, paths["searcher"]))
+    suggested = {int(f): 0 for f in searcher["suggested"]}
+    for t in trials:
+        if not t["config"].get("retrain") and int(t["config"]["fold"]) in suggested:
+            suggested[int(t["config"]["fold"])] += 1
+    numbers = optuna_numbers(studies, experiment, set(suggested))
+    live = {}
+    for t in unfinished:
+        tid, config = t["trial_id"], t["config"]
+        if tid in searcher["live"]:
+            live[tid] = searcher["live"][tid]
+        elif config.get("retrain"):
+            live[tid] = {"fold": int(config["fold"]), "number": None, "config": config, "retrain": True}
+        elif tid in numbers:
+            live[tid] = {"fold": numbers[tid][0], "number": numbers[tid][1], "config": config}
+    before = {int(f): n for f, n in searcher["suggested"].items()}
+    if suggested != before or set(live) != set(searcher["live"]):
+        changes.append(f"searcher: suggested per fold {before} -> {suggested}, "
+                       f"live {sorted(searcher['live'])} -> {sorted(live)}")
+        searcher["suggested"], searcher["live"] = suggested, live
+        _write(fs, paths["searcher"], json.dumps(searcher).encode())
+    return changes

@@ -105,25 +105,51 @@ def _free_port() -> int:
 JOB_CLIENT = """
 import json, sys, time
 from ray.job_submission import JobStatus, JobSubmissionClient
-address, entrypoint, runtime_env = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+address, entrypoint, runtime_env, budget = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), float(sys.argv[4])
+start = time.monotonic()
+def say(**event):  # one JSON line per step, flushed: a test that times out still shows the last one
+    print(json.dumps({"t": round(time.monotonic() - start, 1), **event}), flush=True)
+say(step="connect")
 client = JobSubmissionClient(address)
+say(step="submit")
 # the head's job agent registers a few seconds after `ray start` returns (longer on a busy machine)
 for attempt in range(60):
     try:
         job = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
         break
     except RuntimeError as exc:
-        if "No available agent" not in str(exc) or attempt == 59:
+        if "No available agent" not in str(exc) or attempt == 59 or time.monotonic() - start > budget / 3:
             raise
         time.sleep(2)
-deadline = time.time() + 420
-status = client.get_job_status(job)
-while status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) and time.time() < deadline:
+say(step="submitted", job=job, attempts=attempt + 1)
+ended, status = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED), None
+while time.monotonic() - start < budget:
+    now = client.get_job_status(job)
+    if now != status:
+        status = now
+        say(step="status", status=str(status))
+    if status in ended:
+        break
     time.sleep(2)
-    status = client.get_job_status(job)
-print(json.dumps({"job": job, "status": str(status), "logs": client.get_job_logs(job),
-                  "listed": any(j.submission_id == job for j in client.list_jobs())}))
+info = client.get_job_info(job)
+if status not in ended:
+    client.stop_job(job)
+say(step="done", job=job, status=str(status), message=info.message, logs=client.get_job_logs(job),
+    listed=any(j.submission_id == job for j in client.list_jobs()))
 """
+
+JOB_BUDGET = 480  # seconds for the whole round trip; the job itself takes about a minute here
+
+
+def ray_log_tails(ray_dir: Path, lines: int = 15) -> str:
+    """The last lines of the head's agent, job and dashboard logs, to say where a job got stuck."""
+    out = []
+    for log in sorted((ray_dir / "ray" / "session_latest" / "logs").glob("*")):
+        if log.is_file() and log.suffix in (".log", ".err", ".out") and any(
+                k in log.name for k in ("agent", "job", "dashboard")) and log.stat().st_size:
+            tail = log.read_text(errors="replace").splitlines()[-lines:]
+            out.append(f"--- {log.name}\n" + "\n".join(tail))
+    return "\n".join(out)[-6000:]
 
 
 @pytest.mark.slow
@@ -144,11 +170,18 @@ def test_jobs_api_round_trip_with_wandb_and_report(tmp_path):
                       f"--address auto --wandb offline")
         runtime_env = {"working_dir": str(ROOT), "excludes": ["runs", "wandb", "bench/results", ".pytest_cache"],
                        "env_vars": {k: ray_env[k] for k in ("HF_HUB_OFFLINE", "WANDB_MODE", "SEGHPO_CACHE")}}
-        client = subprocess.run([sys.executable, "-c", JOB_CLIENT, f"http://127.0.0.1:{dash}", entrypoint,
-                                 json.dumps(runtime_env)], env=ray_env, capture_output=True, text=True, timeout=600)
-        assert client.returncode == 0, client.stderr[-3000:]
-        answer = json.loads(client.stdout.strip().splitlines()[-1])
-        assert answer["status"] == "SUCCEEDED", answer["logs"][-3000:]
+        try:
+            client = subprocess.run([sys.executable, "-c", JOB_CLIENT, f"http://127.0.0.1:{dash}", entrypoint,
+                                     json.dumps(runtime_env), str(JOB_BUDGET)], env=ray_env, capture_output=True,
+                                    text=True, timeout=JOB_BUDGET + 120)
+        except subprocess.TimeoutExpired as exc:
+            steps = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout
+            pytest.fail(f"the job client hung; its steps:\n{steps}\n{ray_log_tails(ray_dir)}")
+        steps = [json.loads(line) for line in client.stdout.splitlines() if line.startswith("{")]
+        where = f"steps: {[{k: v for k, v in e.items() if k != 'logs'} for e in steps]}\n{client.stderr[-2000:]}"
+        assert client.returncode == 0 and steps[-1]["step"] == "done", where + ray_log_tails(ray_dir)
+        answer = steps[-1]
+        assert answer["status"] == "SUCCEEDED", where + answer["logs"][-3000:] + ray_log_tails(ray_dir)
         assert "best trial per fold" in answer["logs"] and "next: python ensemble/run.py" in answer["logs"]
         assert answer["listed"]
     finally:

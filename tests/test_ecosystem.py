@@ -157,11 +157,14 @@ def test_jobs_api_round_trip_with_wandb_and_report(tmp_path):
     """A local head with the dashboard (token authentication on, as Ray starts it); a tiny search
     submitted through the Jobs API, whose status and logs are read back through it; then the
     search's W&B offline runs and its report are checked."""
-    port, dash = _free_port(), _free_port()
+    port, dash, agent, client_port = (_free_port() for _ in range(4))
     ray_dir = private_ray_dir()  # only this cluster is stopped afterwards, never another one on the machine
     ray_env = env(tmp_path, RAY_AUTH_MODE="token", RAY_TMPDIR=str(ray_dir))
+    # every port of its own: with another Ray on the machine holding the job agent's default 52365,
+    # this head's job agent cannot start and every submission answers "No available agent"
     start = subprocess.run(["ray", "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
-                            f"--dashboard-port={dash}", "--include-dashboard=true", "--num-cpus=2",
+                            f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",
+                            f"--ray-client-server-port={client_port}", "--include-dashboard=true", "--num-cpus=2",
                             "--disable-usage-stats"], env=ray_env, capture_output=True, text=True, timeout=180)
     storage = tmp_path / "runs"
     try:

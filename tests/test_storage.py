@@ -1,8 +1,10 @@
-"""Tune's storage writes whole files, and a damaged experiment state is refused on --resume.
+"""What a kill leaves behind: Tune's storage, the saved search state, a private cluster's processes.
 
 A driver SIGKILLed while Tune copied its experiment state to storage once left a 0-byte
 ``search_gen_state``; Tune then failed to restore, started the experiment again with one sample
-and ``--resume`` exited 0 with one trial of six. These tests pin both halves of the fix.
+and ``--resume`` exited 0 with one trial of six. These tests pin the fix: whole-file writes, a
+damaged state refused in one line, the saved states reconciled with the experiment state, and a
+teardown that finds every process of a private cluster.
 """
 from __future__ import annotations
 
@@ -202,3 +204,33 @@ def test_resume_reconciles_a_generator_state_newer_than_the_experiment_state(tmp
     restored.restore(str(tune_dir / "searcher-state-s.pkl"))
     assert restored.suggested == {0: 1, 1: 0} and restored.live == {}
     assert restored.suggest("c")["fold"] == 1  # b's place is handed out again (b's Optuna trial failed)
+
+
+# ---------------------------------------------------------------- tearing down a private local cluster
+
+
+def test_a_process_known_only_by_its_open_log_is_part_of_the_cluster(tmp_path):
+    """A Ray agent renames itself and can blank its environment, so neither names the cluster's
+    RAY_TMPDIR; its open log file does. One left alive held port 52365 and broke the next
+    cluster's job agent."""
+    import os
+
+    from tune.localray import ray_processes, stop_ray
+
+    ray_dir = tmp_path / "rt"
+    (ray_dir / "logs").mkdir(parents=True)
+    script = "import sys, time; log = open(sys.stdin.readline().strip(), 'a'); print('ready', flush=True); time.sleep(120)"
+    agent = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True, env={"PATH": os.environ["PATH"]})
+    try:
+        agent.stdin.write(f"{ray_dir / 'logs' / 'dashboard_agent.log'}\n")
+        agent.stdin.flush()
+        assert agent.stdout.readline().strip() == "ready"
+        assert str(ray_dir).encode() not in Path(f"/proc/{agent.pid}/cmdline").read_bytes()
+        assert str(ray_dir).encode() not in Path(f"/proc/{agent.pid}/environ").read_bytes()
+        assert ray_processes(ray_dir) == [agent.pid]
+        assert ray_processes(tmp_path / "r") == []  # a sibling whose name is a prefix: not this cluster
+        assert stop_ray(ray_dir, grace=0) == [agent.pid]
+        assert agent.wait(timeout=10) == -9
+    finally:
+        agent.kill()

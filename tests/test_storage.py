@@ -146,10 +146,11 @@ def snapshot(tune_dir: Path, searcher, counter: int, live: set[str], total: int 
     searcher.save(str(tune_dir / "searcher-state-s.pkl"))
 
 
-def test_resume_reconciles_a_searcher_state_older_than_the_experiment_state(tmp_path):
+@pytest.mark.parametrize("uri", [False, True], ids=["path", "file-uri"])
+def test_resume_reconciles_a_searcher_state_older_than_the_experiment_state(tmp_path, uri):
     """Killed mid-copy: the experiment state knows trial b, the generator and searcher files are
     from the snapshot before b was asked. Without the fix Tune creates 5 trials, not 4, and b's
-    Optuna trial is failed as an orphan although b resumes."""
+    Optuna trial is failed as an orphan although b resumes. Also through a URI (--trial-storage)."""
     import ray.cloudpickle as cloudpickle
     from optuna.trial import TrialState
 
@@ -165,7 +166,9 @@ def test_resume_reconciles_a_searcher_state_older_than_the_experiment_state(tmp_
     b = searcher.suggest("b")
     (tune_dir / "experiment_state-s.json").write_text(experiment_state([("a", "TERMINATED", a),
                                                                          ("b", "RUNNING", b)]))
-    changes = reconcile(str(tune_dir), None, f"sqlite:///{tmp_path}/s.db", "t")
+    location, storage = (f"file://{tune_dir}", f"file://{tmp_path}") if uri else (str(tune_dir), None)
+    assert unreadable_state(location) is None
+    changes = reconcile(location, storage, f"sqlite:///{tmp_path}/s.db", "t")
     assert len(changes) == 2, changes
     generator = cloudpickle.loads((tune_dir / "search_gen_state-s.json").read_bytes())
     limiter = generator["name:ConcurrencyLimiter"]
@@ -178,7 +181,7 @@ def test_resume_reconciles_a_searcher_state_older_than_the_experiment_state(tmp_
     assert by_tune_id(load(tmp_path, 1))["b"].state == TrialState.RUNNING  # not failed as an orphan
     assert restored.suggest("b") == b  # b asking again after the restore
     assert [restored.suggest(t)["fold"] for t in ("c", "d")] == [0, 1]  # the two samples left
-    assert reconcile(str(tune_dir), None, f"sqlite:///{tmp_path}/s.db", "t") == []  # agrees now: untouched
+    assert reconcile(location, storage, f"sqlite:///{tmp_path}/s.db", "t") == []  # agrees now: untouched
 
 
 def test_resume_reconciles_a_generator_state_newer_than_the_experiment_state(tmp_path):

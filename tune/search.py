@@ -162,10 +162,8 @@ def run_search(spec: SearchSpec, run_dir: Path, *, resume: bool = False, address
     if resume and (damaged := unreadable_state(location)):
         # Tune would fail to restore it and quietly start the experiment again with a wrong sample count
         raise InputError(*damaged)
-    if resume:  # a kill during Tune's copy to storage can leave the saved states a snapshot apart
-        experiment = json.loads(saved.read_text())["settings"]["name"] if saved.exists() else spec.name
-        for change in reconcile(location, trial_storage, f"sqlite:///{run_dir / 'studies.db'}", experiment):
-            print(f"--resume: {change} (made to agree with Tune's experiment state)")
+    studies_name = json.loads(saved.read_text())["settings"].get("name", spec.name) if resume and saved.exists() \
+        else spec.name  # the searcher's study names, from the run being resumed
     if not resume and ((run_dir / "tune").exists() or (trial_storage and experiment_exists(location))):
         where = location if trial_storage else run_dir
         raise ConfigError("command line", "--name", f"{where} already holds an experiment; "
@@ -187,6 +185,9 @@ def run_search(spec: SearchSpec, run_dir: Path, *, resume: bool = False, address
         print(f"W&B ({wandb_mode}): project {wandb_project}, group {run_dir.name}, files in {run_dir / 'wandb'}")
     if trial_storage:
         print(f"trials' results and checkpoints: {location}")
+    if resume:  # a kill during Tune's copy to storage can leave the saved states a snapshot apart
+        for change in reconcile(location, trial_storage, f"sqlite:///{run_dir / 'studies.db'}", studies_name):
+            print(f"--resume: {change} (made to agree with Tune's experiment state)")
     tuner = build_tuner(spec, base, folds, data, run_dir, max_failures, resume, callbacks, trial_storage)
     tuner.fit()
     rows = read_trials_csv(run_dir / "trials.csv")

@@ -92,3 +92,37 @@ def test_search_and_ensemble_debug_on_the_shipped_sample(sample_cache):
     finally:
         clean_up_ray(ray_dir)
         shutil.rmtree(storage, ignore_errors=True)
+
+
+@pytest.mark.parametrize("space", ["smp.yaml", "mixed.yaml", "segformer.yaml"])
+def test_debug_leaves_searched_settings_to_the_search(space):
+    """smp.yaml searches train.batch_size: --debug must not fix it too (that is a one-line config error)."""
+    from tune.run import overrides, parse_args
+    from tune.space import load_space, with_overrides
+
+    spec = load_space(space, ROOT / "search_spaces")
+    args = parse_args(["--space", space, "--data", "x.json", "--debug"])
+    fixed, search, resources = overrides(args, spec.space)
+    debug = with_overrides(spec, fixed, search, resources)  # raised "is also searched in space" for smp.yaml
+    assert set(fixed) == ({"data.path"} | set(DEBUG_SETTINGS)) - set(spec.space)
+    assert debug.base_config()["train"]["epochs"] == 1 and debug.search["num_samples"] == 1
+    assert "train.batch_size" in debug.space or debug.base_config()["train"]["batch_size"] == 4
+    explicit = parse_args(["--space", space, "--data", "x.json", "--debug", "--max-epochs", "2"])
+    assert overrides(explicit, spec.space)[0]["train.epochs"] == 2  # explicit flags still win
+
+
+def test_debug_fits_trials_to_the_local_machine(monkeypatch, capsys):
+    """smp.yaml asks 4 CPUs and half a GPU a trial: on a 2-CPU machine without GPU, --debug runs its two
+    trials side by side on one CPU each, instead of waiting forever for a GPU; joining a cluster keeps them."""
+    from tune.run import debug_resources
+    from tune.space import load_space
+
+    monkeypatch.setattr("tune.search.local_resources", lambda: (2.0, 0.0))
+    monkeypatch.setattr("tune.search.starts_local_ray", lambda address: address is None)
+    spec = load_space("smp.yaml", ROOT / "search_spaces")
+    assert spec.resources["gpus_per_trial"] > 0 and spec.resources["cpus_per_trial"] > 2
+    assert debug_resources(spec.resources, None) == {"cpus_per_trial": 1.0, "gpus_per_trial": 0.0}
+    assert "a trial takes 1 CPU and 0 GPU on this machine" in capsys.readouterr().out
+    assert debug_resources(spec.resources, "auto") == {}
+    monkeypatch.setattr("tune.search.local_resources", lambda: (16.0, 1.0))
+    assert debug_resources(spec.resources, None) == {"cpus_per_trial": 4.0, "gpus_per_trial": 0.5}

@@ -97,6 +97,11 @@ def hostile(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
                                                   "the data has 12 classes, got 2 weights")
     cases["unknown encoder"] = (["--data", str(SAMPLE), "--set", "model.encoder=resnet9000"],
                                 "smp does not know encoder 'resnet9000'")
+    # a trial larger than the local Ray would wait forever (the local Ray is made 2 CPUs, no GPU, below)
+    cases["more GPUs a trial than the local Ray has"] = (["--data", str(SAMPLE), "--gpus-per-trial", "0.5"],
+                                                        "a trial asks for 0.5 GPU but the local Ray has 0")
+    cases["more CPUs a trial than the local Ray has"] = (["--data", str(SAMPLE), "--cpus-per-trial", "4"],
+                                                        "a trial asks for 4 CPUs but the local Ray has 2")
     return cases
 
 
@@ -105,9 +110,11 @@ def hostile(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     "annotation of an unknown image", "annotation of an unknown category", "image file missing",
     "image size differs from the json", "image/mask folder with unmatched names", "mask size differs from its image",
     "class index above the class count", "more folds than images", "class weights of the wrong length",
-    "unknown encoder"])
+    "unknown encoder", "more GPUs a trial than the local Ray has", "more CPUs a trial than the local Ray has"])
 def test_hostile_input_is_one_line_exit_2_nothing_written(case, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("SEGHPO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("tune.search.local_resources", lambda: (2.0, 0.0))
+    monkeypatch.setattr("tune.search.starts_local_ray", lambda address: address is None)
     args, expected = hostile(tmp_path)[case]
     storage = tmp_path / "runs"
     code, err = run_cli(["--space", str(TINY), "--storage", str(storage), "--name", "x", *args], capsys)

@@ -15,6 +15,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Collection
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +65,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def overrides(args: argparse.Namespace) -> tuple[dict, dict, dict]:
+def overrides(args: argparse.Namespace, searched: Collection[str] = ()) -> tuple[dict, dict, dict]:
+    """Fixed settings, search settings and resources from the flags; ``searched``: the space's parameters,
+    which ``--debug``'s defaults leave to the search (a space that searches train.batch_size keeps it)."""
     fixed = parse_sets(args.set)
     for key, value in (("data.path", args.data), ("data.images", args.images), ("data.task", args.task),
                        ("folds.k", args.folds), ("folds.strategy", args.fold_strategy),
@@ -74,11 +77,27 @@ def overrides(args: argparse.Namespace) -> tuple[dict, dict, dict]:
     search = {k: v for k, v in (("num_samples", args.num_samples), ("metric", args.metric), ("mode", args.mode),
                                 ("seed", args.seed), ("search_folds", args.search_folds)) if v is not None}
     if args.debug:
-        fixed = {**DEBUG_SETTINGS, **fixed}
+        fixed = {**{k: v for k, v in DEBUG_SETTINGS.items() if k not in searched}, **fixed}
         search.setdefault("num_samples", 1)
     resources = {k: v for k, v in (("cpus_per_trial", args.cpus_per_trial), ("gpus_per_trial", args.gpus_per_trial),
                                    ("max_concurrent", args.max_concurrent)) if v is not None}
     return fixed, search, resources
+
+
+def debug_resources(asked: dict, address: str | None) -> dict:
+    """``--debug`` on a local Ray: trials take what this machine has, two at a time, so a space written
+    for GPUs (``smp.yaml``: 4 CPUs and half a GPU a trial) is checked on a CPU laptop too."""
+    from tune.search import local_resources, starts_local_ray
+
+    if not starts_local_ray(address):
+        return {}
+    cpus, gpus = local_resources()
+    fit = {"cpus_per_trial": min(float(asked["cpus_per_trial"]), max(1.0, cpus // 2)),
+           "gpus_per_trial": min(float(asked["gpus_per_trial"]), gpus)}
+    if any(fit[k] != float(asked[k]) for k in fit):
+        print(f"debug: a trial takes {fit['cpus_per_trial']:g} CPU and {fit['gpus_per_trial']:g} GPU on this machine "
+              f"(the space asks for {float(asked['cpus_per_trial']):g} and {float(asked['gpus_per_trial']):g})")
+    return fit
 
 
 def export_sweep(spec, args: argparse.Namespace) -> None:
@@ -114,7 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     from tune.wandb_logging import default_mode
 
     wandb_mode = args.wandb or default_mode()
-    fixed, search, resources = overrides(args)
+    fixed, search, resources = overrides(args, spec.space)
+    if args.debug:
+        resources = {**debug_resources(spec.resources, args.address), **resources}  # explicit flags win
     if wandb_mode == "disabled":
         fixed.setdefault("train.preview_images", 0)  # example predictions are only for W&B
     spec = with_overrides(spec, fixed, search, resources)

@@ -81,6 +81,41 @@ def init_ray(address: str | None, dashboard: bool) -> None:
                  configure_logging=False)
 
 
+def starts_local_ray(address: str | None) -> bool:
+    """Whether :func:`init_ray` will start a Ray on this machine (not join one: ``--address``,
+    ``RAY_ADDRESS`` as in a Jobs API driver, or a Ray this process already runs)."""
+    return not address and not os.environ.get("RAY_ADDRESS") and not ray.is_initialized()
+
+
+def local_resources() -> tuple[float, float]:
+    """CPUs and GPUs a Ray started on this machine offers (Ray's own CPU count: affinity and cgroup
+    limits; the CUDA devices this process sees)."""
+    try:
+        from ray._private.utils import get_num_cpus
+
+        cpus = float(get_num_cpus())
+    except Exception:  # a private helper of Ray's: fall back to the CPUs this process may use
+        cpus = float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    import torch
+
+    return cpus, float(torch.cuda.device_count() if torch.cuda.is_available() else 0)
+
+
+def check_trial_fits(resources: dict, source) -> None:
+    """A trial that asks for more than the local Ray has would wait forever (Tune only warns that no
+    node can take it): say so in one line before anything is written."""
+    cpus, gpus = local_resources()
+    want_cpus, want_gpus = float(resources["cpus_per_trial"]), float(resources["gpus_per_trial"])
+    if want_gpus > gpus:
+        raise ConfigError(source, "resources.gpus_per_trial",
+                          f"a trial asks for {want_gpus:g} GPU but the local Ray has {gpus:g}; add --gpus-per-trial "
+                          f"{gpus:g} (0 trains on CPU) or join a cluster with GPUs with --address")
+    if want_cpus > cpus:
+        raise ConfigError(source, "resources.cpus_per_trial",
+                          f"a trial asks for {want_cpus:g} CPUs but the local Ray has {cpus:g}; add "
+                          f"--cpus-per-trial {cpus:g} (or fewer)")
+
+
 def storage_root(trial_storage: str | None) -> str | None:
     """A plain path made absolute (the same on every node); a URI as given."""
     if not trial_storage or is_uri(trial_storage):
@@ -168,6 +203,8 @@ def run_search(spec: SearchSpec, run_dir: Path, *, resume: bool = False, address
         where = location if trial_storage else run_dir
         raise ConfigError("command line", "--name", f"{where} already holds an experiment; "
                                                     "add --resume to continue it or choose another --name")
+    if starts_local_ray(address):
+        check_trial_fits(spec.resources, spec.source)
     start = time.perf_counter()
     base, data, folds = prepare(spec, run_dir)
     settings = {"space": str(spec.source), "name": spec.name, "fixed": base, "search": spec.search,

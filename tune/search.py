@@ -98,7 +98,7 @@ def local_resources() -> tuple[float, float]:
         cpus = float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     import torch
 
-    return cpus, float(torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    return cpus, float(torch.cuda.device_count())  # 0 without CUDA
 
 
 def check_trial_fits(resources: dict, source) -> None:

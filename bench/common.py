@@ -23,7 +23,6 @@ import math
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,10 +30,6 @@ from typing import Any, Callable, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
-if sys.path and sys.path[0] == str(BENCH):
-    sys.path[0] = str(ROOT)  # run as a script: import the project, not bench/'s modules, at top level
-elif str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 ENV_DEFAULTS = {
     "HF_HUB_OFFLINE": "1",

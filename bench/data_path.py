@@ -21,12 +21,8 @@ model_ips / (loader_ips + model_ips), so the loader must be ~9x faster than the 
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench import common  # noqa: E402
 

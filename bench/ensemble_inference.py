@@ -19,12 +19,8 @@ Target: ensemble throughput per forward >= 0.9 x single-model throughput.
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench import common  # noqa: E402
 

@@ -30,9 +30,6 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 from bench import common  # noqa: E402
 
 NAME = "gpu"

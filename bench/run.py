@@ -24,14 +24,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if sys.path[0] == str(Path(__file__).resolve().parent):
-    sys.path[0] = str(ROOT)  # run as a script: import the project, not bench/'s modules, at top level
-elif str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from bench.common import format_table, overall_lines  # noqa: E402
 
-BENCHMARKS = ["trial_overhead", "search_efficiency", "data_path", "thresholds", "ensemble_inference", "scale", "gpu"]
+BENCHMARKS = ["trial_overhead", "search_efficiency", "data_path", "thresholds", "ensemble_inference", "predict_throughput", "tiled_memory", "scale", "ddp_epoch", "gpu"]
 PROGRESS = re.compile(r"^(\d\d:\d\d:\d\d |gpu: skipped)")
 
 

@@ -23,13 +23,9 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench import common  # noqa: E402
 
@@ -139,7 +135,7 @@ def checkpoint_bytes(tmp: Path) -> dict:
 
 def result_bytes(record: dict, n: int, tmp: Path) -> dict:
     """Tune's result.json line for one epoch, a trials.csv row, and rewriting trials.csv at n rows."""
-    from tune.experiment import write_trials_csv
+    from trainables.runfiles import write_trials_csv
     from tune.space import load_space
 
     spec = load_space("smp.yaml", ROOT / "search_spaces")

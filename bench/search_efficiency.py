@@ -27,13 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import io
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
-
-if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench import common  # noqa: E402
 
@@ -154,7 +150,7 @@ def one_search(label: str, spec, run_dir: Path, recorder=None) -> dict:
 
 
 def per_fold(rows: list[dict], folds: int, metric: str = "val_miou") -> dict:
-    from tune.experiment import best_per_fold
+    from trainables.runfiles import best_per_fold
 
     best = best_per_fold(rows, metric, "max")
     out = {"best": [], "epochs": [], "stopped": [], "completed": [], "errors": 0}

@@ -28,15 +28,10 @@ Targets: tuner >= 20x faster than brute force (grid 101); tuner peak memory at N
 """
 from __future__ import annotations
 
-import sys
 import time
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
-
-if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench import common  # noqa: E402
 

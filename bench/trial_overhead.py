@@ -28,13 +28,9 @@ Target: tune epochs/s >= 0.95 x direct epochs/s.
 """
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench import common  # noqa: E402
 

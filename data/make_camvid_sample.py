@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -19,7 +18,6 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainables.io import atomic_write_text  # noqa: E402
 
 

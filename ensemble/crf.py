@@ -7,12 +7,14 @@ needs a C++ compiler). Without it ``--crf`` stops with one line saying so.
 same shape (each pixel sums to 1): a unary ``-log p`` plus a Gaussian smoothness kernel and a
 bilateral appearance kernel, mean-field ``iterations`` times. Multiclass only.
 
-Fit, then apply (as the thresholds): :func:`fit_crf` scores a small grid of kernel parameters
-by argmax mIoU on up to ``tune_images`` out-of-fold images, re-tunes the class thresholds on
-the refined out-of-fold probabilities of every image, and keeps the CRF only when refined +
-re-tuned beats the ensemble with its own tuned thresholds (row (c)). The choice, the
-parameters, the thresholds for refined probabilities and both numbers go to
-``postprocessing.json``; prediction only reads it. The CRF runs at the resolution the
+Fit, then apply (as the thresholds), cross-fitted (``ensemble/crossfit.py``): :func:`fit_crf`
+scores a small grid of kernel parameters by argmax mIoU on up to ``tune_images`` out-of-fold
+images, re-tunes the class thresholds on the refined out-of-fold probabilities of every image,
+and keeps the CRF only when refined + re-tuned beats, cross-fitted, the best rule kept before it
+(row (c) when the thresholds were kept, else row (b)). For the cross-fitted score fold f gets
+parameters chosen and thresholds fitted without its images. The choice, the parameters, the
+thresholds for refined probabilities and the numbers go to ``postprocessing.json``; prediction
+only reads it. The CRF runs at the resolution the
 out-of-fold probabilities had (the experiment's ``data.max_size``): spatial parameters are in
 those pixels, so inference downscales, refines and upsamples (:func:`refine_at`).
 """
@@ -27,8 +29,11 @@ import torch
 from tqdm import tqdm
 
 from trainables.errors import ConfigError
+from ensemble.crossfit import step_record
+from ensemble.thresholds import merge_tuners
 from trainables.io import atomic_path
-from trainables.metrics import SegMetrics
+from trainables.metrics import SegMetrics, iou_from_counts, mean_defined
+from trainables.runfiles import EnsembleFiles
 
 logger = logging.getLogger(__name__)
 
@@ -80,12 +85,15 @@ def refine_at(probs: np.ndarray, image: np.ndarray, params: dict, max_size: int 
     return up / np.maximum(up.sum(0, keepdims=True), 1e-12)
 
 
-def _miou(pairs, num_classes: int, ignore: int, params: dict | None) -> float:
-    metrics = SegMetrics(num_classes, "multiclass", ignore)
-    for image, probs, mask in pairs:
-        q = probs if params is None else refine(probs, image, params)
-        metrics.update(torch.from_numpy(q.argmax(0).astype(np.int64))[None], torch.from_numpy(mask.astype(np.int64))[None])
-    return metrics.compute()["miou"]
+def _confusion(labels: np.ndarray, mask: np.ndarray, num_classes: int, ignore: int) -> np.ndarray:
+    valid = mask != ignore
+    index = mask[valid].astype(np.int64) * num_classes + labels[valid]
+    return np.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def _miou(confusion: np.ndarray) -> float:
+    tp = np.diag(confusion)
+    return float(mean_defined(iou_from_counts(tp, confusion.sum(0) - tp, confusion.sum(1) - tp)))
 
 
 class OOFImages:
@@ -104,12 +112,30 @@ class OOFImages:
         return image, p, mask
 
 
-def fit_crf(load: OOFImages, images: list[int], tuner, decide, baseline_miou: float, out_dir: Path,
-            tune_images: int = 24, grid: list[dict] | None = None) -> tuple[dict, dict]:
-    """Fit the CRF on the out-of-fold ``images``; returns (metrics of row (d), postprocessing dict).
+def _grid_confusions(pairs, grid: list[dict], num_classes: int, ignore: int) -> np.ndarray:
+    """(1 + len(grid), images, C, C) argmax confusion of each image: unrefined, then each grid entry."""
+    out = np.zeros((len(grid) + 1, len(pairs), num_classes, num_classes), dtype=np.int64)
+    with tqdm(total=len(pairs) * (len(grid) + 1), desc="CRF grid", leave=False, disable=None) as bar:
+        for j, (image, probs, mask) in enumerate(pairs):
+            for g, params in enumerate([None, *grid]):
+                q = probs if params is None else refine(probs, image, params)
+                out[g, j] = _confusion(q.argmax(0), mask, num_classes, ignore)
+                bar.update()
+    return out
 
-    ``tuner`` is a fresh threshold tuner for the refined probabilities, ``decide(probs,
-    thresholds)`` the ensemble's decision rule and ``baseline_miou`` row (c)'s mIoU.
+
+def fit_crf(load: OOFImages, images: list[int], image_folds: dict[int, int], make_tuner, decide, baseline: dict,
+            out_dir: Path, class_names: list[str], tune_images: int = 24,
+            grid: list[dict] | None = None) -> tuple[dict, dict, dict]:
+    """Fit the CRF on the out-of-fold ``images``, cross-fitted; returns (row (d) cross-fitted, row (d)
+    in-sample, the ``postprocessing.json`` content).
+
+    For each fold f the kernel parameters are chosen on the grid images of the other folds, the
+    thresholds of the refined probabilities are fitted on the other folds' refined images, and fold
+    f's images are scored with both; the parameters and thresholds written for prediction are fitted
+    on every image. ``make_tuner()`` gives a fresh threshold tuner, ``decide(probs, thresholds)`` is
+    the ensemble's decision rule and ``baseline`` ({"cross_fitted": ..., "in_sample": ..., "name": ...})
+    the metrics of the best rule kept before the CRF, which it must beat cross-fitted to be kept.
     """
     data = load.data
     problem = missing()
@@ -119,49 +145,70 @@ def fit_crf(load: OOFImages, images: list[int], tuner, decide, baseline_miou: fl
         raise ConfigError("command line", "--crf", "the CRF refines softmax probabilities: multiclass tasks only")
     grid = grid or GRID
     pick = [images[k] for k in np.linspace(0, len(images) - 1, min(tune_images, len(images))).round().astype(int)]
-    pairs = [load(i) for i in pick]
+    pick = list(dict.fromkeys(pick))
     n, ignore = data.num_classes, data.ignore_index
-    scores = [_miou(pairs, n, ignore, None)]
-    for params in tqdm(grid, desc="CRF grid", leave=False, disable=None):
-        scores.append(_miou(pairs, n, ignore, params))
-    best = grid[int(np.argmax(scores[1:]))]
-    logger.info("CRF grid on %d images: argmax mIoU %.4f without, best %.4f with %s", len(pairs), scores[0],
-                max(scores[1:]), best)
+    confusions = _grid_confusions([load(i) for i in pick], grid, n, ignore)
+    folds = sorted(set(image_folds[i] for i in images))
+
+    def choose(exclude: int | None) -> int:
+        rows = [j for j, i in enumerate(pick) if image_folds[i] != exclude] or list(range(len(pick)))
+        return int(np.argmax([_miou(confusions[g + 1, rows].sum(0)) for g in range(len(grid))]))
+
+    best, best_without = choose(None), {f: choose(f) for f in folds}
+    logger.info("CRF grid on %d images: argmax mIoU %.4f without, best %.4f with %s", len(pick),
+                _miou(confusions[0].sum(0)), _miou(confusions[best + 1].sum(0)), grid[best])
+    # every image refined with every parameter set some fold chose, into one tuner per (set, fold)
+    chosen = sorted({best, *best_without.values()})
+    tuners = {g: {f: make_tuner() for f in folds} for g in chosen}
     crf_dir = out_dir / "oof_probs_crf"
-    for i in tqdm(images, desc="CRF out-of-fold", leave=False, disable=None):
-        image, probs, mask = load(i)
-        q = refine(probs, image, best).astype(np.float16).astype(np.float32)  # as stored, see oof.py
-        tuner.update(q.astype(np.float64), mask.astype(np.int64), ignore_index=ignore)
-        with atomic_path(crf_dir / f"{i}.npy") as tmp:
-            with open(tmp, "wb") as fh:
-                np.save(fh, q.astype(np.float16))
-    thresholds = tuner.fit()
-    metrics = SegMetrics(n, "multiclass", ignore)
+    with tqdm(total=len(images) * len(chosen), desc="CRF out-of-fold", leave=False, disable=None) as bar:
+        for g in chosen:
+            for i in images:
+                image, probs, mask = load(i)
+                q = refine(probs, image, grid[g]).astype(np.float16).astype(np.float32)  # as stored, see oof.py
+                tuners[g][image_folds[i]].update(q.astype(np.float64), mask.astype(np.int64), ignore_index=ignore)
+                path = crf_dir / ("" if g == best else f"grid{g}") / f"{i}.npy"
+                with atomic_path(path) as tmp:
+                    with open(tmp, "wb") as fh:
+                        np.save(fh, q.astype(np.float16))
+                bar.update()
+    thresholds = merge_tuners(tuners[best].values()).fit()
+    per_fold = {f: merge_tuners(tuners[best_without[f]][h] for h in folds if h != f).fit() for f in folds}
+    in_sample, cross = (SegMetrics(n, "multiclass", ignore) for _ in range(2))
     for i in images:
-        mask = load(i, probs=False)[2]
-        q = np.load(crf_dir / f"{i}.npy").astype(np.float32)
-        metrics.update(torch.from_numpy(decide(q, thresholds).astype(np.int64))[None],
-                       torch.from_numpy(mask.astype(np.int64))[None])
-    result = metrics.compute()
-    kept = bool(result["miou"] > baseline_miou)
-    logger.info("CRF out-of-fold mIoU %.4f vs %.4f without: %s", result["miou"], baseline_miou,
-                "kept" if kept else "not kept")
-    post = {"crf": {"kept": kept, "params": best, "thresholds": thresholds, "miou_without": baseline_miou,
-                    "miou_with": result["miou"], "grid_images": len(pairs),
-                    "grid": [{"params": None, "argmax_miou": scores[0]}]
-                    + [{"params": g, "argmax_miou": s} for g, s in zip(grid, scores[1:])]}}
-    return result, post
+        f, mask = image_folds[i], load(i, probs=False)[2]
+        target = torch.from_numpy(mask.astype(np.int64))[None]
+        for metrics, g, rule in ((in_sample, best, thresholds), (cross, best_without[f], per_fold[f])):
+            q = np.load(crf_dir / ("" if g == best else f"grid{g}") / f"{i}.npy").astype(np.float32)
+            metrics.update(torch.from_numpy(decide(q, rule).astype(np.int64))[None], target)
+    with_cf, with_in = cross.compute(), in_sample.compute()
+    record = step_record("crf", "miou", baseline["cross_fitted"], with_cf, baseline["in_sample"], with_in,
+                         class_names)
+    record["compared_with"] = baseline["name"]
+    post = {"crf": {"kept": record["kept"], "params": grid[best], "thresholds": thresholds,
+                    "params_per_fold": {str(f): grid[g] for f, g in best_without.items()},
+                    "miou_without": baseline["cross_fitted"]["miou"], "miou_with": with_cf["miou"],
+                    "miou_with_in_sample": with_in["miou"], "grid_images": len(pick), "step": record,
+                    "grid": [{"params": None, "argmax_miou": _miou(confusions[0].sum(0))}]
+                    + [{"params": p, "argmax_miou": _miou(confusions[g + 1].sum(0))} for g, p in enumerate(grid)]}}
+    return with_cf, with_in, post
 
 
 def crf_step(result: dict, any_ensemble, data, max_size: int | None, out_dir: Path, tune_min_area: bool = False,
-             tune_images: int = 24) -> tuple[dict, dict]:
+             tune_images: int = 24) -> tuple[dict, dict, dict]:
     """After :func:`ensemble.oof.oof_evaluate`: fit the CRF on its stored probabilities; returns
-    (row (d) metrics, the ``postprocessing.json`` content)."""
+    (row (d) cross-fitted, row (d) in-sample, the ``postprocessing.json`` content). The CRF competes
+    with the best rule kept before it: the tuned thresholds when they were kept, else row (b)."""
     from ensemble.oof import make_tuner
 
-    load = OOFImages(data, max_size, out_dir / "oof_probs")
-    return fit_crf(load, result["images"], make_tuner(data, tune_min_area, 1000), any_ensemble.decide,
-                   result["tuned"]["miou"], out_dir, tune_images)
+    load = OOFImages(data, max_size, EnsembleFiles(out_dir).oof_probs_dir)
+    if result["steps"]["thresholds"]["kept"]:
+        name = "tuned" if result["steps"].get("min_area", {"kept": True})["kept"] else "thresholds_only"
+        baseline = {"name": name, "cross_fitted": result[name], "in_sample": result[f"{name}_in_sample"]}
+    else:
+        baseline = {"name": "ensemble", "cross_fitted": result["ensemble"], "in_sample": result["ensemble"]}
+    return fit_crf(load, result["images"], result["image_folds"], lambda: make_tuner(data, tune_min_area, 1000),
+                   any_ensemble.decide, baseline, out_dir, data.class_names, tune_images)
 
 
 def crf_refiner(post: dict | None, max_size: int | None):

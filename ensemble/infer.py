@@ -1,6 +1,6 @@
 """Inference with the whole ensemble (every fold's members) on new images.
 
-Input: a folder of images, or a COCO json (with annotations: test metrics are computed too).
+Input: a folder of images, or a COCO json / mask folder (with annotations: test rows too).
 Output (``--out DIR``):
 
 * ``masks/<stem>.png``: multiclass, one uint8 PNG of class indices at the original image size
@@ -8,16 +8,22 @@ Output (``--out DIR``):
   multilabel, ``masks/<class name>/<stem>.png`` per class, 0 or 255.
 * ``submission.csv``: ``image_id,class,rle,height,width`` with one row per image and class
   (multiclass: background left out), RLE as in :mod:`ensemble.rle` (Kaggle style: 1-indexed
-  ``start length`` pairs over the column-major flattened mask; empty when absent).
+  ``start length`` pairs over the column-major flattened mask; empty when absent), or in a
+  competition's format (:mod:`ensemble.submission`).
 * ``probs/<stem>.npy`` with ``--save-probs``: float16 (C, H, W) averaged probabilities.
-* ``test_metrics.json`` when the input has annotations.
+* ``test_metrics.json`` when the input has annotations: the rows of the out-of-fold table on it,
+  (a) the best single member by validation score, (b) the ensemble at default decisions
+  (argmax / 0.5), (c) the ensemble with the kept post-processing (thresholds, min-areas and
+  the CRF when kept), each with mIoU, Dice, pixel accuracy and per-class IoU (boundary IoU
+  too with ``boundary``); the top-level keys repeat (c), what the masks are.
+
+:func:`score_rows` computes the same rows for images of a :class:`SegData` (a holdout split).
 """
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -25,27 +31,35 @@ from tqdm import tqdm
 
 from ensemble.oof import score_into, target_of
 from ensemble.predictor import Ensemble
-from ensemble.rle import submission_rows
+from ensemble.rows import ROWS
+from ensemble.submission import Submission
 from trainables.data import IMAGE_SUFFIXES, load_dataset, read_image
 from trainables.errors import InputError
-from trainables.io import atomic_path, atomic_write_json, atomic_write_text
+from trainables.io import atomic_path, atomic_write_json
 from trainables.metrics import SegMetrics
+from trainables.runfiles import TEST_METRICS_JSON
 
 logger = logging.getLogger(__name__)
 
 
-def list_inputs(path: Path, task: str, unannotated: str, cache_dir) -> tuple[list[Path], list[str], object]:
-    """(image paths, image ids, SegData or None) for a folder of images or a COCO json."""
+def _annotated(data) -> bool:
+    flag = getattr(data, "has_annotations", None)
+    return bool(flag) if flag is not None else bool(data.pixel_counts.sum() > 0)
+
+
+def list_inputs(path: Path, task: str, unannotated: str, cache_dir,
+                options: dict | None = None) -> tuple[list[Path], list[str], object]:
+    """(image paths, image ids, SegData or None) for a folder of images or a COCO json; ``options``:
+    the experiment's other dataset options (``trainables.data.dataset_options``: crowd, background)."""
     if not path.exists():
         raise InputError(path, "nothing to predict: path not found")
-    if path.is_dir() and not any(path.glob("*.json")):
+    if path.is_dir() and not any(path.glob("*.json")) and not (path / "masks").is_dir():
         images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not images:
             raise InputError(path, "no images found")
         return images, [p.name for p in images], None
-    data = load_dataset(path, None, task, unannotated, cache_dir)
-    annotated = data.pixel_counts.sum() > 0
-    return data.image_paths, data.ids, data if annotated else None
+    data = load_dataset(path, None, task, unannotated, cache_dir, **(options or {}))
+    return data.image_paths, data.ids, data if _annotated(data) else None
 
 
 def _save_png(path: Path, array: np.ndarray) -> None:
@@ -53,46 +67,119 @@ def _save_png(path: Path, array: np.ndarray) -> None:
         Image.fromarray(array).save(tmp, format="PNG")
 
 
+def iterate(ens: Ensemble, read: Callable[[int], np.ndarray], items: list[int], batch_size: int,
+            keep: int | None = None, desc: str = "predicting") -> Iterator[tuple[int, np.ndarray, np.ndarray, object]]:
+    """(item, image, ensemble probabilities, member ``keep``'s probabilities or None) per item,
+    predicted in batches, with a progress bar over images."""
+    with tqdm(total=len(items), desc=desc, unit="img", disable=None) as bar:
+        for start in range(0, len(items), batch_size):
+            batch = items[start:start + batch_size]
+            images = [read(i) for i in batch]
+            if keep is None:
+                outs = [(p, None) for p in ens.predict_batch(images)]
+            else:
+                outs = ens.predict_batch_and_member(images, keep)
+            for i, image, (probs, member) in zip(batch, images, outs):
+                yield i, image, probs, member
+            bar.update(len(batch))
+
+
+class RowScorer:
+    """SegMetrics of rows (a), (b), (c) over the images seen."""
+
+    def __init__(self, num_classes: int, task: str, ignore_index: int = 255, single: bool = True,
+                 boundary: bool = False):
+        keys = ("single", "ensemble", "tuned") if single else ("ensemble", "tuned")
+        self.task = task
+        # boundary IoU at full resolution costs more than the rest of scoring together: asked for
+        self.metrics = {k: SegMetrics(num_classes, task, ignore_index, boundary=boundary) for k in keys}
+
+    def add(self, mask: np.ndarray, decisions: dict) -> None:
+        target, valid = target_of(mask, self.task, 255)
+        for key, decision in decisions.items():
+            if key == "tuned" and decision is decisions["ensemble"]:  # no post-processing kept: (c) is (b)
+                self.same = True
+                continue
+            score_into(self.metrics[key], decision, target, valid, self.task)
+
+    def compute(self) -> dict:
+        out = {k: m.compute() for k, m in self.metrics.items() if not (k == "tuned" and getattr(self, "same", False))}
+        if "tuned" not in out:
+            out["tuned"] = dict(out["ensemble"])
+        return {k: out[k] for k in self.metrics}
+
+
+def decisions(ens: Ensemble, probs, member_probs, image, thresholds, refine) -> dict:
+    """Row key -> decision: (a) the kept member at default decisions, (b) the ensemble at default
+    decisions, (c) the ensemble with the rule (refined first when a CRF is kept)."""
+    out = {"ensemble": ens.decide(probs)}
+    if member_probs is not None:
+        out["single"] = ens.decide(member_probs)
+    if thresholds or refine is not None:
+        out["tuned"] = ens.decide(refine(probs, image) if refine is not None else probs, thresholds)
+    else:
+        out["tuned"] = out["ensemble"]
+    return out
+
+
+def score_rows(ens: Ensemble, data, indices: list[int], thresholds: dict | None, refine=None, best: int | None = 0,
+               batch_size: int = 8, boundary: bool = False) -> dict:
+    """Rows (a)/(b)/(c) on images ``indices`` of ``data`` (a SegData) at their stored size;
+    ``best`` indexes the member of row (a) (None: no row (a))."""
+    scorer = RowScorer(data.num_classes, data.task, data.ignore_index, single=best is not None, boundary=boundary)
+    for i, image, probs, member in iterate(ens, data.read_image, list(indices), batch_size, best, "scoring"):
+        scorer.add(data.read_mask(i), decisions(ens, probs, member, image, thresholds, refine))
+    return scorer.compute()
+
+
+def submission_skip(thresholds: dict | None, has_background: bool | None):
+    """Classes left out of ``submission.csv``: () when class 0 is a real class (a dataset without
+    background), None (the default: background class 0 left out) otherwise. Without
+    ``has_background`` (older bundles) the rule tells: a fallback of None means no background."""
+    if has_background is None:
+        has_background = not (thresholds is not None and thresholds.get("fallback", 0) is None)
+    return None if has_background else ()
+
+
 def predict_folder(ens: Ensemble, thresholds: dict | None, inputs: Path, out: Path, task: str, unannotated: str,
                    class_names: list[str], batch_size: int = 8, save_probs: bool = False, cache_dir=None,
-                   refine=None) -> dict:
-    """``refine(probs, image)``: post-processing of the probabilities before the decision (the CRF)."""
-    paths, ids, data = list_inputs(inputs, task, unannotated, cache_dir)
+                   refine=None, best: int | None = None, submission: Submission | None = None,
+                   rle_order: str = "column", boundary: bool = False, options: dict | None = None,
+                   has_background: bool | None = None) -> dict:
+    """``refine(probs, image)``: post-processing of the probabilities before the decision (the CRF).
+    ``best``: the member of row (a) in the test table (None: the first). ``options``: dataset options
+    of annotated inputs (crowd, background); ``has_background``: whether class 0 is background (left
+    out of the submission; None: decided by the rule, as before)."""
+    paths, ids, data = list_inputs(inputs, task, unannotated, cache_dir, options)
     if data is not None and data.class_names != class_names:
         raise InputError(inputs, f"classes {data.class_names} differ from the experiment's {class_names}")
-    metrics = SegMetrics(len(class_names), task, 255) if data is not None else None
-    # class 0 is background (left out of the submission) only when the rule falls back to it;
-    # datasets without a background class (fallback None) have a real class 0
-    skip = () if thresholds is not None and thresholds.get("fallback", 0) is None else None
-    rows: list[dict] = []
-    for start in tqdm(range(0, len(paths), batch_size), desc="predicting", unit="batch", disable=None):
-        batch = list(range(start, min(start + batch_size, len(paths))))
-        images = [read_image(paths[i]) for i in batch]
-        for i, image, probs in zip(batch, images, ens.predict_batch(images)):
-            probs = refine(probs, image) if refine is not None else probs
-            stem = Path(ids[i]).stem
-            decision = ens.decide(probs, thresholds)
-            if task == "multiclass":
-                _save_png(out / "masks" / f"{stem}.png", decision)
-                rows += submission_rows(ids[i], labels=decision, class_names=class_names, skip_classes=skip)
-            else:
-                for c, name in enumerate(class_names):
-                    _save_png(out / "masks" / name / f"{stem}.png", decision[c].astype(np.uint8) * 255)
-                rows += submission_rows(ids[i], binary=decision, class_names=class_names)
-            if save_probs:
-                with atomic_path(out / "probs" / f"{stem}.npy") as tmp:
-                    with open(tmp, "wb") as fh:
-                        np.save(fh, probs.astype(np.float16))
-            if metrics is not None:
-                target, valid = target_of(data.read_mask(i), task, 255)
-                score_into(metrics, decision, target, valid, task)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["image_id", "class", "rle", "height", "width"])
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out / "submission.csv", buf.getvalue())
+    scorer = RowScorer(len(class_names), task, 255, boundary=boundary) if data is not None else None
+    submission = submission or Submission(class_names, task, submission_skip(thresholds, has_background), rle_order)
+    keep = (best or 0) if scorer is not None else None
+    for i, image, probs, member in iterate(ens, lambda i: read_image(paths[i]), list(range(len(paths))), batch_size,
+                                           keep):
+        stem = Path(ids[i]).stem
+        rows = decisions(ens, probs, member, image, thresholds, refine)
+        decision = rows["tuned"]
+        if task == "multiclass":
+            _save_png(out / "masks" / f"{stem}.png", decision)
+        else:
+            for c, name in enumerate(class_names):
+                _save_png(out / "masks" / name / f"{stem}.png", decision[c].astype(np.uint8) * 255)
+        submission.add(ids[i], decision)
+        if save_probs:
+            with atomic_path(out / "probs" / f"{stem}.npy") as tmp:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, probs.astype(np.float16))
+        if scorer is not None:
+            scorer.add(data.read_mask(i), rows)
+    submission.write(out / "submission.csv")
     result = {"images": len(paths), "out": str(out)}
-    if metrics is not None:
-        result["test_metrics"] = metrics.compute()
-        atomic_write_json(out / "test_metrics.json", result["test_metrics"])
+    if scorer is not None:
+        rows = scorer.compute()
+        result["test_rows"] = rows
+        result["test_metrics"] = {**rows["tuned"], "images": len(paths), "rows": rows,
+                                  "labels": {k: ROWS[k] for k in rows},
+                                  "best_single": ens.members[keep].name}
+        atomic_write_json(out / TEST_METRICS_JSON, result["test_metrics"])
     return result

@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from trainables.errors import InputError
+from trainables.runfiles import FINISHED, TRIALS_CSV, score_column
 
 logger = logging.getLogger(__name__)
 
 
 def _score(row: dict, metric: str) -> float:
     try:
-        return float(row.get(f"best_{metric}", "nan"))
+        return float(row.get(score_column(metric), "nan"))
     except ValueError:
         return math.nan
 
@@ -36,7 +37,7 @@ def top_k(rows: list[dict], metric: str, mode: str, k: int) -> dict[int, list[di
     sign = -1.0 if mode == "max" else 1.0
     by_fold: dict[int, list[dict]] = {}
     for row in rows:
-        if row["status"] in ("completed", "stopped") and row.get("checkpoint") and not math.isnan(_score(row, metric)):
+        if row["status"] in FINISHED and row.get("checkpoint") and not math.isnan(_score(row, metric)):
             by_fold.setdefault(int(row["fold"]), []).append(row)
     members = {}
     for fold, candidates in sorted(by_fold.items()):
@@ -46,7 +47,7 @@ def top_k(rows: list[dict], metric: str, mode: str, k: int) -> dict[int, list[di
             logger.warning("fold %d has no completed trial: using trials stopped early", fold)
         members[fold] = (completed or candidates)[:k]
     if not members:
-        raise InputError("trials.csv", "no completed trial with a checkpoint: nothing to ensemble")
+        raise InputError(TRIALS_CSV, "no completed trial with a checkpoint: nothing to ensemble")
     for fold, chosen in members.items():
         for row in chosen:
             if not checkpoint_exists(row["checkpoint"]):

@@ -95,18 +95,22 @@ def compare_oof(run_dir: Path, other: Path, report: dict, experiment: dict) -> d
     ``ensemble/oof_metrics.json`` must exist."""
     import json
 
-    for name in ("experiment.json", "folds.json", "ensemble/oof_metrics.json"):
-        if not (other / name).exists():
-            raise InputError(other / name, "missing: --compare needs another experiment with its ensemble report")
-    theirs = json.loads((other / "experiment.json").read_text())
+    from ensemble.rows import ROWS
+    from trainables.runfiles import RunFiles, read_experiment, read_folds
+
+    files = RunFiles(other)
+    for path in (files.experiment_json, files.folds_json, files.ensemble().oof_metrics_json):
+        if not path.exists():
+            raise InputError(path, "missing: --compare needs another experiment with its ensemble report")
+    theirs = read_experiment(other)
     if theirs["dataset"]["fingerprint"] != experiment["dataset"]["fingerprint"]:
         raise InputError(other, "was searched on another dataset: its out-of-fold results are not comparable")
-    if json.loads((other / "folds.json").read_text())["folds"] != json.loads((run_dir / "folds.json").read_text())["folds"]:
-        raise InputError(other / "folds.json", "other folds: its out-of-fold results are not comparable")
-    their_report = json.loads((other / "ensemble" / "oof_metrics.json").read_text())
+    if read_folds(other) != read_folds(run_dir):
+        raise InputError(files.folds_json, "other folds: its out-of-fold results are not comparable")
+    their_report = json.loads(files.ensemble().oof_metrics_json.read_text())
 
     def row(path: Path, exp: dict, rep: dict) -> dict:
         return {"experiment": str(path), "extra_train": exp["settings"]["fixed"]["data"].get("extra_train"),
-                **{k: rep[k]["miou"] for k in ("single", "ensemble", "tuned", "crf") if k in rep}}
+                **{k: rep[k]["miou"] for k in ROWS if k in rep}}
 
     return {"this": row(run_dir, experiment, report), "other": row(other, theirs, their_report)}

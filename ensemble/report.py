@@ -11,12 +11,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ensemble.rows import ROWS  # noqa: E402
 from trainables.io import atomic_path  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-LABELS = {"single": "(a) best single trial / fold", "ensemble": "(b) ensemble, default", "tuned": "(c) ensemble, tuned",
-          "crf": "(d) ensemble + CRF, tuned"}
+LABELS = ROWS  # row labels shared with the printed tables
 
 
 def _save(fig, path: Path) -> Path:

@@ -11,6 +11,9 @@ beginning at pixel ``start``. An empty mask is the empty string. For example the
 
 reads 1 0 0 | 1 0 0 | 1 0 1 column by column and encodes as ``"1 1 4 1 7 1 9 1"``.
 
+``order="row"`` numbers the pixels row by row instead (C order, left to right, then top to
+bottom), as some competitions do (``--rle-order row``).
+
 Encoding and decoding are vectorised over pixels (a difference of the padded flat mask, and a
 cumulative sum of run boundaries), so whole-resolution masks stay fast.
 """
@@ -24,19 +27,28 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 
-def rle_encode(mask: np.ndarray) -> str:
+ORDERS = {"column": "F", "row": "C"}
+
+
+def _flat_order(order: str) -> str:
+    if order not in ORDERS:
+        raise ValueError(f"unknown RLE order {order!r}: use {' or '.join(ORDERS)}")
+    return ORDERS[order]
+
+
+def rle_encode(mask: np.ndarray, order: str = "column") -> str:
     """``(H, W)`` boolean mask -> ``"start length start length ..."`` ("" when empty)."""
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"expected a 2-D mask, got shape {mask.shape}")
-    pixels = np.concatenate([[False], mask.astype(bool).ravel(order="F"), [False]])
+    pixels = np.concatenate([[False], mask.astype(bool).ravel(order=_flat_order(order)), [False]])
     # 1-based positions where a run starts and where the first pixel after it lies.
     edges = np.flatnonzero(pixels[1:] != pixels[:-1]) + 1
     edges[1::2] -= edges[::2]
     return " ".join(map(str, edges))
 
 
-def rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
+def rle_decode(rle: str, shape: tuple[int, int], order: str = "column") -> np.ndarray:
     """Inverse of :func:`rle_encode`: a boolean mask of ``shape`` ``(H, W)``."""
     numbers = np.array(rle.split(), dtype=np.int64)
     size = int(np.prod(shape))
@@ -48,7 +60,7 @@ def rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
     boundaries = np.zeros(size + 1, dtype=np.int64)
     np.add.at(boundaries, starts, 1)
     np.add.at(boundaries, starts + lengths, -1)
-    return (np.cumsum(boundaries[:-1]) > 0).reshape(shape, order="F")
+    return (np.cumsum(boundaries[:-1]) > 0).reshape(shape, order=_flat_order(order))
 
 
 def submission_rows(
@@ -57,6 +69,7 @@ def submission_rows(
     binary: np.ndarray | None = None,
     class_names: Sequence[str] | None = None,
     skip_classes: Sequence[int] | None = None,
+    order: str = "column",
 ) -> list[dict]:
     """One submission row per class of one image.
 
@@ -88,7 +101,7 @@ def submission_rows(
         {
             "image_id": image_id,
             "class": name,
-            "rle": rle_encode(mask),
+            "rle": rle_encode(mask, order),
             "height": height,
             "width": width,
         }

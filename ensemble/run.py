@@ -12,19 +12,12 @@ ensemble/infer.py for the output format).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if sys.path[0] == str(Path(__file__).resolve().parent):
-    sys.path[0] = str(ROOT)
-elif str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from trainables.cli import exit_on_user_error  # noqa: E402
-from trainables.errors import ConfigError, InputError  # noqa: E402
+from trainables.cli import exit_on_user_error
+from trainables.errors import ConfigError, InputError
+from trainables.runfiles import RunFiles, read_experiment, read_folds, read_trials_csv
 
 logger = logging.getLogger("ensemble")
 
@@ -72,8 +65,11 @@ def log_to_wandb(run_dir: Path, out_dir: Path, report: dict, mode: str, project:
 
     run = wandb.init(project=project, group=run_dir.resolve().name, job_type="ensemble", name=f"{run_dir.name}-ensemble",
                      dir=str(run_dir), mode=mode, config={"experiment": str(run_dir)})
+    from ensemble.rows import ROWS
+
     table = wandb.Table(columns=["", "mIoU", "mean Dice", "boundary IoU", "pixel acc"])
-    rows = (("single", "(a) best single"), ("ensemble", "(b) ensemble"), ("tuned", "(c) tuned"), ("crf", "(d) CRF"))
+    rows = [(k, label + (" (cross-fitted)" if k in ("tuned", "crf") else "")) for k, label in ROWS.items()]
+    rows += [(f"{k}_in_sample", f"{ROWS[k]} (in-sample)") for k in ("tuned", "crf")]
     for key, label in rows:
         if key in report:
             table.add_data(label, *(report[key].get(f) for f in ("miou", "dice", "biou", "pixel_acc")))
@@ -83,14 +79,8 @@ def log_to_wandb(run_dir: Path, out_dir: Path, report: dict, mode: str, project:
 
 
 def load_experiment(run_dir: Path) -> tuple[dict, list[list[str]], list[dict]]:
-    from tune.experiment import read_trials_csv
-
-    for name in ("experiment.json", "folds.json"):
-        if not (run_dir / name).exists():
-            raise InputError(run_dir / name, "missing: is this an experiment directory written by tune/run.py?")
-    experiment = json.loads((run_dir / "experiment.json").read_text())
-    folds = json.loads((run_dir / "folds.json").read_text())["folds"]
-    return experiment, folds, read_trials_csv(run_dir / "trials.csv")
+    """experiment.json, the folds and the rows of trials.csv of a finished search."""
+    return read_experiment(run_dir), read_folds(run_dir), read_trials_csv(RunFiles(run_dir).trials_csv)
 
 
 @exit_on_user_error
@@ -113,6 +103,9 @@ def main(argv=None) -> None:
     experiment, folds, rows = load_experiment(run_dir)
     settings = experiment["settings"]
     metric, mode = settings["search"]["metric"], settings["search"]["mode"]
+    from trainables.metrics import empty_score
+
+    empty = empty_score(settings["fixed"].get("metrics", {}).get("empty", 1))  # per-image metrics' empty pairs
     try:
         tta = TTA.parse(args.tta)
     except ValueError as exc:
@@ -122,64 +115,95 @@ def main(argv=None) -> None:
     data = load_data(d)
     if data.fingerprint != experiment["dataset"]["fingerprint"]:
         raise InputError(d["path"], "the dataset changed since the search: out-of-fold results would be mixed")
-    out_dir = run_dir / ("ensemble-debug" if args.debug else "ensemble")
+    files = RunFiles(run_dir)
+    out = files.ensemble(args.debug)
+    out_dir = out.root
     ensembles = {}
     from trainables.loop import resolve_device
 
     device = resolve_device(args.device)
     for fold, chosen in pool.items():
         # a URI (trials in an object store) is fetched once into the run directory
-        members = [load_member(local_checkpoint(r["checkpoint"], run_dir / "checkpoints"), r["trial_id"], device)
+        members = [load_member(local_checkpoint(r["checkpoint"], files.checkpoints_dir), r["trial_id"], device)
                    for r in chosen]
         ensembles[fold] = Ensemble(members, tta, args.voting, device)
+    selection = None
     if args.selection == "greedy":
         from ensemble.selection import greedy_members
 
-        ensembles = greedy_members(ensembles, data, folds, d["max_size"], args.top_k, metric, mode)
+        ensembles, selection = greedy_members(ensembles, data, folds, d["max_size"], args.top_k, metric, mode,
+                                              empty=1.0 if empty is None else empty)
     members_json = {str(f): [{"trial_id": m.name, "score": m.score, "epoch": m.meta["epoch"],
                               "checkpoint": next(r["checkpoint"] for r in pool[f] if r["trial_id"] == m.name)}
                              for m in e.members] for f, e in ensembles.items()}
-    atomic_write_json(out_dir / "members.json", {"selection": args.selection, "top_k": args.top_k,
-                                                 "voting": args.voting, "tta": args.tta, "members": members_json})
+    atomic_write_json(out.members_json, {"selection": args.selection, "top_k": args.top_k,
+                                         "voting": args.voting, "tta": args.tta, "members": members_json})
+    from ensemble.crossfit import score_key
     from ensemble.oof import oof_evaluate
+    from ensemble.rows import ROWS
 
     result = oof_evaluate(ensembles, data, folds, d["max_size"], out_dir, args.batch_size, args.min_area,
-                          max_per_fold=4 if args.debug else None)
-    thresholds = result["thresholds"]
-    atomic_write_json(out_dir / "thresholds.json", thresholds)
-    report = {k: result[k] for k in ("single", "ensemble", "tuned")}
+                          max_per_fold=4 if args.debug else None, metric=metric, empty=empty)
+    thresholds = result["thresholds"]  # fitted on all out-of-fold predictions: what --predict applies if kept
+    atomic_write_json(out.thresholds_json, thresholds)
+    report = {k: v for k, v in result.items() if k in ROWS or k.endswith("_in_sample") or k == "thresholds_only"}
     report["class_names"] = data.class_names
     report["oof_images"] = len(result["images"])
     report["extra_train"] = d.get("extra_train")  # pseudo-labels (or other extra data) the members trained on
-    post = {"crf": None}
+    report["steps"] = result["steps"]
+    if selection:
+        report["selection"] = selection
+    post = {"crf": None, "steps": result["steps"]}
     if args.crf:
         from ensemble.crf import crf_step
 
-        report["crf"], post = crf_step(result, next(iter(ensembles.values())), data, d["max_size"], out_dir, args.min_area)
-        report["postprocessing"] = {k: v for k, v in post["crf"].items() if k != "thresholds"}
-    atomic_write_json(out_dir / "postprocessing.json", post)
+        report["crf"], report["crf_in_sample"], crf = crf_step(result, next(iter(ensembles.values())), data,
+                                                               d["max_size"], out_dir, args.min_area)
+        post.update(crf)
+        report["steps"] = post["steps"] = {**result["steps"], "crf": crf["crf"]["step"]}
+        report["postprocessing"] = {k: v for k, v in crf["crf"].items() if k not in ("thresholds", "step")}
+    from trainables.folds import read_holdout
+
+    holdout = read_holdout(files.folds_json)
+    if holdout:
+        from ensemble.holdout import holdout_step
+
+        report["holdout"] = holdout_step(ensembles, data, holdout, thresholds, post, report["steps"], mode,
+                                         d["max_size"], args.batch_size)
+    key = score_key(data.task, metric)
+    report["optimism"] = {k: report[f"{k}_in_sample"][key] - report[k][key] for k in ("tuned", "crf") if k in report}
+    atomic_write_json(out.postprocessing_json, post)
+    from ensemble.bundle import write_bundle
+    from trainables.data import dataset_options
+
+    kept_crf = post.get("crf") if post.get("crf") and post["crf"]["kept"] else None
+    bundle_dir = write_bundle(out.bundle_dir, [m for e in ensembles.values() for m in e.members], args.tta,
+                              args.voting, {"thresholds": post_thresholds(post, thresholds),
+                                            "crf": kept_crf["params"] if kept_crf else None, "max_size": d["max_size"]},
+                              metric, mode, {"experiment": str(run_dir.resolve())},
+                              {"unannotated": d["unannotated"], **dataset_options(d), "has_background": data.has_background})
     if args.compare:
         from ensemble.pseudo import compare_oof
 
         report["compare"] = compare_oof(run_dir, args.compare, report, experiment)
-    atomic_write_json(out_dir / "oof_metrics.json", report)
+    atomic_write_json(out.oof_metrics_json, report)
     write_plots(out_dir, report, thresholds, data, ensembles, folds, d["max_size"])
     print_table(report, data.class_names)
-    print_extras(report)
-    if args.predict:
-        from ensemble.infer import predict_folder
+    if "holdout" in report:
+        from ensemble.rows import format_table
 
-        all_members = [m for e in ensembles.values() for m in e.members]
-        everyone = Ensemble(all_members, tta, args.voting, device)
-        out = args.out or out_dir / "predictions"
-        res = predict_folder(everyone, post_thresholds(post, thresholds), args.predict, out, data.task,
-                             d["unannotated"], data.class_names, args.batch_size, args.save_probs, d["cache_dir"],
-                             refine=crf_refiner(post, d["max_size"]))
-        print(f"predicted {res['images']} images with {len(all_members)} members -> {out}")
-        if "test_metrics" in res:
-            t = res["test_metrics"]
-            print(f"test: mIoU {t['miou']:.4f}  Dice {t['dice']:.4f}  bIoU {t.get('biou', float('nan')):.4f} "
-                  f"-> {out / 'test_metrics.json'}")
+        h = report["holdout"]
+        print("\n" + format_table(h, data.class_names, f"holdout ({h['images']} images)")
+              + f"\nprediction applies row {ROWS[h['applied']]}")
+    print_extras(report)
+    if args.predict:  # the bundle just written, as ensemble/predict.py runs it anywhere
+        from ensemble.bundle import load_bundle
+        from ensemble.predict import predict_with_bundle, print_result
+
+        bundle = load_bundle(bundle_dir, device)
+        res = predict_with_bundle(bundle, args.predict, args.out or out.predictions_dir, args.batch_size,
+                                  args.save_probs, device, cache_dir=d["cache_dir"])
+        print_result(res, len(bundle.members), bundle.class_names)
     if args.pseudo_label:
         write_pseudo(args, ensembles, post, thresholds, data, d, run_dir, tta, device)
     if args.cam:
@@ -196,33 +220,55 @@ def main(argv=None) -> None:
 
 
 def print_table(report: dict, class_names: list[str]) -> None:
-    keys = ("single", "ensemble", "tuned", "crf")[:4 if "crf" in report else 3]
-    print(f"\nout-of-fold ({report['oof_images']} images)    (a) single  (b) ensemble  (c) tuned"
-          + ("   (d) CRF" if "crf" in report else ""))
-    for label, field in (("mIoU", "miou"), ("mean Dice", "dice"), ("boundary IoU", "biou"), ("pixel acc", "pixel_acc")):
-        print(f"{label:<28}" + "".join(f"{report[k].get(field, float('nan')):>12.4f}" for k in keys))
+    """(a), (b), then (c) and (d) cross-fitted with their in-sample scores beside them."""
+    from ensemble.crossfit import optimism_summary
+    from ensemble.rows import FIELDS, ROWS
+
+    cols = [(k, ROWS[k]) for k in ("single", "ensemble") if k in report]
+    for k in ("tuned", "crf"):
+        if k in report:
+            cols += [(k, f"{ROWS[k]} x-fit"), (f"{k}_in_sample", "in-sample")]
+    print(f"\nout-of-fold ({report['oof_images']} images; x-fit: each fold scored with decisions fitted on the "
+          "others)\n" + " " * 28 + "".join(f"{label:>26}" for _, label in cols))
+    for label, field in FIELDS:
+        print(f"{label:<28}" + "".join(f"{report[k].get(field, float('nan')):>26.4f}" for k, _ in cols))
     for c, name in enumerate(class_names):
-        print(f"  IoU {name:<22}" + "".join(f"{report[k]['iou_per_class'][c]:>12.4f}" for k in keys))
+        print(f"  IoU {name:<22}" + "".join(f"{report[k]['iou_per_class'][c]:>26.4f}" for k, _ in cols))
+    if report.get("steps"):
+        print(optimism_summary(report["steps"]))
+    if report.get("selection"):
+        for fold, sel in sorted(report["selection"]["folds"].items()):
+            print(f"greedy selection fold {fold} ({sel['metric']}): {sel['cross_fitted']:.4f} cross-fitted on half-folds, "
+                  f"{sel['in_sample']:.4f} in-sample, top-k {sel['topk']:.4f}: {'kept' if sel['kept'] else 'top-k kept'}")
 
 
 def print_extras(report: dict) -> None:
     """The CRF decision and the --compare table, under the out-of-fold table."""
     if report.get("postprocessing"):
         p = report["postprocessing"]
-        print(f"CRF {'kept' if p['kept'] else 'not kept'}: tuned mIoU {p['miou_without']:.4f} without, "
-              f"{p['miou_with']:.4f} with ({p['params']})")
+        print(f"CRF {'kept' if p['kept'] else 'not kept'}: mIoU {p['miou_without']:.4f} without, "
+              f"{p['miou_with']:.4f} with, cross-fitted ({p['params']})")
     if report.get("compare"):
-        print("\nout-of-fold mIoU          (a) single  (b) ensemble  (c) tuned  extra_train")
+        from ensemble.rows import ROWS
+
+        keys = [k for k in ROWS if all(k in report["compare"][side] for side in ("this", "other"))]
+        print("\nout-of-fold mIoU" + " " * 8 + "".join(f"{ROWS[k]:>20}" for k in keys) + "  extra_train")
         for key in ("this", "other"):
             r = report["compare"][key]
-            print(f"{Path(r['experiment']).name[:24]:<24}" + "".join(f"{r[k]:>12.4f}" for k in ("single", "ensemble", "tuned"))
+            print(f"{Path(r['experiment']).name[:24]:<24}" + "".join(f"{r[k]:>20.4f}" for k in keys)
                   + f"  {r['extra_train'] or '-'}")
 
 
-def post_thresholds(post: dict, thresholds: dict) -> dict:
-    """The thresholds fitted for the probabilities the decision will see (CRF-refined ones when it was kept)."""
+def post_thresholds(post: dict, thresholds: dict) -> dict | None:
+    """The thresholds prediction applies: the CRF's (fitted on refined probabilities) when it was kept,
+    else those fitted on all out-of-fold predictions less the steps not kept; None (argmax / 0.5)
+    when the thresholds were not kept."""
+    from ensemble.crossfit import kept_rule
+
     crf = post.get("crf")
-    return crf["thresholds"] if crf and crf["kept"] else thresholds
+    if crf and crf["kept"]:
+        return crf["thresholds"]
+    return kept_rule(thresholds, post.get("steps", {}))
 
 
 def crf_refiner(post: dict, max_size):
@@ -236,7 +282,7 @@ def write_pseudo(args, ensembles: dict, post: dict, thresholds: dict, data, d: d
     from ensemble.predictor import Ensemble
     from ensemble.pseudo import write_pseudo_labels
 
-    out = args.pseudo_out or run_dir / "pseudo"
+    out = args.pseudo_out or RunFiles(run_dir).pseudo_dir
     sets = ({f"fold{f}": e.members for f, e in ensembles.items()} if args.pseudo_per_fold
             else {"": [m for e in ensembles.values() for m in e.members]})
     for sub, members in sets.items():
@@ -256,6 +302,7 @@ def write_plots(out_dir: Path, report: dict, thresholds: dict, data, ensembles, 
     from ensemble.report import confusion_plot, iou_bars, overlays, threshold_curves
     from trainables.dataset import SegDataset
     from trainables.folds import train_val_indices
+    from trainables.runfiles import EnsembleFiles
 
     iou_bars(report, data.class_names, out_dir / "iou_bars.png")
     threshold_curves(thresholds, data.class_names, out_dir / "threshold_curves.png")
@@ -269,7 +316,7 @@ def write_plots(out_dir: Path, report: dict, thresholds: dict, data, ensembles, 
         ds = SegDataset(data, val_idx[:2], transform=None, max_size=max_size, cache=False)
         for i in val_idx[:2]:
             image, mask = ds.load(i)
-            probs = np.load(out_dir / "oof_probs" / f"{i}.npy").astype(np.float32)
+            probs = np.load(EnsembleFiles(out_dir).oof_probs_dir / f"{i}.npy").astype(np.float32)
             samples.append((data.ids[i], image, mask, ens.decide(probs, thresholds)))
     overlays(samples[:4], data.num_classes, out_dir / "overlays.png")
 

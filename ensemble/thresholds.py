@@ -2,7 +2,9 @@
 
 Why: a network trained with softmax or sigmoid outputs is scored with argmax or a 0.5 cut-off,
 yet Dice and mIoU often improve when each class gets its own cut-off (rare or over-predicted
-classes especially). Tuning on out-of-fold predictions keeps the choice honest.
+classes especially). Tuned on out-of-fold predictions and scored on the same pixels, the gain is
+optimistic (in-sample): ``ensemble/crossfit.py`` fits one tuner per fold and scores each fold with
+thresholds fitted on the others (:func:`merge_tuners` adds their histograms).
 
 Streaming: the tuners never keep pixels. Each ``update`` bins the scores into fixed histograms
 (``bins`` intervals over [0, 1] plus one slot for a score of exactly 1.0), so their state depends
@@ -52,11 +54,14 @@ them).
 """
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
+
+from trainables.metrics import dice_from_counts, iou_from_counts, mean_defined
 
 logger = logging.getLogger(__name__)
 
@@ -98,26 +103,13 @@ def _slot(grid: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return slot
 
 
-def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    """``num / den`` with NaN where ``den`` is 0 (nothing to score)."""
-    num = np.asarray(num, dtype=np.float64)
-    den = np.asarray(den, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(den > 0, num / den, np.nan)
-
-
 def _metric(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, metric: str) -> np.ndarray:
-    if metric == "dice":
-        return _ratio(2 * tp, 2 * tp + fp + fn)
-    return _ratio(tp, tp + fp + fn)
+    return dice_from_counts(tp, fp, fn) if metric == "dice" else iou_from_counts(tp, fp, fn)
 
 
 def _nanmean(values: np.ndarray) -> np.ndarray:
     """Mean over the last axis ignoring NaN; NaN where every value is NaN (no warning)."""
-    present = ~np.isnan(values)
-    count = present.sum(axis=-1)
-    total = np.where(present, values, 0.0).sum(axis=-1)
-    return _ratio(total, count)
+    return mean_defined(values, axis=-1)
 
 
 def _floats(values) -> list[float]:
@@ -135,11 +127,31 @@ def _pick_near_half(grid: np.ndarray, curve: np.ndarray, has_positives: bool) ->
     return int(tied[np.argmin(np.abs(grid[tied] - 0.5))])
 
 
+def merge_tuners(tuners: Sequence) -> object:
+    """One tuner holding the counts of all ``tuners`` (same class and settings): their histograms add,
+    so fitting it equals fitting one tuner fed every image of theirs."""
+    tuners = list(tuners)
+    if not tuners:
+        raise ValueError("nothing to merge")
+    first = tuners[0]
+    merged = copy.deepcopy(first)
+    for other in tuners[1:]:
+        if type(other) is not type(first) or not np.array_equal(other.grid, first.grid):
+            raise ValueError("tuners of different kinds or grids cannot be merged")
+        for name in first.COUNTS:
+            mine = getattr(merged, name)
+            if mine is not None:
+                mine += getattr(other, name)
+    return merged
+
+
 # --------------------------------------------------------------------------- multilabel
 
 
 class MultilabelThresholdTuner:
     """Per-class sigmoid thresholds maximising Dice or IoU, from streamed histograms."""
+
+    COUNTS = ("positive_hist", "negative_hist")  # the state :func:`merge_tuners` adds
 
     def __init__(self, num_classes: int, bins: int = 1000, metric: str = "dice"):
         if metric not in METRICS:
@@ -246,8 +258,14 @@ def _confusion_stats(
     counts the pixels taken from class ``c`` whose truth is c / the fallback / another class.
     """
     tp0 = np.diag(confusion)
-    fp0 = confusion.sum(axis=0) - tp0
-    fn0 = confusion.sum(axis=1) - tp0
+    return removal_stats(tp0, confusion.sum(axis=0) - tp0, confusion.sum(axis=1) - tp0, removed, fallback)
+
+
+def removal_stats(
+    tp0: np.ndarray, fp0: np.ndarray, fn0: np.ndarray, removed: np.ndarray, fallback: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """TP, FP, FN per class (last axis) from the argmax counts ``tp0``/``fp0``/``fn0`` when the pixels
+    ``removed[..., c, :]`` (by truth category) leave class ``c`` for the fallback class or void."""
     same, to_fallback, other = removed[..., _SAME], removed[..., _FALLBACK], removed[..., _OTHER]
     tp = tp0 - same
     fp = fp0 - to_fallback - other
@@ -259,8 +277,7 @@ def _confusion_stats(
     return tp, fp, fn
 
 
-def _iou(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
-    return _ratio(tp, tp + fp + fn)
+_iou = iou_from_counts
 
 
 def _coordinate_ascent(
@@ -294,6 +311,8 @@ def _coordinate_ascent(
 
 class MulticlassThresholdTuner:
     """Per-class softmax thresholds (and optional minimum areas) maximising mIoU, streamed."""
+
+    COUNTS = ("confusion", "score_hist", "area_hist")  # the state :func:`merge_tuners` adds
 
     def __init__(
         self,
@@ -408,8 +427,8 @@ class MulticlassThresholdTuner:
             "default_iou_per_class": _floats(default_iou),
             "curves": result_curves,
         }
-        logger.info(
-            "multiclass thresholds: mIoU %.4f -> %.4f", result["default_miou"], result["miou"]
+        logger.debug(
+            "multiclass thresholds: mIoU %.4f -> %.4f (in-sample)", result["default_miou"], result["miou"]
         )
         return result
 

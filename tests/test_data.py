@@ -273,7 +273,9 @@ def test_folder_class_index_above_classes_txt(folder, cache_dir):
 def test_folder_without_classes_txt_names_classes(folder, cache_dir):
     (folder / "classes.txt").unlink()
     data = load_dataset(folder, cache_dir=cache_dir)
-    assert data.class_names == ["class_0", "class_1", "class_2"]
+    assert data.class_names == ["background", "class_1", "class_2"] and data.has_background  # data.background=0
+    data = load_dataset(folder, cache_dir=cache_dir, background="none")
+    assert data.class_names == ["class_0", "class_1", "class_2"] and not data.has_background
 
 
 # ---------------------------------------------------------------- bad input names the file

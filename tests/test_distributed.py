@@ -154,7 +154,8 @@ def test_trials_csv_records_the_node_of_every_attempt(tmp_path):
 
 def test_checkpoints_in_an_object_store_are_recorded_as_uris_and_fetched(tmp_path):
     from ensemble.members import checkpoint_exists, local_checkpoint
-    from tune.experiment import checkpoint_ref, experiment_location, read_trial_file
+    from trainables.runfiles import experiment_location, read_trial_file
+    from tune.experiment import checkpoint_ref
 
     store = tmp_path / "bucket"
     trial_dir = store / "exp" / "fold0_abc"

@@ -201,9 +201,10 @@ def test_jobs_api_round_trip_with_wandb_and_report(tmp_path):
         assert any(k.startswith("best/examples") for r in rows for k in r)  # masks from preview.npz
         run = next(r.run for r in records(run_file) if r.WhichOneof("record_type") == "run")
         assert run.run_group == "job" and any(t.startswith("fold") for t in run.tags)
-    # the report exists and every image it references is there
+    # the report exists, with its interactive figures (learning curves, each fold's history), and
+    # every image it references is there
     page = (run_dir / "report" / "report.html").read_text()
+    assert "learning curves of the best" in page and "optimisation history" in page
     images = re.findall(r"<img src='([^']+)'>", page)
-    assert any("history" in i for i in images) and any("learning_curves" in i for i in images)
     for image in images:
         assert (run_dir / "report" / image).exists(), image

@@ -72,21 +72,28 @@ def _one_torch_thread():
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory):
     """runs/<name>/ as tune/run.py leaves it, made with FoldTrainer directly (no Ray)."""
+    exp = build_experiment(tmp_path_factory.mktemp("ensemble"))
+    assert len(exp.data) == NUM_IMAGES and exp.data.num_classes == NUM_CLASSES
+    return exp
+
+
+def build_experiment(tmp: Path, data_settings: dict | None = None, folds_settings: dict | None = None,
+                     lrs=LRS) -> SimpleNamespace:
+    """Train len(lrs) tiny configs x 2 folds on the shipped sample and write the run directory."""
     from trainables.checkpoint import save_checkpoint
     from trainables.config import resolve
-    from trainables.data import load_dataset
+    from trainables.data import load_data
     from trainables.folds import load_or_make_folds, train_val_indices
     from trainables.loop import FoldTrainer
-    from tune.experiment import write_experiment_json, write_trials_csv
+    from trainables.runfiles import write_experiment_json, write_trials_csv
 
-    tmp = tmp_path_factory.mktemp("ensemble")
     run_dir, cache = tmp / "run", tmp / "cache"
     run_dir.mkdir()
-    data = load_dataset(cache_dir=cache)
-    assert len(data) == NUM_IMAGES and data.num_classes == NUM_CLASSES
+    base = resolve({"data": {"max_size": MAX_SIZE, "cache_dir": str(cache), **(data_settings or {})}})
+    data = load_data(base["data"])
     base = resolve({
-        "data": {"path": str(data.source), "max_size": MAX_SIZE, "cache_dir": str(cache)},
-        "folds": {"k": 2, "seed": 0},
+        "data": {**base["data"], "path": str(data.source)},
+        "folds": {"k": 2, "seed": 0, **(folds_settings or {})},
         "model": {"arch": "Unet", "encoder": "resnet18", "weights": None,
                   "kwargs": {"encoder_depth": 3, "decoder_channels": [32, 16, 8]}},
         "train": {"epochs": 1, "batch_size": 8, "image_size": [64, 96], "device": "cpu", "num_workers": 0,
@@ -94,11 +101,11 @@ def experiment(tmp_path_factory):
     })
     f = base["folds"]
     folds = load_or_make_folds(run_dir / "folds.json", f["strategy"], f["k"], f["seed"], data.ids, data.presence,
-                               data.fingerprint, f["group_regex"])
+                               data.fingerprint, f["group_regex"], f["holdout"])
     rows = []
     for fold in range(2):
         train_idx, val_idx = train_val_indices(folds, fold, data.ids)
-        for j, lr in enumerate(LRS):
+        for j, lr in enumerate(lrs):
             cfg = resolve(base, {"optimizer.lr": lr})
             # validation on part of the fold keeps the fixture fast; it only ranks the trials
             trainer = FoldTrainer(cfg, data, train_idx, val_idx[:16], fold=fold)
@@ -116,9 +123,9 @@ def experiment(tmp_path_factory):
     write_experiment_json(run_dir, settings, {"fingerprint": data.fingerprint, "source": str(data.source),
                                               "class_names": data.class_names, "task": data.task,
                                               "images": len(data)})
-    for fold in range(2):  # the two configs of a fold must be told apart by their score
-        a, b = (r["best_val_miou"] for r in rows if r["fold"] == fold)
-        assert a != b
+    for fold in range(2):  # the configs of a fold must be told apart by their score
+        scores = [r["best_val_miou"] for r in rows if r["fold"] == fold]
+        assert len(set(scores)) == len(scores)
     return SimpleNamespace(tmp=tmp, run_dir=run_dir, cache=cache, data=data, folds=folds, rows=rows)
 
 
@@ -274,15 +281,24 @@ def test_run_oof_report_and_predictions(experiment, ensemble_run):
     for key in ("single", "ensemble", "tuned"):
         assert 0.0 < metrics[key]["miou"] <= 1.0
         assert len(metrics[key]["iou_per_class"]) == NUM_CLASSES
-    assert metrics["tuned"]["miou"] >= metrics["ensemble"]["miou"] - 1e-9
 
     thresholds = json.loads((report / "thresholds.json").read_text())
     assert len(thresholds["thresholds"]) == NUM_CLASSES and thresholds["fallback"] == 0
     assert thresholds["thresholds"][0] == 0.0
     assert all(0.0 <= t <= 1.0 for t in thresholds["thresholds"])
-    # the reported (b) and (c) are what the tuner counted: same pixels, same probabilities
+    # in-sample (b) and (c) are what the tuner counted: same pixels, same probabilities
     assert math.isclose(metrics["ensemble"]["miou"], thresholds["default_miou"], abs_tol=1e-9)
-    assert math.isclose(metrics["tuned"]["miou"], thresholds["miou"], abs_tol=1e-9)
+    assert math.isclose(metrics["tuned_in_sample"]["miou"], thresholds["miou"], abs_tol=1e-9)
+    # (c) is cross-fitted: recomputed here with one tuner per held-out fold and sklearn's confusion matrix
+    expected = _cross_fitted_miou(experiment, report)
+    assert math.isclose(metrics["tuned"]["miou"], expected, abs_tol=1e-9)
+    step = metrics["steps"]["thresholds"]
+    assert step["kept"] == (metrics["tuned"]["miou"] > metrics["ensemble"]["miou"])
+    assert math.isclose(step["gain"], metrics["tuned"]["miou"] - metrics["ensemble"]["miou"], abs_tol=1e-12)
+    assert math.isclose(metrics["optimism"]["tuned"], metrics["tuned_in_sample"]["miou"] - metrics["tuned"]["miou"])
+    worse = [n for n, a, b in zip(data.class_names, metrics["tuned"]["iou_per_class"],
+                                  metrics["ensemble"]["iou_per_class"]) if a < b - 1e-12]
+    assert step["worse_classes"] == worse
 
     members = json.loads((report / "members.json").read_text())
     assert members["top_k"] == 2 and members["selection"] == "topk"
@@ -327,6 +343,34 @@ def test_run_oof_report_and_predictions(experiment, ensemble_run):
     test_metrics = json.loads((out / "test_metrics.json").read_text())
     assert 0.0 < test_metrics["miou"] <= 1.0
     assert "predicted 24 images with 4 members" in ensemble_run.proc.stdout
+
+
+def _cross_fitted_miou(experiment, report: Path) -> float:
+    """Thresholds fitted on one fold's out-of-fold probabilities, applied to the other fold's, pooled."""
+    from sklearn.metrics import confusion_matrix
+
+    from ensemble.thresholds import MulticlassThresholdTuner, apply_multiclass
+    from trainables.dataset import SegDataset
+    from trainables.folds import train_val_indices
+
+    data = experiment.data
+    ds = SegDataset(data, [], transform=None, max_size=MAX_SIZE, cache=False)
+    per_fold = [train_val_indices(experiment.folds, f, data.ids)[1] for f in range(2)]
+    cm = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+    for f in range(2):
+        tuner = MulticlassThresholdTuner(NUM_CLASSES, fallback=0)
+        for i in per_fold[1 - f]:
+            tuner.update(np.load(report / "oof_probs" / f"{i}.npy").astype(np.float64), ds.load(i)[1])
+        rule = tuner.fit()
+        for i in per_fold[f]:
+            mask = ds.load(i)[1]
+            pred = apply_multiclass(np.load(report / "oof_probs" / f"{i}.npy").astype(np.float32), rule["thresholds"],
+                                    0, rule["min_area"])
+            cm += confusion_matrix(mask.ravel(), pred.ravel(), labels=range(NUM_CLASSES))
+    tp = np.diag(cm)
+    with np.errstate(invalid="ignore"):
+        iou = tp / (cm.sum(0) + cm.sum(1) - tp)
+    return float(np.nanmean(iou))
 
 
 # --------------------------------------------------------------------------- 4. plain folder
@@ -405,7 +449,7 @@ def test_bad_experiment_dir_and_missing_checkpoint(experiment, tmp_path, capsys)
     assert "experiment.json" in line
 
     run_dir = _copy_experiment(experiment.run_dir, tmp_path / "broken")
-    from tune.experiment import read_trials_csv, write_trials_csv
+    from trainables.runfiles import read_trials_csv, write_trials_csv
 
     rows = read_trials_csv(run_dir / "trials.csv")
     gone = tmp_path / "gone" / "checkpoint_000000" / "model.pt"
@@ -486,3 +530,44 @@ def test_rerun_after_a_crash_gives_the_same_outputs(experiment, ensemble_run, tm
     again = json.loads((rerun / "ensemble" / "oof_metrics.json").read_text())
     assert again["tuned"]["miou"] == oof["tuned"]["miou"] and again["single"] == oof["single"]
     assert list((rerun / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+# --------------------------------------------------------------------------- 6. greedy selection
+
+
+def test_greedy_selection_follows_the_metric_and_is_cross_fitted_on_half_folds(experiment):
+    """Greedy selection maximises the search's metric (here pixel accuracy), selects on one half of a
+    fold's images and scores on the other; recomputed here with a hand-written pixel accuracy."""
+    import torch
+
+    from ensemble.members import top_k as pick
+    from ensemble.predictor import Ensemble, load_member
+    from ensemble.selection import _subsampled_probs, greedy_members
+    from trainables.folds import train_val_indices
+
+    cpu = torch.device("cpu")
+    data = experiment.data
+    ensembles = {f: Ensemble([load_member(r["checkpoint"], r["trial_id"], cpu) for r in rows], device=cpu)
+                 for f, rows in pick(experiment.rows, "val_miou", "max", 2).items()}
+    chosen, report = greedy_members(ensembles, data, experiment.folds, MAX_SIZE, 2, "val_pixel_acc", "max",
+                                    pixels_per_image=256)
+    assert report["metric"] == "pixel_acc" and report["note"] is None
+    for fold, ens in ensembles.items():
+        sel = report["folds"][str(fold)]
+        _, val_idx = train_val_indices(experiment.folds, fold, data.ids)
+        probs, target, owner = _subsampled_probs(ens, data, val_idx, MAX_SIZE, 256, seed=fold)
+        names = [m.name for m in ens.members]
+
+        def accuracy(members, rows):
+            avg = probs[[names.index(m) for m in members]][:, :, rows].astype(np.float32).mean(0)
+            return (avg.argmax(0) == target[rows]).sum(), len(rows)
+
+        halves = [np.flatnonzero(owner % 2 == h) for h in (0, 1)]
+        hits = [accuracy(sel["half_choices"][k], halves[1 - k]) for k in (0, 1)]
+        assert math.isclose(sel["cross_fitted"], sum(h for h, _ in hits) / sum(n for _, n in hits), rel_tol=1e-9)
+        hit, n = accuracy(names[:2], np.arange(len(target)))
+        assert math.isclose(sel["topk"], hit / n, rel_tol=1e-9)
+        assert sel["kept"] == (sel["cross_fitted"] > sel["topk"])
+        assert [m.name for m in chosen[fold].members] == (sel["chosen"] if sel["kept"] else names[:2])
+    _, report = greedy_members(ensembles, data, experiment.folds, MAX_SIZE, 2, "val_biou", "max", pixels_per_image=64)
+    assert report["metric"] == "miou" and "cannot be computed on sampled pixels" in report["note"]

@@ -58,7 +58,9 @@ def test_best_checkpoint_loads_and_predicts(two_epochs, sample, tmp_path):
     trainer, _ = two_epochs
     ckpt = trainer.best_checkpoint()
     assert ckpt["epoch"] == trainer.best_epoch and ckpt["score"] == trainer.best_score
-    assert ckpt["extra"] == {"dataset": sample.fingerprint} and ckpt["class_names"] == sample.class_names
+    assert ckpt["extra"] == {"dataset": sample.fingerprint, "weights_requested": None}
+    assert ckpt["class_names"] == sample.class_names
+    assert ckpt["config"]["model"]["weights"] == "random-init"  # what was loaded, not what was asked
     path = save_checkpoint(ckpt, tmp_path)
     model = model_from_checkpoint(load_checkpoint(path)).eval()
     images = normalise(np.stack([sample.read_image(i)[:64, :96] for i in range(2)]))

@@ -310,3 +310,45 @@ def test_bad_arguments_raise():
         SegMetrics(3).update(torch.zeros(1, 2, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="must both be"):
         SegMetrics(2, task="multilabel").update(torch.zeros(1, 2, 4, 4), torch.zeros(1, 4, 4))
+
+
+# ---------------------------------------------------------------- void predictions
+
+
+def test_void_prediction_is_a_miss_not_a_left_out_pixel():
+    """A pixel predicted as void (255, datasets without a background class) is a false negative of
+    its true class, as in smp / mmseg / torchmetrics: abstaining must not raise the score."""
+    r = run([[[0, 255, 1, 1]]], [[[0, 0, 1, 1]]], num_classes=2, boundary=False)
+    assert lists_close(r["iou_per_class"], [0.5, 1.0])
+    assert lists_close(r["dice_per_class"], [2 / 3, 1.0])
+    assert r["pixel_acc"] == pytest.approx(3 / 4)
+
+
+def test_void_predictions_match_an_independent_confusion_matrix():
+    """Random labels with a share of void predictions, against sklearn's confusion matrix over the
+    labels plus void (a column no truth has): IoU = tp / (row sum + column sum - tp)."""
+    from sklearn.metrics import confusion_matrix
+
+    rng = np.random.default_rng(0)
+    c = 4
+    target = rng.integers(0, c, (3, 16, 16))
+    target[0, :2] = 255  # ignored truth stays out
+    pred = rng.integers(0, c, (3, 16, 16))
+    pred[rng.random(pred.shape) < 0.3] = 255
+    r = run(pred, target, num_classes=c, boundary=False)
+    keep = target != 255
+    cm = confusion_matrix(target[keep], pred[keep], labels=[*range(c), 255])
+    tp = np.diag(cm)[:c]
+    iou = tp / (cm[:c].sum(1) + cm[:, :c].sum(0) - tp)
+    assert np.allclose(r["iou_per_class"], iou)
+    assert r["pixel_acc"] == pytest.approx(tp.sum() / keep.sum())
+
+
+def test_void_prediction_counts_in_boundary_iou():
+    """The true boundary of a class predicted as void is in the union and not the intersection."""
+    target = torch.zeros((1, 12, 12), dtype=torch.long)
+    target[0, 3:9, 3:9] = 1
+    pred = target.clone()
+    pred[0, 3:9, 3:9] = 255
+    r = run(pred, target, num_classes=2)
+    assert r["biou_per_class"][1] == 0.0

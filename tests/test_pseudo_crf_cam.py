@@ -191,13 +191,19 @@ def test_crf_fitted_out_of_fold_and_reported_beside_the_thresholds(extras_run):
     report = json.loads((extras_run.report / "oof_metrics.json").read_text())
     post = json.loads((extras_run.report / "postprocessing.json").read_text())["crf"]
     assert {"single", "ensemble", "tuned", "crf"} <= set(report)
-    assert post["miou_without"] == report["tuned"]["miou"] and post["miou_with"] == report["crf"]["miou"]
-    assert post["kept"] == (post["miou_with"] > post["miou_without"])  # kept only if it helps
+    # both cross-fitted: the CRF competes with the best rule kept before it, (c) or else (b)
+    before = "tuned" if report["steps"]["thresholds"]["kept"] else "ensemble"
+    assert post["step"]["compared_with"] == before
+    assert post["miou_without"] == report[before]["miou"] and post["miou_with"] == report["crf"]["miou"]
+    assert post["kept"] == (post["miou_with"] > post["miou_without"])  # kept only if it helps, out of sample
+    assert post["miou_with_in_sample"] == report["crf_in_sample"]["miou"]
+    assert set(post["params_per_fold"]) == {"0", "1"}
     assert len(post["grid"]) == 9 and post["grid"][0]["params"] is None
     assert len(post["thresholds"]["thresholds"]) == NUM_CLASSES
     assert len(list((extras_run.report / "oof_probs_crf").glob("*.npy"))) == report["oof_images"]
     page = (extras_run.run_dir / "report" / "report.html").read_text()  # row (d) on the report page too
-    assert "(d) DenseCRF + tuned thresholds " + ("(kept)" if post["kept"] else "(not kept: no gain)") in page
+    assert "<td>(d) CRF</td>" in page
+    assert "DenseCRF: " + ("kept" if post["kept"] else "not kept (no gain)") in page
 
 
 def test_crf_missing_package_is_one_line(experiment, monkeypatch, capsys):  # noqa: F811

@@ -196,7 +196,7 @@ def test_same_seed_same_folds_configs_and_cpu_metrics(tmp_path):
 
 
 def test_resume_on_a_changed_dataset_says_so(tmp_path, capsys, monkeypatch):
-    from tune.experiment import write_experiment_json
+    from trainables.runfiles import write_experiment_json
 
     monkeypatch.setenv("SEGHPO_CACHE", str(tmp_path / "cache"))
     path = write_coco(tmp_path / "d", images=4)
@@ -224,7 +224,7 @@ def test_security_defaults():
 
 
 def test_no_api_key_in_experiment_json(tmp_path, monkeypatch):
-    from tune.experiment import redact, write_experiment_json
+    from trainables.runfiles import redact, write_experiment_json
 
     monkeypatch.setattr(sys, "argv", ["tune/run.py", "--wandb-api-key", "SECRET123", "--space", "x"])
     write_experiment_json(tmp_path, {"space": "x"}, {"fingerprint": "f"})

@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
-from torch.utils.data import WeightedRandomSampler
 
 from tests.conftest import tiny_config
 from trainables.errors import ConfigError
 from trainables.loop import FoldTrainer
-from trainables.sampling import build_sampler, check_settings, rare_class_weights
+from trainables.sampling import Draw, EpochSampler, build_sampler, check_settings, rare_class_weights
 
 CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid" / "train" / "annotations.json"
 
@@ -31,9 +30,8 @@ def test_weights_by_hand():
 
 
 def draw_frequencies(weights: np.ndarray, draws: int, seed: int = 0) -> np.ndarray:
-    sampler = WeightedRandomSampler(torch.as_tensor(weights), draws, replacement=True,
-                                    generator=torch.Generator().manual_seed(seed))
-    return np.bincount(np.fromiter(iter(sampler), dtype=np.int64, count=draws), minlength=len(weights))
+    sampler = EpochSampler(len(weights), seed, torch.as_tensor(weights), num_draws=draws)
+    return np.bincount(np.fromiter((d.item for d in sampler), dtype=np.int64, count=draws), minlength=len(weights))
 
 
 def check_draws_follow_weights(presence: np.ndarray, draws: int = 200_000) -> None:
@@ -72,12 +70,24 @@ def test_trainer_draws_with_the_weights(sample):
     train_idx, val_idx = list(range(0, 72, 2)), list(range(1, 8, 2))
     trainer = FoldTrainer(tiny_config(**{"train.oversample": 1.0, "train.batch_size": 4}), sample, train_idx, val_idx)
     sampler = trainer.train_loader.sampler
-    assert isinstance(sampler, WeightedRandomSampler) and sampler.generator is trainer.generator
+    assert isinstance(sampler, EpochSampler) and sampler.seed == 0
     expected = rare_class_weights(sample.presence[train_idx], 1.0, 5.0)
     assert np.allclose(sampler.weights.numpy(), expected)
     assert len(trainer.train_loader) == len(train_idx) // 4  # one epoch is still len(train_set) draws
-    plain = FoldTrainer(tiny_config(), sample, train_idx, val_idx)
-    assert not isinstance(plain.train_loader.sampler, WeightedRandomSampler)
+    plain = FoldTrainer(tiny_config(), sample, train_idx, val_idx).train_loader.sampler
+    assert plain.weights is None and sorted(d.item for d in plain) == list(range(len(train_idx)))  # a shuffle
+
+
+def test_draws_are_a_function_of_seed_and_epoch():
+    sampler = EpochSampler(50, seed=3, weights=torch.rand(50, dtype=torch.double))
+    first = list(sampler)
+    assert all(isinstance(d, Draw) and d.epoch == 0 for d in first) and [d.position for d in first] == list(range(50))
+    assert list(EpochSampler(50, seed=3, weights=sampler.weights)) == first  # no hidden state
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert [d.item for d in second] != [d.item for d in first] and {d.epoch for d in second} == {1}
+    sampler.set_epoch(0)
+    assert list(sampler) == first
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -90,5 +100,4 @@ def test_bad_settings_are_one_line_config_errors(key, value, message):
     with pytest.raises(ConfigError, match=message) as err:
         check_settings(train)
     assert err.value.key == f"train.{key}"
-    assert build_sampler({"oversample": False, "oversample_cap": 5.0}, np.ones((3, 2), bool), True,
-                         torch.Generator()) is None
+    assert build_sampler({"oversample": False, "oversample_cap": 5.0}, np.ones((3, 2), bool), True, 0).weights is None

@@ -5,6 +5,7 @@ are written atomically and read with ``torch.load(weights_only=True)`` (no pickl
 """
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -20,8 +21,17 @@ FILENAME = "model.pt"
 
 
 def make_checkpoint(state_dict: dict, cfg: dict, class_names: list[str], task: str, metric: str,
-                    score: float, epoch: int, fold: int | None, extra: dict | None = None) -> dict:
+                    score: float, epoch: int, fold: int | None, extra: dict | None = None,
+                    weights: str | None = None) -> dict:
+    """``weights``: what the model was actually initialised from (``imagenet``, ``random-init``, a
+    path; ``build_model``'s ``weights_loaded``). The saved config then says that, not what was asked
+    for (kept in ``extra["weights_requested"]``)."""
     model = cfg["model"]
+    extra = dict(extra or {})
+    if weights is not None:
+        extra["weights_requested"] = model.get("weights")
+        cfg = copy.deepcopy(cfg)
+        cfg["model"]["weights"] = weights
     return {
         "format": FORMAT,
         "state_dict": {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()},
@@ -34,7 +44,7 @@ def make_checkpoint(state_dict: dict, cfg: dict, class_names: list[str], task: s
         "score": float(score),
         "epoch": int(epoch),
         "fold": fold,
-        "extra": extra or {},
+        "extra": extra,
     }
 
 

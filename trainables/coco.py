@@ -53,14 +53,34 @@ def read_coco(path: Path) -> dict:
     return coco
 
 
+def polygon_problem(poly) -> str | None:
+    """Why a COCO polygon cannot be drawn: pycocotools silently drops the last number of an odd
+    list (and clipping such a list fails), so an odd count is skipped like a two-point polygon."""
+    if not isinstance(poly, list) or not all(isinstance(v, (int, float)) for v in poly):
+        return "is not a list of numbers"
+    if len(poly) % 2:
+        return f"has an odd number of coordinates ({len(poly)})"
+    if len(poly) < 6:
+        return "has fewer than 3 points"
+    return None
+
+
+def has_odd_polygon(anns: list[dict]) -> bool:
+    return any(isinstance(a.get("segmentation"), list)
+               and any(isinstance(p, list) and len(p) % 2 for p in a["segmentation"]) for a in anns)
+
+
 def annotation_mask(ann: dict, height: int, width: int, source: Path) -> np.ndarray | None:
     """Binary mask of one annotation (polygons, RLE or uncompressed RLE); None if unusable."""
     seg = ann.get("segmentation")
     if isinstance(seg, list):
-        polys = [p for p in seg if isinstance(p, list) and len(p) >= 6]
-        if len(polys) < len(seg):
-            logger.warning("%s: annotation %s has a polygon with fewer than 3 points; skipped",
-                           source, ann.get("id"))
+        polys = []
+        for p in seg:
+            problem = polygon_problem(p)
+            if problem:
+                logger.warning("%s: annotation %s has a polygon that %s; skipped", source, ann.get("id"), problem)
+            else:
+                polys.append(p)
         if not polys:
             return None
         coords = np.concatenate([np.asarray(p, dtype=float) for p in polys])
@@ -81,27 +101,38 @@ def annotation_mask(ann: dict, height: int, width: int, source: Path) -> np.ndar
 
 
 def rasterise(anns: list[dict], height: int, width: int, cat_index: dict[int, int], task: str,
-              unannotated: str, num_classes: int, source: Path) -> np.ndarray:
+              unannotated: str, num_classes: int, source: Path, crowd: str = "ignore") -> np.ndarray:
+    """Label image (multiclass) or class channels + an "ignored" channel (multilabel).
+
+    ``crowd="ignore"`` follows COCO: an ``iscrowd: 1`` region (a group of objects not outlined one
+    by one) is not ground truth for its class. Multiclass paints it as ignored in the same
+    larger-area-first order, so objects annotated inside it stay on top; multilabel ignores the
+    whole pixel. ``crowd="class"`` paints it as its class like any annotation."""
     decoded = [(a, annotation_mask(a, height, width, source)) for a in anns]
     decoded = [(a, m) for a, m in decoded if m is not None]
-    annotated = np.zeros((height, width), dtype=bool)
+    ignored_crowd = crowd == "ignore"
     if task == "multiclass":
         fill = 0 if unannotated == "background" else IGNORE_INDEX
         mask = np.full((height, width), fill, dtype=np.uint8)
         # larger areas first, so that small objects painted later stay on top
         for ann, m in sorted(decoded, key=lambda am: -int(am[1].sum())):
-            mask[m] = cat_index[ann["category_id"]]
+            mask[m] = IGNORE_INDEX if ignored_crowd and ann.get("iscrowd") else cat_index[ann["category_id"]]
         return mask
     mask = np.zeros((height, width, num_classes + 1), dtype=bool)
+    annotated = np.zeros((height, width), dtype=bool)
     for ann, m in decoded:
+        if ignored_crowd and ann.get("iscrowd"):
+            mask[..., num_classes] |= m
+            continue
         mask[..., cat_index[ann["category_id"]]] |= m
         annotated |= m
     if unannotated == "ignore":
-        mask[..., num_classes] = ~annotated
+        mask[..., num_classes] |= ~annotated
     return mask
 
 
-def load_coco(path: Path, images: Path | str | None, task: str, unannotated: str, cache_root: Path) -> SegData:
+def load_coco(path: Path, images: Path | str | None, task: str, unannotated: str, cache_root: Path,
+              crowd: str = "ignore") -> SegData:
     coco = read_coco(path)
     image_root = Path(images) if images else path.parent / "images"
     if not image_root.is_dir():
@@ -111,18 +142,27 @@ def load_coco(path: Path, images: Path | str | None, task: str, unannotated: str
     cat_index = {c["id"]: i + offset for i, c in enumerate(cats)}
     class_names = (["background"] if offset else []) + [c["name"] for c in cats]
     num_classes = len(class_names)
+    if task == "multiclass" and num_classes > IGNORE_INDEX:
+        raise InputError(path, f"{len(cats)} categories give class indices 0..{num_classes - 1}, but {IGNORE_INDEX} "
+                               f"marks ignored pixels in multiclass masks: at most {IGNORE_INDEX} classes (merge "
+                               f"categories, or use data.task=multilabel)")
     imgs = sorted(coco["images"], key=lambda im: im["file_name"])
     for img in imgs:
         if not (image_root / img["file_name"]).exists():
             raise InputError(image_root / img["file_name"], f"image listed in {path.name} not found")
+    # rules added later enter the fingerprint only where they change this file's masks, so that
+    # the experiments and caches of datasets they leave unchanged stay valid
+    rules = (["crowd=ignore"] if crowd == "ignore" and any(a.get("iscrowd") for a in coco["annotations"]) else []) \
+        + (["odd polygons skipped"] if has_odd_polygon(coco["annotations"]) else [])
     fp = fingerprint("coco", file_digest(path), image_root.resolve(), task, unannotated,
-                     [(im["file_name"], im["height"], im["width"]) for im in imgs])
+                     [(im["file_name"], im["height"], im["width"]) for im in imgs], *rules)
     cache = cache_root / fp
     ext = ".png" if task == "multiclass" else ".npy"
     mask_paths = [cache / f"{im['id']}{ext}" for im in imgs]
     stats = load_stats(cache / "stats.json")
     if stats is None or not all(p.exists() for p in mask_paths):
-        stats = _build_cache(coco, imgs, mask_paths, cat_index, task, unannotated, num_classes, path, image_root)
+        stats = _build_cache(coco, imgs, mask_paths, cat_index, task, unannotated, num_classes, path, image_root,
+                             crowd)
         save_stats(cache / "stats.json", np.asarray(stats["presence"]), np.asarray(stats["pixel_counts"]),
                    stats["skipped"])
     presence = np.asarray(stats["presence"], dtype=bool)
@@ -136,7 +176,9 @@ def load_coco(path: Path, images: Path | str | None, task: str, unannotated: str
     for name, count in zip(class_names, pixel_counts):
         if count == 0:
             logger.warning("%s: class %r occurs in no image", path, name)
+    kept_ids = {imgs[i]["id"] for i in keep}
     return SegData(
+        has_annotations=any(a["image_id"] in kept_ids for a in coco["annotations"]),
         source=path, task=task, class_names=class_names, ids=[imgs[i]["file_name"] for i in keep],
         image_paths=[image_root / imgs[i]["file_name"] for i in keep], mask_paths=[mask_paths[i] for i in keep],
         sizes=[(imgs[i]["height"], imgs[i]["width"]) for i in keep], presence=presence[keep],
@@ -158,7 +200,8 @@ def image_problem(path: Path, height: int, width: int) -> str | None:
     return None
 
 
-def _build_cache(coco, imgs, mask_paths, cat_index, task, unannotated, num_classes, source, image_root) -> dict:
+def _build_cache(coco, imgs, mask_paths, cat_index, task, unannotated, num_classes, source, image_root,
+                 crowd) -> dict:
     by_image: dict[int, list[dict]] = {}
     for ann in coco["annotations"]:
         by_image.setdefault(ann["image_id"], []).append(ann)
@@ -168,7 +211,7 @@ def _build_cache(coco, imgs, mask_paths, cat_index, task, unannotated, num_class
         if problem:
             skipped[img["file_name"]] = problem
         mask = rasterise(by_image.get(img["id"], []), img["height"], img["width"], cat_index, task,
-                         unannotated, num_classes, source)
+                         unannotated, num_classes, source, crowd)
         if task == "multiclass":
             per_class = np.bincount(mask[mask != IGNORE_INDEX].ravel(), minlength=num_classes)[:num_classes]
         else:

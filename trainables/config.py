@@ -18,6 +18,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "images": None,  # image root for COCO file names (default: <json dir>/images)
         "task": "multiclass",  # multiclass (softmax) | multilabel (sigmoid per class)
         "unannotated": "background",  # COCO pixels without annotation: background | ignore
+        "crowd": "ignore",  # COCO iscrowd regions: ignore (COCO's meaning: not ground truth) | class (painted)
+        "background": 0,  # mask folders without classes.txt: 0 (class 0 is background) | none (every index a class)
         "max_size": None,  # downscale on load so the longer side is at most this
         "cache_dir": None,  # mask cache (default: $SEGHPO_CACHE or ~/.cache/seghpo)
         "subset": None,  # use only this many images, evenly spaced (quick checks, --debug)
@@ -28,11 +30,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "k": 5,
         "seed": 0,
         "group_regex": None,  # group key = first capture group (or match) of the file name
+        "holdout": None,  # images kept outside the folds, never searched or tuned on: a share (0.1), names, or a regex
     },
     "model": {
         "arch": "Unet",  # smp architecture name, or "segformer" / "upernet" (transformers)
         "encoder": "resnet34",  # smp/timm encoder, or HF name such as nvidia/mit-b0
-        "weights": "imagenet",  # pretrained weights to try (None: random init)
+        "weights": "imagenet",  # pretrained weights to try (None: random init), or a local encoder state dict path
+        #                         (.pt/.pth/.bin/.safetensors); SegFormer: a local Hugging Face folder goes in encoder
         "kwargs": {},  # extra keyword arguments for the model constructor
     },
     "loss": {
@@ -93,6 +97,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "preview_images": 4,  # validation images + predictions kept with each best checkpoint (W&B); 0: none
         "oversample": 0.0,  # draw images with rare classes more often: strength, 0 = off (trainables/sampling.py)
         "oversample_cap": 5.0,  # most an image's sampling weight can be (the commonest images have 1)
+    },
+    "metrics": {  # how validation scores average (trainables/metrics.py); val_miou/val_dice are always dataset-level
+        "average": "dataset",  # dataset | image: also report val_miou_image, val_dice_image (mean over images of
+        #                        each image's mean over classes, Kaggle style); implied when one is train.metric
+        "empty": 1,  # per-image scores: a pair with empty truth and empty prediction scores 1 | nan (left out)
     },
 }
 

@@ -7,7 +7,11 @@ pixels overwrite the target's image and mask. An instance is a connected compone
 class in the (downscaled) mask, so COCO and mask-folder data work alike::
 
     paste = build_copy_paste(cfg["augment"], data, train_idx, train_set.load, pixel_counts, seed)
-    image, mask = paste(image, mask, index=i)      # copies; the cached arrays stay untouched
+    image, mask = paste(image, mask, index=i, rng=rng)   # copies; the cached arrays stay untouched
+
+The training dataset passes each sample's own generator (seeded from seed, epoch and position,
+trainables/dataset.py), so what is pasted does not depend on DataLoader workers or on resuming;
+without ``rng`` the paste's own seeded stream is used.
 
 Settings (``augment.*``): ``copy_paste`` (probability per training image; 0 = off),
 ``copy_paste_classes`` (an int n: the n rarest classes by pixel share of the training images,
@@ -27,7 +31,6 @@ from typing import Callable, Sequence
 
 import cv2
 import numpy as np
-import torch.utils.data
 from scipy import ndimage
 
 from trainables.data import SegData
@@ -124,14 +127,13 @@ def _placement(length: int, room: int, rng: np.random.Generator) -> tuple[slice,
 
 
 class CopyPaste:
-    """Pastes instances onto an (image, mask) pair; seeded, with its state saved for resume."""
+    """Pastes instances onto an (image, mask) pair, drawing from the caller's generator (or its own)."""
 
     def __init__(self, instances: list[Instance], load: Callable[[int], tuple[np.ndarray, np.ndarray]], p: float,
                  scale: tuple[float, float], max_instances: int, seed: int = 0):
         self.load, self.p, self.scale, self.max_instances = load, p, scale, max_instances
         self.seed = seed
         self.rng = np.random.default_rng([seed, 0xC0FFEE])
-        self._worker = None  # (worker id, generator) inside a DataLoader worker process
         by_class: dict[int, list[Instance]] = {}
         for inst in instances:
             by_class.setdefault(inst.cls, []).append(inst)
@@ -142,22 +144,9 @@ class CopyPaste:
     def __len__(self) -> int:
         return sum(len(v) for v in self.by_class.values())
 
-    def _generator(self) -> np.random.Generator:
-        info = torch.utils.data.get_worker_info()
-        if info is None:
-            return self.rng
-        if self._worker is None or self._worker[0] != info.seed:  # a worker copy: its own stream from the loader's seed
-            self._worker = (info.seed, np.random.default_rng([self.seed, info.seed]))
-        return self._worker[1]
-
-    def state_dict(self) -> dict:
-        return {"numpy": self.rng.bit_generator.state}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.rng.bit_generator.state = state["numpy"]
-
-    def __call__(self, image: np.ndarray, mask: np.ndarray, index: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        rng = self._generator()
+    def __call__(self, image: np.ndarray, mask: np.ndarray, index: int | None = None,
+                 rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+        rng = self.rng if rng is None else rng
         if not self.classes or rng.random() >= self.p:
             return image, mask
         image, mask = image.copy(), mask.copy()

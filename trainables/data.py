@@ -5,9 +5,13 @@ Two input forms:
 * **COCO json** (pycocotools): polygons and RLE (compressed or not); category ids need not be
   contiguous (sorted and mapped to 1..C); pixels without annotation become background class 0
   (``unannotated="background"``) or ``IGNORE_INDEX`` (``"ignore"``, then classes are 0..C-1);
-  overlapping annotations are painted larger area first, so small objects stay on top.
+  overlapping annotations are painted larger area first, so small objects stay on top;
+  ``iscrowd: 1`` regions are ignored (``crowd="ignore"``, COCO's meaning) or painted as their class
+  (``"class"``); polygons with an odd number of coordinates or fewer than 3 points are skipped
+  with a warning. Multiclass masks hold at most 255 classes (255 is the ignore label).
 * **image/mask folders**: ``images/`` and ``masks/`` with class-index PNGs matched by file stem,
-  optional ``classes.txt`` (one name per line, line i is class i); value 255 is ignored.
+  optional ``classes.txt`` (one name per line, line i is class i); value 255 is ignored. Without
+  ``classes.txt``, class 0 is background (``background=0``) or a real class (``"none"``).
 
 Tasks: ``multiclass`` (one label per pixel) and ``multilabel`` (COCO only: one binary channel
 per category, overlaps allowed). Masks are rasterised once per dataset into a cache directory
@@ -26,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from trainables.errors import InputError
+from trainables.errors import ConfigError, InputError
 from trainables.io import atomic_path, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -34,6 +38,8 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = 255
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 CACHE_VERSION = "2"
+CROWD_OPTIONS = ("ignore", "class")
+BACKGROUND_NAMES = ("background", "_background_", "bg")
 SAMPLE_DATA = Path(__file__).resolve().parents[1] / "data" / "camvid-sample" / "train" / "annotations.json"
 
 
@@ -54,6 +60,9 @@ class SegData:
     ignore_index: int = IGNORE_INDEX
     has_background: bool = True
     meta: dict = field(default_factory=dict)
+    # whether the source holds ground truth at all (an annotation, or a mask file): a COCO file
+    # listing images without annotations only is unannotated even where its pixels count as background
+    has_annotations: bool = True
 
     @property
     def num_classes(self) -> int:
@@ -110,8 +119,16 @@ def load_dataset(
     task: str = "multiclass",
     unannotated: str = "background",
     cache_dir: str | os.PathLike | None = None,
+    crowd: str = "ignore",
+    background: int | str | None = 0,
 ) -> SegData:
-    """Load a COCO json or an image/mask folder; rasterise and cache masks once."""
+    """Load a COCO json or an image/mask folder; rasterise and cache masks once.
+
+    ``crowd``: COCO ``iscrowd`` regions, ``ignore`` or ``class``. ``background``: for mask folders,
+    whether class 0 is background (``0``) or a real class (``"none"``)."""
+    if crowd not in CROWD_OPTIONS:
+        raise ConfigError("config", "data.crowd", f"expected one of {', '.join(CROWD_OPTIONS)}, got {crowd!r}")
+    background = background_setting(background)
     path = Path(path) if path else SAMPLE_DATA
     if not path.exists():
         raise InputError(path, "dataset not found (give a COCO json or a folder with images/ and masks/)")
@@ -120,24 +137,39 @@ def load_dataset(
         if (path / "masks").is_dir():
             if task != "multiclass":
                 raise InputError(path, "mask folders hold class-index PNGs: only task multiclass")
-            return _load_folder(path, cache_root)
+            return _load_folder(path, cache_root, background)
         candidates = sorted(path.glob("*.json"))
         if not candidates:
             raise InputError(path, "folder has neither masks/ nor a COCO *.json annotation file")
         path = path / "annotations.json" if (path / "annotations.json").exists() else candidates[0]
     from trainables.coco import load_coco  # pycocotools only when needed
 
-    return load_coco(path, images, task, unannotated, cache_root)
+    return load_coco(path, images, task, unannotated, cache_root, crowd)
 
 
 def load_data(d: dict) -> SegData:
     """The dataset of a trial config's ``data`` section: :func:`load_dataset`, then ``subset``
     (that many images, evenly spaced over the file order) when it is set."""
-    data = load_dataset(d["path"], d["images"], d["task"], d["unannotated"], d["cache_dir"])
+    data = load_dataset(d["path"], d["images"], d["task"], d["unannotated"], d["cache_dir"], **dataset_options(d))
     n = d.get("subset")
     if not n or n >= len(data):
         return data
     return data.subset(np.linspace(0, len(data) - 1, int(n)).round().astype(int).tolist())
+
+
+def dataset_options(d: dict) -> dict:
+    """The keyword options of :func:`load_dataset` in a ``data`` section (configs saved before
+    they existed get the defaults)."""
+    return {"crowd": d.get("crowd", "ignore"), "background": d.get("background", 0)}
+
+
+def background_setting(value) -> int | None:
+    """``data.background``: 0 (class 0 is background) or None (``none``/null: no background)."""
+    if value is None or (isinstance(value, str) and value.lower() == "none"):
+        return None
+    if str(value) == "0":
+        return 0
+    raise ConfigError("config", "data.background", f"expected 0 or none, got {value!r}")
 
 
 def fingerprint(*parts) -> str:
@@ -181,7 +213,7 @@ def save_stats(stats_path: Path, presence: np.ndarray, pixel_counts: np.ndarray,
                                    "skipped": skipped or {}, **extra})
 
 
-def _load_folder(root: Path, cache_root: Path) -> SegData:
+def _load_folder(root: Path, cache_root: Path, background: int | None = 0) -> SegData:
     image_dir, mask_dir = root / "images", root / "masks"
     if not image_dir.is_dir():
         raise InputError(root, "mask folder dataset needs an images/ folder beside masks/")
@@ -196,7 +228,8 @@ def _load_folder(root: Path, cache_root: Path) -> SegData:
     classes_file = root / "classes.txt"
     names = [n.strip() for n in classes_file.read_text().splitlines() if n.strip()] if classes_file.exists() else None
     stat_key = [(s, p.stat().st_size, p.stat().st_mtime_ns) for s in stems for p in (images[s], masks[s])]
-    fp = fingerprint("folder", root.resolve(), stat_key, names)
+    # data.background enters the fingerprint only when not the default, so earlier runs keep theirs
+    fp = fingerprint("folder", root.resolve(), stat_key, names, *([] if background == 0 else ["background=none"]))
     stats_path = cache_root / fp / "stats.json"
     stats = load_stats(stats_path)
     if stats is None:
@@ -212,13 +245,35 @@ def _load_folder(root: Path, cache_root: Path) -> SegData:
     presence = np.asarray(stats["presence"], dtype=bool)[keep]
     pixel_counts = np.asarray(stats["pixel_counts"], dtype=np.int64)
     sizes = [tuple(stats["sizes"][i]) for i in keep]
-    names = names or [f"class_{i}" for i in range(presence.shape[1])]
+    names, has_background = folder_classes(root, names, presence.shape[1], background)
     return SegData(
         source=root, task="multiclass", class_names=names, ids=[images[s].name for s in stems],
         image_paths=[images[s] for s in stems], mask_paths=[masks[s] for s in stems], sizes=sizes,
-        presence=presence, pixel_counts=pixel_counts, fingerprint=fp,
-        has_background=names[0].lower() in ("background", "_background_", "bg"),
+        presence=presence, pixel_counts=pixel_counts, fingerprint=fp, has_background=has_background,
     )
+
+
+def folder_classes(root: Path, names: list[str] | None, num_classes: int,
+                   background: int | None) -> tuple[list[str], bool]:
+    """Class names and whether class 0 is background, said once as the dataset loads.
+
+    ``classes.txt`` names decide (class 0 is background when named background, _background_ or
+    bg); without it, ``data.background`` does: 0 (the default: most mask datasets paint the
+    background 0) or None (every index is a real class)."""
+    if names is not None:
+        has_background = background == 0 and names[0].lower() in BACKGROUND_NAMES
+        logger.info("%s: %d classes from classes.txt; %s", root, len(names),
+                    f"class 0 {names[0]!r} is background" if has_background else
+                    "every class index is a real class (no background)")
+        return names, has_background
+    if background == 0:
+        logger.info("%s: no classes.txt; class 0 is background and 1..%d are class_1..class_%d "
+                    "(data.background=0; set data.background=none if every index is a real class)",
+                    root, num_classes - 1, num_classes - 1)
+        return ["background"] + [f"class_{i}" for i in range(1, num_classes)], True
+    logger.info("%s: no classes.txt; every class index is a real class, class_0..class_%d (data.background=none)",
+                root, num_classes - 1)
+    return [f"class_{i}" for i in range(num_classes)], False
 
 
 def _folder_stats(stems: list[str], images: dict[str, Path], masks: dict[str, Path], names: list[str] | None) -> dict:
@@ -233,6 +288,9 @@ def _folder_stats(stems: list[str], images: dict[str, Path], masks: dict[str, Pa
             raise InputError(masks[stem], f"cannot read mask ({exc})") from None
         if mask.ndim != 2:
             raise InputError(masks[stem], f"mask must be single-channel class indices, got shape {mask.shape}")
+        if mask.dtype != np.uint8 and mask.size and mask.max() > IGNORE_INDEX:
+            raise InputError(masks[stem], f"class index {int(mask.max())}: multiclass masks hold classes "
+                                          f"0..{IGNORE_INDEX - 1} ({IGNORE_INDEX} marks ignored pixels)")
         try:
             with Image.open(images[stem]) as im:
                 im.load()
@@ -246,6 +304,9 @@ def _folder_stats(stems: list[str], images: dict[str, Path], masks: dict[str, Pa
         sizes.append((size[1], size[0]))
         counts.append(np.bincount(mask[mask != IGNORE_INDEX].ravel(), minlength=1))
     num_classes = len(names) if names else max(len(c) for c in counts)
+    if num_classes > IGNORE_INDEX:
+        raise InputError(masks[stems[0]].parent.parent / "classes.txt", f"{num_classes} classes, but {IGNORE_INDEX} "
+                                                                        f"marks ignored pixels: at most {IGNORE_INDEX}")
     too_high = [stems[i] for i, c in enumerate(counts) if len(c) > num_classes]
     if too_high:
         raise InputError(masks[too_high[0]], f"class index {len(counts[stems.index(too_high[0])]) - 1} is above the "

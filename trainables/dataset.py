@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import random
 
 import albumentations as A
 import cv2
@@ -11,6 +12,7 @@ from torch.utils.data import Dataset
 
 from trainables.data import IGNORE_INDEX, SegData
 from trainables.errors import ConfigError, InputError
+from trainables.sampling import Draw, draw_seed
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +25,8 @@ def build_transforms(augment: dict, image_size, train: bool, seed: int | None = 
 
     ``augment.albumentations`` (a dict in ``A.to_dict`` form) replaces the built-in list; the
     final resize to ``image_size`` is always appended so batches stack. ``seed`` makes the
-    augmentation stream reproducible (albumentations keeps its own generator).
+    augmentation stream reproducible (albumentations keeps its own generator); a seeded
+    :class:`SegDataset` reseeds the pipeline for every sample instead.
     """
     height, width = int(image_size[0]), int(image_size[1])
     mask_interp = cv2.INTER_NEAREST
@@ -37,8 +40,9 @@ def build_transforms(augment: dict, image_size, train: bool, seed: int | None = 
         return A.Compose([custom, A.Resize(height, width, mask_interpolation=mask_interp)], seed=seed)
     steps: list = []
     if augment["random_crop"]:
-        steps += [A.SmallestMaxSize(max_size=max(height, width), mask_interpolation=mask_interp),
-                  A.RandomCrop(height, width, pad_if_needed=True, fill_mask=IGNORE_INDEX)]
+        # at native resolution (after data.max_size), padded when smaller: large images are then
+        # predicted by sliding windows of this size (ensemble/tiling.py), not squashed
+        steps.append(A.RandomCrop(height, width, pad_if_needed=True, fill=0, fill_mask=IGNORE_INDEX))
     else:
         steps.append(A.Resize(height, width, mask_interpolation=mask_interp))
     if augment["hflip"] > 0:
@@ -78,13 +82,23 @@ class SegDataset(Dataset):
     Decoded (and downscaled) images and masks are kept in memory after their first read when
     ``cache`` is set, so later epochs pay only for augmentation. ``copy_paste`` (a
     :class:`trainables.copypaste.CopyPaste`) pastes instances before ``transform``.
+
+    With a ``seed``, every sample's augmentation and copy-paste are drawn from (seed, epoch,
+    position) alone: a key is a :class:`trainables.sampling.Draw` (what the trainer's sampler
+    yields; it carries the epoch to persistent workers) or an int k, read as position k of the
+    epoch last given to :meth:`set_epoch`. Any worker or a resumed run then augments a
+    sample alike. Without a seed the pipeline's own stream runs on (validation: no randomness).
     """
 
     def __init__(self, data: SegData, indices: list[int], transform: A.Compose, max_size: int | None = None,
-                 cache: bool = True, copy_paste=None):
+                 cache: bool = True, copy_paste=None, seed: int | None = None):
         self.data, self.indices, self.transform = data, list(indices), transform
         self.max_size, self.cache, self.copy_paste = max_size, cache, copy_paste
+        self.seed, self.epoch = seed, 0
         self._store: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -102,10 +116,23 @@ class SegDataset(Dataset):
             self._store[i] = (image, mask)
         return image, mask
 
-    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _reseed(self, epoch: int, position: int) -> np.random.Generator | None:
+        """Seed the pipeline for one sample; returns the sample's copy-paste generator."""
+        if self.seed is None:
+            return None
+        seq = draw_seed(self.seed, "augment", epoch, position)
+        # PCG64(seq) takes the first four 64-bit words (state, increment); the next two seed the
+        # others: independent streams, cheaper than seq.spawn
+        python_word, paste_word = seq.generate_state(6, np.uint64)[4:].tolist()
+        self.transform.set_random_state(np.random.Generator(np.random.PCG64(seq)), random.Random(python_word))
+        return np.random.default_rng(paste_word)
+
+    def __getitem__(self, key: int | Draw) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, position, k = key if isinstance(key, tuple) else (self.epoch, key, key)
+        paste_rng = self._reseed(epoch, position)
         image, mask = self.load(self.indices[k])
         if self.copy_paste is not None:
-            image, mask = self.copy_paste(image, mask, index=self.indices[k])
+            image, mask = self.copy_paste(image, mask, index=self.indices[k], rng=paste_rng)
         out = self.transform(image=image, mask=mask)
         image = (out["image"].astype(np.float32) - MEAN) / STD
         image_t = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainables.data import SegData, fingerprint, load_dataset
+from trainables.data import SegData, dataset_options, fingerprint, load_dataset
 from trainables.errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def load_extra(d: dict, data: SegData, fold: int | None) -> list[SegData]:
     """Load every extra dataset of ``d`` for ``fold``; classes and task must match ``data``."""
     extras = []
     for path in extra_paths(d, fold):
-        extra = load_dataset(path, None, d["task"], d["unannotated"], d["cache_dir"])
+        extra = load_dataset(path, None, d["task"], d["unannotated"], d["cache_dir"], **dataset_options(d))
         if extra.class_names != data.class_names:
             raise InputError(path, f"extra training data has classes {extra.class_names}, "
                                    f"the dataset has {data.class_names}")

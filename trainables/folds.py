@@ -8,6 +8,12 @@ Strategies:
 * ``multilabel``: iterative stratification (Sechidis et al. 2011) over per-image class presence.
 * ``group``: a group key per image from ``group_regex`` on its file name (first capture group,
   or the whole match); one group never straddles folds (GroupKFold, shuffled by seed).
+
+A **holdout** (``folds.holdout``: a share such as 0.1, a list of image names, or a regular
+expression on them) is set aside before the folds are made, split the way the folds are (the
+first part of a ``round(1 / share)``-fold split of the same strategy: grouped images stay
+together), and saved in ``folds.json`` beside them. No fold trains or validates on it, so the
+search, member selection and post-processing never see it; the ensemble step scores it.
 """
 from __future__ import annotations
 
@@ -96,6 +102,53 @@ def _merge_small_strata(labels: np.ndarray, k: int) -> np.ndarray:
     return labels
 
 
+def holdout_ids(spec, strategy: str, seed: int, ids: list[str], presence: np.ndarray,
+                group_regex: str | None = None) -> list[str]:
+    """The image ids ``folds.holdout`` sets aside (sorted; empty for None)."""
+    if spec is None or spec == []:
+        return []
+    what = "a share of the images in (0, 0.5), a list of image names or a regular expression on them"
+    if isinstance(spec, bool):
+        raise ConfigError("config", "folds.holdout", f"expected {what}, got {spec!r}")
+    if isinstance(spec, (int, float)):
+        if not 0 < spec < 0.5:
+            raise ConfigError("config", "folds.holdout", f"a share must lie in (0, 0.5), got {spec}")
+        parts = max(2, round(1 / spec))
+        if strategy == "group":
+            groups = len(set(group_keys(ids, group_regex or "")))
+            if groups < parts:
+                raise ConfigError("config", "folds.holdout", f"a share of {spec} needs {parts} groups, "
+                                                              f"{group_regex!r} gives {groups}")
+        chosen = make_folds(strategy, parts, seed, ids, presence, group_regex)[0]
+    elif isinstance(spec, str):
+        try:
+            pattern = re.compile(spec)
+        except re.error as exc:
+            raise ConfigError("config", "folds.holdout", f"invalid regular expression {spec!r}: {exc}") from None
+        chosen = [i for i in ids if pattern.search(i)]
+        if not chosen:
+            raise ConfigError("config", "folds.holdout", f"{spec!r} matches no image name")
+    elif isinstance(spec, (list, tuple)):
+        known = set(ids)
+        unknown = [name for name in spec if name not in known]
+        if unknown:
+            raise ConfigError("config", "folds.holdout", f"{len(unknown)} names are not images of the dataset, "
+                                                          f"e.g. {unknown[0]!r}")
+        chosen = sorted(set(spec))
+    else:
+        raise ConfigError("config", "folds.holdout", f"expected {what}, got {spec!r}")
+    if len(chosen) >= len(ids):
+        raise ConfigError("config", "folds.holdout", "the holdout would take every image")
+    if strategy == "group" and group_regex and not isinstance(spec, (int, float)):
+        inside = set(chosen)
+        keys = group_keys(ids, group_regex)
+        split = sorted({k for k, i in zip(keys, ids) if i in inside} & {k for k, i in zip(keys, ids) if i not in inside})
+        if split:
+            logger.warning("folds.holdout: %d groups of %r have images in the holdout and in the folds, e.g. %r",
+                           len(split), group_regex, split[0])
+    return sorted(chosen)
+
+
 def fold_coverage(folds: list[list[str]], ids: list[str], presence: np.ndarray) -> np.ndarray:
     """(k, C) number of validation images of each fold that contain each class."""
     index = {image_id: i for i, image_id in enumerate(ids)}
@@ -110,10 +163,22 @@ def coverage_table(coverage: np.ndarray, class_names: list[str]) -> str:
     return "\n".join([header, *rows])
 
 
+def make_split(strategy: str, k: int, seed: int, ids: list[str], presence: np.ndarray, group_regex: str | None = None,
+               holdout=None) -> tuple[list[list[str]], list[str]]:
+    """(the folds' validation ids, the holdout ids): the holdout first, then ``k`` folds of the rest."""
+    held = holdout_ids(holdout, strategy, seed, ids, presence, group_regex)
+    aside = set(held)
+    rest = [i for i, image_id in enumerate(ids) if image_id not in aside]
+    return make_folds(strategy, k, seed, [ids[i] for i in rest], presence[rest], group_regex), held
+
+
 def load_or_make_folds(path: Path, strategy: str, k: int, seed: int, ids: list[str], presence: np.ndarray,
-                       fingerprint: str, group_regex: str | None = None) -> list[list[str]]:
-    """Reuse ``path`` when it was made with the same settings and data; else make and save it."""
+                       fingerprint: str, group_regex: str | None = None, holdout=None) -> list[list[str]]:
+    """Reuse ``path`` when it was made with the same settings and data; else make and save it.
+    With ``holdout`` the folds cover the other images; :func:`read_holdout` gives the holdout."""
     meta = {"strategy": strategy, "k": k, "seed": seed, "group_regex": group_regex, "dataset": fingerprint}
+    if holdout is not None:  # only when set, so folds.json files made before the setting still match
+        meta["holdout"] = holdout
     if path.exists():
         saved = json.loads(path.read_text())
         if saved.get("meta") == meta:
@@ -122,15 +187,25 @@ def load_or_make_folds(path: Path, strategy: str, k: int, seed: int, ids: list[s
             raise InputError(path, "folds were made for a different dataset (fingerprint changed); "
                                    "use a new run directory")
         raise InputError(path, f"folds were made with other settings {saved.get('meta')}; use a new run directory")
-    folds = make_folds(strategy, k, seed, ids, presence, group_regex)
-    atomic_write_json(path, {"meta": meta, "folds": folds})
+    folds, held = make_split(strategy, k, seed, ids, presence, group_regex, holdout)
+    atomic_write_json(path, {"meta": meta, "folds": folds, **({"holdout": held} if held else {})})
+    if held:
+        logger.info("holdout: %d of %d images set aside, never searched, selected or tuned on", len(held), len(ids))
     return folds
 
 
+def read_holdout(path: Path) -> list[str]:
+    """The holdout image ids saved in ``folds.json`` (empty when there is none)."""
+    return json.loads(Path(path).read_text()).get("holdout", [])
+
+
 def train_val_indices(folds: list[list[str]], fold: int, ids: list[str]) -> tuple[list[int], list[int]]:
+    """Indices into ``ids`` of fold ``fold``'s training images (those of the other folds: an image in
+    no fold, such as the holdout, is never trained on) and of its validation images."""
     if not 0 <= fold < len(folds):
         raise ConfigError("config", "fold", f"fold {fold} out of range: the split has {len(folds)} folds")
     val = set(folds[fold])
-    train_idx = [i for i, image_id in enumerate(ids) if image_id not in val]
+    train = {image_id for f, part in enumerate(folds) if f != fold for image_id in part}
+    train_idx = [i for i, image_id in enumerate(ids) if image_id in train]
     val_idx = [i for i, image_id in enumerate(ids) if image_id in val]
     return train_idx, val_idx

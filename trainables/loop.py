@@ -8,19 +8,33 @@
 One AMP path (autocast + GradScaler only for fp16, unscale then clip), channels_last on CUDA,
 losses in float32, metrics accumulated on the device. Nothing here knows about Ray: the Tune
 adapter, plain scripts, benchmarks and a W&B sweep agent all drive this same generator.
+
+Data parallel: when a ``torch.distributed`` process group is initialised (gloo on CPU, nccl on
+CUDA; Ray Train, torchrun or a test sets it up), every process builds the same trainer and it
+trains as one: ``train.batch_size`` is the global batch, each rank takes ``batch_size //
+world_size`` of it (step k of the ranks together is the single-process batch k, see
+trainables/sampling.py), the model is wrapped in ``DistributedDataParallel`` (same initial
+weights: DDP broadcasts rank 0's), each rank validates a consecutive slice of the validation
+images (exactly, no padding) and the counts are summed over ranks before any score is computed.
+Every rank yields the same records; the caller writes checkpoints from rank 0 (``is_main``).
+BatchNorm statistics stay per rank (as with plain DDP).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
+import os
 import random
 import time
 from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
 
 from trainables.checkpoint import make_checkpoint
 from trainables.copypaste import build_copy_paste
@@ -28,7 +42,7 @@ from trainables.data import SegData
 from trainables.dataset import SegDataset, build_transforms
 from trainables.errors import ConfigError
 from trainables.losses import build_loss
-from trainables.metrics import SegMetrics
+from trainables.metrics import IMAGE_METRICS, SegMetrics, empty_score
 from trainables.models import build_model
 from trainables.optim import Schedule, build_optimizer
 from trainables.sampling import build_sampler
@@ -47,6 +61,13 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def process_group() -> tuple[int, int]:
+    """(rank, world size) of the initialised ``torch.distributed`` default group, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -62,27 +83,6 @@ def resolve_amp(setting: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[setting]
 
 
-def _pipeline_parts(transform) -> Iterator:
-    """An albumentations pipeline and all its nested transforms, in a fixed order."""
-    yield transform
-    for child in getattr(transform, "transforms", None) or []:
-        yield from _pipeline_parts(child)
-
-
-def augment_rng_state(transform) -> list[dict]:
-    """The random generators of every transform (albumentations keeps its own, seeded per transform)."""
-    return [{"numpy": t.random_generator.bit_generator.state, "python": t.py_random.getstate()}
-            for t in _pipeline_parts(transform) if hasattr(t, "random_generator")]
-
-
-def set_augment_rng_state(transform, states: list[dict]) -> None:
-    parts = [t for t in _pipeline_parts(transform) if hasattr(t, "random_generator")]
-    for t, state in zip(parts, states, strict=True):
-        t.random_generator.bit_generator.state = state["numpy"]
-        version, internal, gauss = state["python"]
-        t.py_random.setstate((version, tuple(internal), gauss))
-
-
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, amp: torch.dtype | None) -> torch.Tensor:
     with torch.autocast(device_type=images.device.type, dtype=amp or torch.float32, enabled=amp is not None):
         return model(images).float()
@@ -96,30 +96,47 @@ class FoldTrainer:
         self.cfg, self.data, self.fold = cfg, data, fold
         train = cfg["train"]
         self.generator = seed_everything(int(train["seed"]) + (fold or 0))
+        self.rank, self.world_size = process_group()
+        self.is_main = self.rank == 0  # the one rank that writes checkpoints and files
         self.device = resolve_device(str(device or train["device"]))
+        if self.world_size > 1 and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # torchrun's, Ray Train's
         self.amp = resolve_amp(train["amp"], self.device)
         self.channels_last = bool(train["channels_last"]) and self.device.type == "cuda"
         self.metric, self.mode = train["metric"], train["mode"]
         max_size = cfg["data"]["max_size"]
         seed = int(train["seed"]) + (fold or 0)
         self.train_set = SegDataset(data, train_idx, build_transforms(cfg["augment"], train["image_size"], True, seed),
-                                    max_size)
+                                    max_size, seed=seed)
         self.train_set.copy_paste = build_copy_paste(cfg["augment"], data, train_idx, self.train_set.load,
                                                      self._train_pixel_counts(train_idx), seed)
-        sampler = build_sampler(train, data.presence[train_idx], data.has_background, self.generator)
+        # draws and augmentations are seeded by (seed, epoch[, position]): the same batches for any
+        # number of workers and after a resume; the generator only seeds the workers' own RNGs
+        sampler = build_sampler(train, data.presence[train_idx], data.has_background, seed, self.rank, self.world_size)
         self.val_set = SegDataset(data, val_idx, build_transforms(cfg["augment"], train["image_size"], False), max_size)
         workers = int(train["num_workers"])
         loader_args = dict(num_workers=workers, pin_memory=self.device.type == "cuda",
                            persistent_workers=workers > 0)
-        self.train_loader = DataLoader(self.train_set, batch_size=train["batch_size"], shuffle=sampler is None,
-                                       sampler=sampler, drop_last=len(self.train_set) > train["batch_size"],
+        batch, drop_last = int(train["batch_size"]), len(self.train_set) > int(train["batch_size"])
+        rank_batch = self._rank_batch(batch, len(self.train_set))
+        self.train_loader = DataLoader(self.train_set, batch_size=rank_batch, sampler=sampler, drop_last=drop_last,
                                        generator=self.generator, **loader_args)
-        self.val_loader = DataLoader(self.val_set, batch_size=train["batch_size"], shuffle=False, **loader_args)
+        # the same number of steps on every rank (DDP's all-reduce waits for all): the single-process count
+        self.train_batches = len(self.train_loader) if self.world_size == 1 else \
+            (len(self.train_set) // batch if drop_last else math.ceil(len(self.train_set) / batch))
+        lo, hi = np.linspace(0, len(self.val_set), self.world_size + 1).round().astype(int)[self.rank:self.rank + 2]
+        val_part = self.val_set if self.world_size == 1 else Subset(self.val_set, range(lo, hi))
+        self.val_loader = DataLoader(val_part, batch_size=rank_batch, shuffle=False, **loader_args)
         model_cfg = cfg["model"]
         self.model = build_model(model_cfg["arch"], model_cfg["encoder"], data.num_classes, model_cfg["weights"],
                                  model_cfg["kwargs"]).to(self.device)
+        self.weights = getattr(self.model, "weights_loaded", None)  # imagenet | random-init | a path
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        # the network trained through: DDP over the process group, else the model itself; validation,
+        # previews and checkpoints use ``self.model`` (no collective in an eval forward, no "module." keys)
+        self.net = self.model if self.world_size == 1 else DistributedDataParallel(
+            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         sizes = np.array([h * w for h, w in data.sizes], dtype=float)[train_idx]
         self.loss_fn = build_loss(cfg["loss"], data.task, data.num_classes, self._train_pixel_counts(train_idx),
                                   data.ignore_index, image_pixels=sizes @ data.presence[train_idx]).to(self.device)
@@ -139,9 +156,21 @@ class FoldTrainer:
         share = presence[train_idx].sum(0) / np.maximum(presence.sum(0), 1)
         return self.data.pixel_counts * share
 
+    def _rank_batch(self, batch: int, images: int) -> int:
+        """Each rank's share of the global batch ``train.batch_size``."""
+        if self.world_size == 1:
+            return batch
+        if batch % self.world_size:
+            raise ConfigError("config", "train.batch_size", f"a trial on {self.world_size} workers splits each batch "
+                                                            f"over them: expected a multiple of {self.world_size}, got {batch}")
+        if images < self.world_size:
+            raise ConfigError("config", "resources.workers_per_trial",
+                              f"{self.world_size} workers but only {images} training images in fold {self.fold}")
+        return batch // self.world_size
+
     def _steps_per_epoch(self) -> int:
         cap = self.cfg["train"]["max_train_batches"]
-        n = len(self.train_loader)
+        n = self.train_batches
         accum = max(1, int(self.cfg["train"]["accum_steps"]))
         return max(1, (min(n, cap) if cap else n) // accum)
 
@@ -155,9 +184,12 @@ class FoldTrainer:
                    accum: int = 1) -> torch.Tensor:
         """Forward under autocast, float32 loss, scaled backward; with ``update``: unscale, clip,
         optimiser and scaler step, zero the gradients, advance the schedule. Returns the loss."""
-        logits = predict_logits(self.model, images, self.amp)
-        loss = self.loss_fn(logits, target)
-        self.scaler.scale(loss / accum).backward()
+        # accumulation steps without an update keep their gradients local (DDP all-reduces on the update)
+        sync = self.net.no_sync() if not update and self.net is not self.model else contextlib.nullcontext()
+        with sync:
+            logits = predict_logits(self.net, images, self.amp)
+            loss = self.loss_fn(logits, target)
+            self.scaler.scale(loss / accum).backward()
         if update:
             self.scaler.unscale_(self.optimizer)
             clip = float(self.cfg["train"]["grad_clip"])
@@ -169,7 +201,13 @@ class FoldTrainer:
             self.schedule.step()
         return loss.detach()
 
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose draws and augmentations the train loader yields from its next iteration."""
+        self.train_loader.sampler.set_epoch(epoch)
+        self.train_set.set_epoch(epoch)
+
     def train_one_epoch(self) -> dict:
+        self.set_epoch(self.epoch)
         self.model.train()
         train = self.cfg["train"]
         accum, cap = max(1, int(train["accum_steps"])), train["max_train_batches"]
@@ -177,8 +215,9 @@ class FoldTrainer:
         batches, images_seen, wait = 0, 0, 0.0
         start = tick = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
+        limit = min(self.train_batches, cap) if cap else self.train_batches
         for step, (images, target) in enumerate(self.train_loader):
-            if cap and step >= cap:
+            if step >= limit:
                 break
             wait += time.perf_counter() - tick
             images, target = self._to_device(images, target)
@@ -186,12 +225,25 @@ class FoldTrainer:
             batches += 1
             images_seen += images.shape[0]
             tick = time.perf_counter()
+        if self.world_size > 1:  # every rank sees (and stops on) the same loss
+            sums = torch.tensor([float(total), batches, images_seen], dtype=torch.float64,
+                                device=self._collective_device())
+            dist.all_reduce(sums)
+            total, batches, images_seen = float(sums[0]), int(sums[1]), int(sums[2])
+            # DDP broadcasts rank 0's buffers (BatchNorm running stats) before each forward, so after the
+            # last step they differ: validate and checkpoint the same model on every rank
+            for buffer in self.model.buffers():
+                dist.broadcast(buffer.data, 0)
         train_loss = float(total) / max(batches, 1)
         if not math.isfinite(train_loss):
             raise DivergedError(f"training loss became {train_loss} in epoch {self.epoch + 1}")
         elapsed = time.perf_counter() - start
         return {"train_loss": train_loss, "train_images_per_s": images_seen / max(elapsed, 1e-9),
                 "data_wait_frac": wait / max(elapsed, 1e-9), "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def _collective_device(self) -> torch.device:
+        """Where tensors for a collective must be: the CUDA device under nccl, the CPU under gloo."""
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
     def _boundary_this_epoch(self) -> bool:
         """Boundary IoU costs about as much as the rest of validation on a CPU: by default it is
@@ -203,26 +255,45 @@ class FoldTrainer:
             return True
         return setting == "last" and self.epoch + 1 >= int(self.cfg["train"]["epochs"])
 
+    def _per_image_settings(self) -> tuple[bool, float]:
+        """(score per image too, score of an empty-truth empty-prediction pair) from ``metrics``;
+        per-image scores are always computed when one of them is the selection metric."""
+        section = {"average": "dataset", "empty": 1, **(self.cfg.get("metrics") or {})}
+        if section["average"] not in ("dataset", "image"):
+            raise ConfigError("config", "metrics.average", f"expected dataset or image, got {section['average']!r}")
+        empty = empty_score(section["empty"])
+        if empty is None:
+            raise ConfigError("config", "metrics.empty", f"expected 1 or nan, got {section['empty']!r}")
+        return section["average"] == "image" or self.metric in {f"val_{k}" for k in IMAGE_METRICS}, empty
+
     @torch.no_grad()
     def validate(self) -> dict:
         self.model.eval()
+        per_image, empty = self._per_image_settings()
         metrics = SegMetrics(self.data.num_classes, self.data.task, self.data.ignore_index,
-                             boundary=self._boundary_this_epoch())
+                             boundary=self._boundary_this_epoch(), per_image=per_image, empty=empty)
         total = torch.zeros((), device=self.device)
-        batches = 0
+        seen = 0
         for images, target in self.val_loader:
             images, target = self._to_device(images, target)
             logits = predict_logits(self.model, images, self.amp)
-            total += self.loss_fn(logits, target)
-            batches += 1
+            total += self.loss_fn(logits, target) * images.shape[0]  # a mean over images, whatever the batches
+            seen += images.shape[0]
             if self.data.task == "multiclass":
                 metrics.update(logits.argmax(1), target)
             else:
                 valid = (target != self.data.ignore_index).all(1)
                 metrics.update(torch.sigmoid(logits), target.clamp(max=1), valid=valid)
+        total = float(total)
+        if self.world_size > 1:  # sum the counts (never average per-rank scores), then score once
+            metrics.all_reduce()
+            sums = torch.tensor([total, seen], dtype=torch.float64, device=self._collective_device())
+            dist.all_reduce(sums)
+            total, seen = float(sums[0]), int(sums[1])
         result = metrics.compute()
-        record = {"val_loss": float(total) / max(batches, 1)}
-        for key in ("miou", "dice", "pixel_acc", "biou"):
+        self.last_validation = result  # the full scores (confusion matrix, per-class lists) of this pass
+        record = {"val_loss": total / max(seen, 1)}
+        for key in ("miou", "dice", "pixel_acc", "biou", *IMAGE_METRICS):
             if key in result:
                 record[f"val_{key}"] = result[key]
         for name, iou in zip(self.data.class_names, result["iou_per_class"]):
@@ -251,7 +322,7 @@ class FoldTrainer:
                 self.best_score, self.best_epoch = score, self.epoch
                 self._best_state = copy.deepcopy({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
             record.update(epoch=self.epoch, improved=improved, best_score=self.best_score, best_epoch=self.best_epoch,
-                          epoch_time_s=time.perf_counter() - start, fold=self.fold)
+                          epoch_time_s=time.perf_counter() - start, fold=self.fold, weights=self.weights)
             yield record
 
     @torch.no_grad()
@@ -276,19 +347,14 @@ class FoldTrainer:
             raise RuntimeError("no epoch has finished yet")
         return make_checkpoint(self._best_state, self.cfg, self.data.class_names, self.data.task, self.metric,
                                self.best_score if self.best_score is not None else float("nan"), self.best_epoch,
-                               self.fold, extra={"dataset": self.data.fingerprint})
+                               self.fold, extra={"dataset": self.data.fingerprint}, weights=self.weights)
 
     def state_dict(self) -> dict:
         """Everything needed to continue this run later (resume after a crash)."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "schedule": self.schedule.state_dict(), "epoch": self.epoch,
                 "best_score": self.best_score, "best_epoch": self.best_epoch, "best_state": self._best_state,
-                "rng": torch.get_rng_state(), "loader_rng": self.generator.get_state(),
-                "augment_rng": augment_rng_state(self.train_set.transform), **self._copy_paste_state()}
-
-    def _copy_paste_state(self) -> dict:
-        paste = self.train_set.copy_paste
-        return {} if paste is None else {"copy_paste_rng": paste.state_dict()}
+                "rng": torch.get_rng_state(), "loader_rng": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -299,7 +365,5 @@ class FoldTrainer:
         self._best_state = state["best_state"]
         torch.set_rng_state(state["rng"])
         self.generator.set_state(state["loader_rng"])
-        if "augment_rng" in state:  # absent in states saved before it was recorded
-            set_augment_rng_state(self.train_set.transform, state["augment_rng"])
-        if self.train_set.copy_paste is not None and "copy_paste_rng" in state:
-            self.train_set.copy_paste.load_state_dict(state["copy_paste_rng"])
+        # augmentation needs no saved state: it is seeded from (seed, epoch, position), and the
+        # augment_rng / copy_paste_rng of older states are ignored

@@ -4,6 +4,12 @@
 (B, 3, H, W) images to (B, C, H, W) logits at the input size. Pretrained weights are tried
 through the libraries' own loading code; when they cannot be had (offline machine, unknown
 weights) the model is built from its known configuration with random init and a warning.
+
+``weights`` may also be the path of a local encoder state dict (``.pt``/``.pth``/``.bin`` or
+``.safetensors``: an smp encoder's ``state_dict()``, a whole smp model's, or a timm model's for
+``tu-`` encoders), loaded into the encoder; a SegFormer's local Hugging Face folder goes in
+``encoder``. The model's ``weights_loaded`` says what it got: the weights' name (``imagenet``),
+``random-init``, or the resolved path, which checkpoints and trial records carry on.
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import functools
 import logging
 import os
 import socket
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +28,8 @@ from trainables.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 HF_ARCHS = ("segformer",)
+RANDOM_INIT = "random-init"  # what weights_loaded says when no pretrained weights were loaded
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 # SegFormer MiT backbones (Xie et al. 2021, Table 1), so the model can be built offline.
 MIT_CONFIGS = {
     "b0": dict(hidden_sizes=[32, 64, 160, 256], depths=[2, 2, 2, 2], decoder_hidden_size=256),
@@ -55,10 +64,26 @@ def _mit_variant(encoder: str) -> str | None:
     return None
 
 
+def weights_file(weights) -> Path | None:
+    """``model.weights`` as a local state dict file: a path (it has a directory part or a weights
+    suffix); None for a weights name such as ``imagenet`` (even where a folder of that name
+    exists) or for no weights."""
+    if not weights or weights == RANDOM_INIT or not isinstance(weights, (str, os.PathLike)):
+        return None
+    text = str(weights)
+    path = Path(text).expanduser()
+    return path if "/" in text or os.sep in text or path.suffix in WEIGHT_SUFFIXES else None
+
+
+def is_local_folder(encoder: str) -> bool:
+    """A Hugging Face model saved on disk (``save_pretrained``/``huggingface-cli download --local-dir``)."""
+    return (Path(encoder).expanduser() / "config.json").is_file()
+
+
 def model_problem(arch: str, encoder: str) -> str | None:
     """Why ``(arch, encoder)`` cannot be built, in the user's words; None when it can."""
     if is_hf_arch(arch):
-        if _mit_variant(encoder) is None and "/" not in encoder:
+        if _mit_variant(encoder) is None and "/" not in encoder and not is_local_folder(encoder):
             return f"segformer needs a Hugging Face name such as nvidia/mit-b0 .. nvidia/mit-b5, got {encoder!r}"
         return None
     if arch.lower() not in smp_archs():
@@ -109,25 +134,36 @@ class HFSegmentation(nn.Module):
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
+def _loaded(model: nn.Module, weights: str) -> nn.Module:
+    model.weights_loaded = weights
+    return model
+
+
 def _build_segformer(encoder: str, num_classes: int, weights: str | None, kwargs: dict) -> nn.Module:
+    """``from_pretrained`` of a hub name or of a local folder; ``weights_loaded`` says which it got."""
     from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
+    local = is_local_folder(encoder)
     if weights:
-        hub_reachable()
+        if not local:
+            hub_reachable()
         rng = torch.get_rng_state()
         try:
             net = SegformerForSemanticSegmentation.from_pretrained(
                 encoder, num_labels=num_classes, ignore_mismatched_sizes=True, **kwargs)
-            return HFSegmentation(net)
+            return _loaded(HFSegmentation(net), str(Path(encoder).expanduser().resolve()) if local else str(weights))
         except (OSError, ValueError) as exc:
             logger.warning("PRETRAINED WEIGHTS UNAVAILABLE for %s (%s); building it with RANDOM INIT",
                            encoder, str(exc).splitlines()[0])
             torch.set_rng_state(rng)
+    if local:  # its own shape, from the folder's config.json (no weights read)
+        config = SegformerConfig.from_pretrained(encoder, num_labels=num_classes, **kwargs)
+        return _loaded(HFSegmentation(SegformerForSemanticSegmentation(config)), RANDOM_INIT)
     variant = _mit_variant(encoder)
     if variant is None:
         raise ConfigError("config", "model.encoder", f"no offline configuration known for {encoder!r}")
     config = SegformerConfig(num_labels=num_classes, **MIT_CONFIGS[variant], **kwargs)
-    return HFSegmentation(SegformerForSemanticSegmentation(config))
+    return _loaded(HFSegmentation(SegformerForSemanticSegmentation(config)), RANDOM_INIT)
 
 
 def _build_smp(arch: str, encoder: str, num_classes: int, weights: str | None, kwargs: dict) -> nn.Module:
@@ -136,12 +172,66 @@ def _build_smp(arch: str, encoder: str, num_classes: int, weights: str | None, k
         hub_reachable()
         rng = torch.get_rng_state()  # a failed attempt must not change the random init that follows
         try:
-            return cls(encoder_name=encoder, encoder_weights=weights, classes=num_classes, **kwargs)
+            return _loaded(cls(encoder_name=encoder, encoder_weights=weights, classes=num_classes, **kwargs),
+                           str(weights))
         except Exception as exc:  # smp raises hub, HTTP, key and value errors for missing weights
             logger.warning("PRETRAINED WEIGHTS UNAVAILABLE for %s/%s=%s (%s: %s); building it with RANDOM INIT",
                            arch, encoder, weights, type(exc).__name__, str(exc).splitlines()[0][:200])
             torch.set_rng_state(rng)
-    return cls(encoder_name=encoder, encoder_weights=None, classes=num_classes, **kwargs)
+    return _loaded(cls(encoder_name=encoder, encoder_weights=None, classes=num_classes, **kwargs), RANDOM_INIT)
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a ``torch.save``d state dict (or a checkpoint dict holding one) or a safetensors file."""
+    if not path.is_file():
+        raise ConfigError(path, "model.weights", "weights file not found (give an encoder state dict: .pt, .pth, "
+                                                 ".bin or .safetensors)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch and safetensors raise several kinds for damaged or foreign files
+        raise ConfigError(path, "model.weights", f"cannot read weights ({type(exc).__name__}: "
+                                                 f"{str(exc).splitlines()[0][:200]})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(path, "model.weights", "not a state dict (a mapping of names to tensors)")
+    return state
+
+
+def _aligned(state: dict[str, torch.Tensor], expected: dict) -> dict[str, torch.Tensor]:
+    """``state`` with the key prefix that matches the encoder best: as saved, without a whole
+    model's ``encoder.`` (or DDP's ``module.``), or with ``model.`` (a timm model's state dict
+    for smp's timm-universal encoder)."""
+    variants = [state, {f"model.{k}": v for k, v in state.items()}]
+    for prefix in ("module.", "encoder.", "module.encoder."):
+        stripped = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        variants += [stripped, {f"model.{k}": v for k, v in stripped.items()}]
+    return max(variants, key=lambda s: len(expected.keys() & s.keys()))
+
+
+def load_encoder_weights(model: nn.Module, path: Path) -> None:
+    """Load a local state dict into ``model.encoder``: every encoder tensor must be there with its
+    shape (extra entries, such as a classifier head, are left out)."""
+    encoder = model.encoder
+    expected = encoder.state_dict()
+    state = _aligned(read_state_dict(path), expected)
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise ConfigError(path, "model.weights", f"not a state dict of this encoder: {len(missing)} of its "
+                                                 f"{len(expected)} tensors are missing, e.g. {missing[0]!r} "
+                                                 f"(the file has e.g. {next(iter(state), None)!r})")
+    wrong = [k for k in expected if state[k].shape != expected[k].shape]
+    if wrong:
+        k = wrong[0]
+        raise ConfigError(path, "model.weights", f"{len(wrong)} tensors have other shapes than the encoder's, e.g. "
+                                                 f"{k!r}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)}")
+    encoder.load_state_dict({k: state[k] for k in expected})
 
 
 def _encoder_output(encoder: nn.Module, x: torch.Tensor) -> list[torch.Tensor] | None:
@@ -203,10 +293,20 @@ def build_model(arch: str, encoder: str, num_classes: int, weights: str | None =
     if problem:
         raise ConfigError("config", "model", problem)
     kwargs = dict(kwargs or {})
+    if weights == RANDOM_INIT:  # a checkpoint's config records random init this way
+        weights = None
+    local = weights_file(weights)
+    if local is not None:
+        weights = None  # built with random init, then the file's tensors go into the encoder
     if is_hf_arch(arch):
-        return _build_segformer(encoder, num_classes, weights, kwargs)
-    model = _build_smp(arch, encoder, num_classes, weights, kwargs)
-    model.trimmed_modules = [f"encoder.{name}" for name in trim_unused_encoder(model)]
+        model = _build_segformer(encoder, num_classes, weights, kwargs)
+    else:
+        model = _build_smp(arch, encoder, num_classes, weights, kwargs)
+    if local is not None:
+        load_encoder_weights(model, local)  # before trimming: the file holds the whole encoder
+        model.weights_loaded = str(local.resolve())
+    if not is_hf_arch(arch):
+        model.trimmed_modules = [f"encoder.{name}" for name in trim_unused_encoder(model)]
     return model
 
 

@@ -14,12 +14,9 @@ import argparse
 import csv
 import io
 import logging
-import sys
 from pathlib import Path
 
 import yaml
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainables.checkpoint import save_checkpoint  # noqa: E402
 from trainables.cli import DEBUG_HELP, DEBUG_SETTINGS, exit_on_user_error, parse_sets  # noqa: E402
@@ -71,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     data = load_data(d)
     f = cfg["folds"]
     folds = load_or_make_folds(args.out / "folds.json", f["strategy"], f["k"], f["seed"], data.ids, data.presence,
-                               data.fingerprint, f["group_regex"])
+                               data.fingerprint, f["group_regex"], f.get("holdout"))
     print(coverage_table(fold_coverage(folds, data.ids, data.presence), data.class_names))
     train_idx, val_idx = train_val_indices(folds, args.fold, data.ids)
     from trainables.extra import with_extra_train  # data.extra_train: appended to training only

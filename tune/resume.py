@@ -1,4 +1,5 @@
-"""Before ``--resume``: make the saved searcher state agree with Tune's list of trials.
+"""Before ``--resume``: make the saved searcher state agree with Tune's list of trials, and raise
+its trial count when ``--num-samples`` grew (:func:`grow_samples`).
 
 Tune snapshots three files to storage together: the experiment state (every trial, its status
 and config), the search generator's state (how many trials it created, and its concurrency
@@ -127,3 +128,48 @@ def reconcile(location: str, trial_storage: str | None, studies: str, experiment
         searcher["suggested"], searcher["live"] = suggested, live
         _write(fs, paths["searcher"], json.dumps(searcher).encode())
     return changes
+
+
+def grow_samples(location: str, trial_storage: str | None, num_samples: int, total: int) -> list[str]:
+    """``--resume --num-samples`` with more trials per fold: Tune restores the trial count and the
+    searcher's per-fold count from their saved states, where a larger number would be ignored, so
+    raise both there (``total``: the trials of the whole search with ``num_samples``)."""
+    from ray import cloudpickle
+    from ray.train._internal.storage import get_fs_and_path
+
+    fs, root = get_fs_and_path(location, storage_filesystem(trial_storage))
+    paths = {k: _newest(fs, root, p) for k, p in (("generator", "search_gen_state-*.json"),
+                                                   ("searcher", "searcher-state-*.pkl"))}
+    if not all(paths.values()):
+        return []
+    generator = cloudpickle.loads(_read(fs, paths["generator"]))
+    if generator["total_samples"] >= total:
+        return []
+    searcher = json.loads(_read(fs, paths["searcher"]))
+    before = generator["total_samples"]
+    generator["total_samples"], generator["finished"] = total, False
+    searcher["num_samples"] = num_samples
+    _write(fs, paths["searcher"], json.dumps(searcher).encode())
+    _write(fs, paths["generator"], cloudpickle.dumps(generator))
+    return [f"{num_samples} trials per fold: {before} -> {total} trials in all"]
+
+
+def reopen_search(location: str, trial_storage: str | None) -> tuple[list[str], set[str]]:
+    """``--resume`` of a search that a budget ended (tune/budget.py): Tune saved its search generator
+    as finished, so a larger budget would start no trial; reopen it while it has created fewer trials
+    than planned. Also returns the ids of the trials Tune restores as unfinished."""
+    from ray import cloudpickle
+    from ray.train._internal.storage import get_fs_and_path
+
+    fs, root = get_fs_and_path(location, storage_filesystem(trial_storage))
+    paths = {k: _newest(fs, root, p) for k, p in (("experiment", "experiment_state-*.json"),
+                                                   ("generator", "search_gen_state-*.json"))}
+    if not all(paths.values()):
+        return [], set()
+    unfinished = {t["trial_id"] for t in tune_trials(_read(fs, paths["experiment"])) if t["status"] in UNFINISHED}
+    generator = cloudpickle.loads(_read(fs, paths["generator"]))
+    if not generator["finished"] or generator["counter"] >= generator["total_samples"]:
+        return [], unfinished
+    generator["finished"] = False
+    _write(fs, paths["generator"], cloudpickle.dumps(generator))
+    return [f"search reopened after {generator['counter']} of {generator['total_samples']} trials"], unfinished

@@ -19,12 +19,9 @@ from collections.abc import Collection
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if sys.path[0] == str(Path(__file__).resolve().parent):
-    sys.path[0] = str(ROOT)  # run as a script: import the project, not tune/'s modules, at top level
-elif str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from trainables.cli import DEBUG_HELP, DEBUG_SETTINGS, exit_on_user_error, parse_sets  # noqa: E402
+from trainables.errors import ConfigError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,17 +36,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="where the trials write results and checkpoints (Tune's storage_path): a directory every "
                         "node sees, or s3://bucket/prefix, gs://... [runs/<name>/tune]")
     p.add_argument("--resume", action="store_true", help="continue the experiment runs/<name>")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run in runs/<name> (by default a new run there is refused)")
     p.add_argument("--folds", type=int, help="number of folds k")
     p.add_argument("--fold-strategy", choices=["kfold", "stratified", "multilabel", "group"])
     p.add_argument("--group-regex", help="group key regex on file names (fold strategy 'group')")
     p.add_argument("--num-samples", type=int, help="trials per fold")
     p.add_argument("--max-epochs", type=int, help="epochs of a trial that is not stopped early")
+    p.add_argument("--epoch-budget", type=int, metavar="N",
+                   help="total training epochs of all trials and folds: no trial starts that would not fit its "
+                        "next rung (tune/budget.py); with --resume, the experiment's new total")
+    p.add_argument("--time-budget", metavar="DURATION",
+                   help="wall-clock limit of the search (2h, 90m, 3600s): trials that would not finish their next "
+                        "rung in time do not start; with --resume, the experiment's new total")
     p.add_argument("--metric", help="metric to optimise (val_miou, val_dice, val_biou, ...)")
     p.add_argument("--mode", choices=["max", "min"])
     p.add_argument("--seed", type=int, help="Optuna sampler seed")
     p.add_argument("--search-folds", type=int, nargs="+", help="search only these folds, retrain top configs on the rest")
     p.add_argument("--cpus-per-trial", type=float)
     p.add_argument("--gpus-per-trial", type=float, help="fractional packs several trials on one GPU")
+    p.add_argument("--workers-per-trial", type=int,
+                   help="data-parallel workers of one trial (a Ray Train run); --cpus/--gpus-per-trial are then "
+                        "per worker [1]")
     p.add_argument("--max-concurrent", type=int)
     p.add_argument("--max-failures", type=int, default=0, help="retries of a failing trial [0]")
     p.add_argument("--address", help="join a Ray cluster: auto, ray://host:10001 (default: start a local Ray)")
@@ -62,6 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="write the space as a W&B sweep config (one fold: --sweep-fold) and exit")
     p.add_argument("--sweep-fold", type=int, default=0)
     p.add_argument("--debug", action="store_true", help=DEBUG_HELP + ", one trial per fold (runs/<name>-debug)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also print every trial's output, W&B's and Tune's own trial table (by default they go to "
+                        "the trial logs, runs/<name>/tune/<trial>/stdout|stderr, and one progress view is shown)")
     return p.parse_args(argv)
 
 
@@ -75,12 +86,15 @@ def overrides(args: argparse.Namespace, searched: Collection[str] = ()) -> tuple
         if value is not None:
             fixed[key] = value
     search = {k: v for k, v in (("num_samples", args.num_samples), ("metric", args.metric), ("mode", args.mode),
-                                ("seed", args.seed), ("search_folds", args.search_folds)) if v is not None}
+                                ("seed", args.seed), ("search_folds", args.search_folds),
+                                ("epoch_budget", args.epoch_budget), ("time_budget", args.time_budget))
+              if v is not None}
     if args.debug:
         fixed = {**{k: v for k, v in DEBUG_SETTINGS.items() if k not in searched}, **fixed}
         search.setdefault("num_samples", 1)
     resources = {k: v for k, v in (("cpus_per_trial", args.cpus_per_trial), ("gpus_per_trial", args.gpus_per_trial),
-                                   ("max_concurrent", args.max_concurrent)) if v is not None}
+                                   ("max_concurrent", args.max_concurrent),
+                                   ("workers_per_trial", args.workers_per_trial)) if v is not None}
     return fixed, search, resources
 
 
@@ -92,8 +106,9 @@ def debug_resources(asked: dict, address: str | None) -> dict:
     if not starts_local_ray(address):
         return {}
     cpus, gpus = local_resources()
-    fit = {"cpus_per_trial": min(float(asked["cpus_per_trial"]), max(1.0, cpus // 2)),
-           "gpus_per_trial": min(float(asked["gpus_per_trial"]), gpus)}
+    n = int(asked.get("workers_per_trial") or 1)  # per worker then: the trial's workers share the machine
+    fit = {"cpus_per_trial": min(float(asked["cpus_per_trial"]), max(1.0, cpus // (2 * n)) if cpus >= n else cpus / n),
+           "gpus_per_trial": min(float(asked["gpus_per_trial"]), gpus // n if n > 1 else gpus)}
     if any(fit[k] != float(asked[k]) for k in fit):
         print(f"debug: a trial takes {fit['cpus_per_trial']:g} CPU and {fit['gpus_per_trial']:g} GPU on this machine "
               f"(the space asks for {float(asked['cpus_per_trial']):g} and {float(asked['gpus_per_trial']):g})")
@@ -119,9 +134,18 @@ def export_sweep(spec, args: argparse.Namespace) -> None:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.overwrite and args.resume:
+        raise ConfigError("command line", "--overwrite", "replaces the earlier run, --resume continues it: "
+                                                         "give one of the two")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic trial table, with our columns
+    if not args.verbose:  # read once, when Ray and W&B are imported (tune/progress.py: what -v shows)
+        os.environ.setdefault("WANDB_SILENT", "true")
+        os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "10")
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created" per fold
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     from tune.space import load_space, with_demo, with_overrides
 
@@ -135,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     wandb_mode = args.wandb or default_mode()
     fixed, search, resources = overrides(args, spec.space)
     if args.debug:
-        resources = {**debug_resources(spec.resources, args.address), **resources}  # explicit flags win
+        resources = {**debug_resources({**spec.resources, **resources}, args.address), **resources}  # flags win
     if wandb_mode == "disabled":
         fixed.setdefault("train.preview_images", 0)  # example predictions are only for W&B
     spec = with_overrides(spec, fixed, search, resources)
@@ -148,19 +172,22 @@ def main(argv: list[str] | None = None) -> None:
         return
     from tune.search import run_search
 
-    run_dir = args.storage / name
-    if args.debug and not args.resume and (run_dir / "experiment.json").exists():
-        import shutil
+    from tune.rundir import earlier_state
 
-        print(f"debug: replacing the earlier debug run {run_dir}")
-        shutil.rmtree(run_dir)
+    run_dir = args.storage / name
+    overwrite = args.overwrite or (args.debug and not args.resume)  # --debug always replaces its last run
+    if overwrite and earlier_state(run_dir):
+        print(f"{'debug: ' if args.debug else ''}replacing the earlier {'debug ' if args.debug else ''}run {run_dir}")
     rows = run_search(spec, run_dir, resume=args.resume, address=args.address, max_failures=args.max_failures,
-                      trial_storage=args.trial_storage,
+                      trial_storage=args.trial_storage, overwrite=overwrite,
                       dashboard=args.dashboard, wandb_mode=wandb_mode,
-                      wandb_project=args.wandb_project)
+                      wandb_project=args.wandb_project, verbose=args.verbose)
     ok = [r for r in rows if r["status"] in ("completed", "stopped")]
+    if not ok and rows and all(r["status"] == "not_run_budget" for r in rows):
+        print("the budget let no trial run: raise --epoch-budget / --time-budget", file=sys.stderr)
+        raise SystemExit(1)
     if not ok:
-        errors = sorted({r["error"] for r in rows if r["error"]})
+        errors = sorted({r["error"] for r in rows if r.get("error")})
         print(f"every trial failed ({len(rows)}); errors:\n  " + "\n  ".join(errors), file=sys.stderr)
         raise SystemExit(1)
     print(f"\nresults: {run_dir}/trials.csv ({len(rows)} trials)\n"

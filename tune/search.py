@@ -15,22 +15,28 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import ray
 from ray import tune
 
-from tune.experiment import (TrialsTable, experiment_location, is_uri, read_trials_csv, summary_table,
-                             write_experiment_json)
-from tune.resume import reconcile
+from tune.budget import (Budget, BudgetStopper, attach_budget, fold_report, mark_budget, parse_duration,
+                         record_limits)
+from tune.experiment import TrialsTable, summary_table
+from tune.progress import FoldProgress, verbose_reporter
+from tune.resume import grow_samples, reconcile, reopen_search
+from tune.rundir import check_resume_settings, clear_earlier_run, earlier_state, run_settings
 from tune.scheduler import PerFoldASHA
-from tune.searcher import FoldedOptunaSearch
+from tune.searcher import FoldedOptunaSearch, planned_trials
 from tune.space import SearchSpec, check_classes
 from tune.storage import storage_filesystem, unreadable_state
-from tune.trainable import train_trial
+from tune.train_adapter import check_workers, concurrent_trials, trial_demand, trial_trainable, workers
 from trainables.data import SegData, load_data
 from trainables.errors import ConfigError, InputError
 from trainables.extra import absolute_extra_train, check_extra_train
 from trainables.folds import coverage_table, fold_coverage, load_or_make_folds
+from trainables.models import is_local_folder, weights_file
+from trainables.runfiles import RunFiles, experiment_location, is_uri, read_trials_csv, write_experiment_json
 
 logger = logging.getLogger(__name__)
 
@@ -45,40 +51,56 @@ def absolute_data_paths(base: dict) -> dict:
             data[key] = str(Path(data[key]).expanduser().resolve())
     if data.get("extra_train"):
         data["extra_train"] = absolute_extra_train(data)
+    model = base.get("model") or {}
+    local = weights_file(model.get("weights"))
+    if local is not None:  # a local encoder state dict: checked here, before any trial starts
+        if not local.is_file():
+            raise ConfigError(local, "model.weights", "weights file not found")
+        model["weights"] = str(local.resolve())
+    if isinstance(model.get("encoder"), str) and is_local_folder(model["encoder"]):  # a local Hugging Face folder
+        model["encoder"] = str(Path(model["encoder"]).expanduser().resolve())
     return base
 
 
-def prepare(spec: SearchSpec, run_dir: Path) -> tuple[dict, SegData, list[list[str]]]:
+def prepare(spec: SearchSpec, run_dir: Path, clear: Callable[[], None] | None = None
+            ) -> tuple[dict, SegData, list[list[str]]]:
+    """``clear``: removes an earlier run (``--overwrite``) once this one's data has loaded."""
     base = absolute_data_paths(spec.base_config())
     d = base["data"]
     data = load_data(d)
     if d["path"] is None:
         base["data"]["path"] = str(data.source)
     check_classes(spec, data.num_classes)
+    if clear:
+        clear()
     f = base["folds"]
-    folds = load_or_make_folds(run_dir / "folds.json", f["strategy"], f["k"], f["seed"], data.ids, data.presence,
-                               data.fingerprint, f["group_regex"])
+    folds = load_or_make_folds(RunFiles(run_dir).folds_json, f["strategy"], f["k"], f["seed"], data.ids, data.presence,
+                               data.fingerprint, f["group_regex"], f.get("holdout"))
     check_extra_train(d, data, len(folds))  # folds are the labelled images' only
-    print(f"{data.source}: {len(data)} images, {data.num_classes} classes, {f['k']} folds ({f['strategy']})")
+    held = len(data) - sum(len(fold) for fold in folds)
+    print(f"{data.source}: {len(data)} images, {data.num_classes} classes, {f['k']} folds ({f['strategy']})"
+          + (f", {held} images held out" if held else ""))
     print(coverage_table(fold_coverage(folds, data.ids, data.presence), data.class_names))
     return base, data, folds
 
 
-def init_ray(address: str | None, dashboard: bool) -> None:
+def init_ray(address: str | None, dashboard: bool, verbose: bool = False) -> None:
+    """``verbose``: the workers' output (trials, W&B's logging actors) also on the driver's terminal;
+    otherwise it stays in the trial logs (tune/progress.py)."""
     if ray.is_initialized():
         return
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    for key in ("HF_HUB_OFFLINE", "WANDB_MODE", "SEGHPO_CACHE"):
+    for key in ("HF_HUB_OFFLINE", "WANDB_MODE", "WANDB_SILENT", "SEGHPO_CACHE"):
         if key in os.environ:
             env[key] = os.environ[key]
     # a driver started by `ray job submit` already ships the project through its working_dir
     inside_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
     runtime_env = None if inside_job else {"env_vars": env}
     if address:
-        ray.init(address=address, runtime_env=runtime_env)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=verbose)
     else:
         ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", runtime_env=runtime_env,
-                 configure_logging=False)
+                 configure_logging=False, log_to_driver=verbose)
 
 
 def starts_local_ray(address: str | None) -> bool:
@@ -105,15 +127,19 @@ def check_trial_fits(resources: dict, source) -> None:
     """A trial that asks for more than the local Ray has would wait forever (Tune only warns that no
     node can take it): say so in one line before anything is written."""
     cpus, gpus = local_resources()
-    want_cpus, want_gpus = float(resources["cpus_per_trial"]), float(resources["gpus_per_trial"])
+    want_cpus, want_gpus = trial_demand(resources)  # a multi-worker trial: all its workers' together
+    n = workers(resources)
+    trial = f"a trial of {n} workers" if n > 1 else "a trial"
     if want_gpus > gpus:
+        fit = f"--gpus-per-trial {gpus // n:g} (per worker)" if n > 1 else f"--gpus-per-trial {gpus:g}"
         raise ConfigError(source, "resources.gpus_per_trial",
-                          f"a trial asks for {want_gpus:g} GPU but the local Ray has {gpus:g}; add --gpus-per-trial "
-                          f"{gpus:g} (0 trains on CPU) or join a cluster with GPUs with --address")
+                          f"{trial} asks for {want_gpus:g} GPU but the local Ray has {gpus:g}; add {fit} "
+                          f"(0 trains on CPU) or join a cluster with GPUs with --address")
     if want_cpus > cpus:
+        fit = f"--cpus-per-trial {cpus / n:g} (per worker) or fewer workers" if n > 1 else \
+            f"--cpus-per-trial {cpus:g} (or fewer)"
         raise ConfigError(source, "resources.cpus_per_trial",
-                          f"a trial asks for {want_cpus:g} CPUs but the local Ray has {cpus:g}; add "
-                          f"--cpus-per-trial {cpus:g} (or fewer)")
+                          f"{trial} asks for {want_cpus:g} CPUs but the local Ray has {cpus:g}; add {fit}")
 
 
 def storage_root(trial_storage: str | None) -> str | None:
@@ -129,38 +155,41 @@ def experiment_exists(location: str) -> bool:
     return Path(location).exists()
 
 
+def max_concurrent(resources: dict) -> int | None:
+    """``max_concurrent``, or for multi-worker trials (whose driver reserves almost nothing) as many as the
+    Ray cluster's resources hold now, counting every worker of a trial."""
+    if resources.get("max_concurrent") or workers(resources) == 1:
+        return resources.get("max_concurrent")
+    n = concurrent_trials(resources, ray.cluster_resources())
+    print(f"{n} trial{'s' * (n > 1)} of {workers(resources)} workers at a time (what the Ray cluster has now; "
+          "--max-concurrent to change)")
+    return n
+
+
 def trial_dirname(trial) -> str:
     return f"fold{trial.config['fold']}_{trial.trial_id}"
 
 
-def progress_reporter(metric: str) -> tune.CLIReporter:
-    return tune.CLIReporter(
-        metric_columns={"epoch": "epoch", "train_loss": "loss", metric: metric, "best_score": "best"},
-        parameter_columns={"fold": "fold", "model.arch": "arch", "model.encoder": "encoder", "loss.name": "loss",
-                           "optimizer.lr": "lr"},
-        max_report_frequency=30, sort_by_metric=False)
-
-
 def build_tuner(spec: SearchSpec, base: dict, folds: list, data: SegData, run_dir: Path, max_failures: int,
-                resume: bool, callbacks: list | None = None, trial_storage: str | None = None) -> tune.Tuner:
-    search, res = spec.search, spec.resources
+                resume: bool, callbacks: list | None = None, trial_storage: str | None = None,
+                verbose: bool = False, budget: Budget | None = None) -> tune.Tuner:
+    search, res, files = spec.search, spec.resources, RunFiles(run_dir)
     metric, mode, max_epochs = search["metric"], search["mode"], int(base["train"]["epochs"])
-    cpus, gpus = float(res["cpus_per_trial"]), float(res["gpus_per_trial"])
-    trainable = tune.with_resources(tune.with_parameters(train_trial, base=base, folds=folds, cpus=cpus),
-                                    {"cpu": cpus, "gpu": gpus})
+    trainable = trial_trainable(res, base, folds, run_dir, trial_storage)  # one process, or N Ray Train workers
     filesystem = storage_filesystem(trial_storage)  # whole files on a disk path (tune/storage.py)
     if resume:
-        return tune.Tuner.restore(experiment_location(run_dir, trial_storage), trainable=trainable,
-                                  resume_errored=True, storage_filesystem=filesystem)
-    searcher = FoldedOptunaSearch(spec, len(folds), data.num_classes, f"sqlite:///{run_dir / 'studies.db'}",
-                                  spec.name, max_epochs)
+        tuner = tune.Tuner.restore(experiment_location(run_dir, trial_storage), trainable=trainable,
+                                   resume_errored=True, storage_filesystem=filesystem)
+        return attach_budget(tuner, budget) if budget is not None else tuner
+    searcher = FoldedOptunaSearch(spec, len(folds), data.num_classes, files.studies_url,
+                                  spec.name, max_epochs, budget)
     asha = search.get("asha")
-    scheduler = (PerFoldASHA(metric, mode, max_epochs, state_path=str(run_dir / "asha_state.json"), **asha)
+    scheduler = (PerFoldASHA(metric, mode, max_epochs, state_path=str(files.asha_state), **asha)
                  if asha else None)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=searcher.total_trials,
-                                    max_concurrent_trials=res.get("max_concurrent"),
+                                    max_concurrent_trials=max_concurrent(res),
                                     trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(
             name=run_dir.name if trial_storage else "tune", storage_path=trial_storage or str(run_dir),
@@ -168,28 +197,55 @@ def build_tuner(spec: SearchSpec, base: dict, folds: list, data: SegData, run_di
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric,
                                                     checkpoint_score_order=mode),
             failure_config=tune.FailureConfig(max_failures=max_failures),
-            callbacks=[TrialsTable(run_dir / "trials.csv", metric, max_epochs, trial_storage), *(callbacks or [])],
-            progress_reporter=progress_reporter(metric),
+            stop=BudgetStopper(budget) if budget is not None else None,
+            callbacks=[TrialsTable(files.trials_csv, metric, max_epochs, trial_storage), *(callbacks or [])],
+            progress_reporter=verbose_reporter(metric) if verbose else
+            FoldProgress(metric, mode, max_epochs, searcher.total_trials, base["model"].get("weights")),
+            log_to_file=True,  # each trial's stdout/stderr, copied beside its results (sync_artifacts)
+            sync_config=tune.SyncConfig(sync_artifacts=True),
             verbose=1,
         ),
     )
 
 
+def start_budget(spec: SearchSpec, run_dir: Path, resume: bool, started: float, location: str,
+                 trial_storage: str | None) -> Budget | None:
+    """The search's budget (``search.epoch_budget`` / ``search.time_budget``; on ``--resume`` the recorded
+    one where not given again), counting time from ``started``; None without one."""
+    epochs, seconds = spec.search.get("epoch_budget"), spec.search.get("time_budget")
+    budget = record_limits(run_dir, epochs, parse_duration(seconds) if seconds is not None else None, resume,
+                           started)
+    if not budget.limited:
+        return None
+    if resume:
+        changes, unfinished = reopen_search(location, trial_storage)
+        for change in changes:
+            print(f"--resume: {change} (budget: {budget.spent_text()} spent)")
+        budget.keep_running(unfinished)
+    print(f"budget: {budget.spent_text()} spent so far")
+    return budget
+
+
 def run_search(spec: SearchSpec, run_dir: Path, *, resume: bool = False, address: str | None = None,
                max_failures: int = 0, dashboard: bool = False, wandb_mode: str = "disabled",
-               wandb_project: str = "segmentation-hpo", trial_storage: str | None = None) -> list[dict]:
+               wandb_project: str = "segmentation-hpo", trial_storage: str | None = None,
+               overwrite: bool = False, verbose: bool = False) -> list[dict]:
     """Search, then print the best trial per fold; returns the rows of ``trials.csv``.
 
     ``trial_storage``: Tune's storage for the trials' results and checkpoints (see the module doc);
-    on ``--resume`` the one recorded in experiment.json unless given again (it must then match)."""
+    on ``--resume`` the one recorded in experiment.json unless given again (it must then match).
+    A new run refuses a directory that holds an earlier run's state (tune/rundir.py) unless
+    ``overwrite``, which removes that run first; ``--resume`` refuses changed settings."""
     run_dir = run_dir.resolve()
     trial_storage = storage_root(trial_storage)
-    saved = run_dir / "experiment.json"
-    if resume and saved.exists():
-        recorded = json.loads(saved.read_text())["settings"].get("trial_storage")
+    files = RunFiles(run_dir)
+    saved = files.experiment_json
+    saved_settings = json.loads(saved.read_text())["settings"] if resume and saved.exists() else None
+    if saved_settings is not None:
+        recorded = saved_settings.get("trial_storage")
         if trial_storage and trial_storage != recorded:
             raise ConfigError("command line", "--trial-storage", f"the experiment in {run_dir} keeps its trials in "
-                                                                 f"{recorded or run_dir / 'tune'}, not {trial_storage}")
+                                                                 f"{recorded or files.tune_dir}, not {trial_storage}")
         trial_storage = recorded
     location = experiment_location(run_dir, trial_storage)
     if resume and not tune.Tuner.can_restore(location):
@@ -197,22 +253,30 @@ def run_search(spec: SearchSpec, run_dir: Path, *, resume: bool = False, address
     if resume and (damaged := unreadable_state(location)):
         # Tune would fail to restore it and quietly start the experiment again with a wrong sample count
         raise InputError(*damaged)
-    studies_name = json.loads(saved.read_text())["settings"].get("name", spec.name) if resume and saved.exists() \
+    if saved_settings is not None:
+        check_resume_settings(saved, saved_settings,
+                              run_settings(spec, absolute_data_paths(spec.base_config()), trial_storage))
+    studies_name = saved_settings.get("name", spec.name) if saved_settings is not None \
         else spec.name  # the searcher's study names, from the run being resumed
-    if not resume and ((run_dir / "tune").exists() or (trial_storage and experiment_exists(location))):
-        where = location if trial_storage else run_dir
-        raise ConfigError("command line", "--name", f"{where} already holds an experiment; "
-                                                    "add --resume to continue it or choose another --name")
+    clear = None
+    if not resume:
+        left, elsewhere = earlier_state(run_dir), bool(trial_storage) and experiment_exists(location)
+        if (left or elsewhere) and overwrite:
+            clear = lambda: clear_earlier_run(run_dir, location if elsewhere else None)  # noqa: E731
+        elif left or elsewhere:
+            what = f"{run_dir} already holds an experiment's state ({', '.join(left)})" if left \
+                else f"{location} already holds an experiment"
+            raise ConfigError("command line", "--name", f"{what}; add --resume to continue it, --overwrite to "
+                                                        "replace it, or choose another --name")
+    check_workers(spec.resources, spec.source)
     if starts_local_ray(address):
         check_trial_fits(spec.resources, spec.source)
-    start = time.perf_counter()
-    base, data, folds = prepare(spec, run_dir)
-    settings = {"space": str(spec.source), "name": spec.name, "fixed": base, "search": spec.search,
-                "resources": spec.resources, "space_params": sorted(spec.space), "trial_storage": trial_storage}
-    write_experiment_json(run_dir, settings, {"fingerprint": data.fingerprint, "source": str(data.source),
-                                              "class_names": data.class_names, "task": data.task,
-                                              "images": len(data)})
-    init_ray(address, dashboard)
+    start, start_wall = time.perf_counter(), time.time()
+    base, data, folds = prepare(spec, run_dir, clear)
+    write_experiment_json(run_dir, run_settings(spec, base, trial_storage),
+                          {"fingerprint": data.fingerprint, "source": str(data.source),
+                           "class_names": data.class_names, "task": data.task, "images": len(data)})
+    init_ray(address, dashboard, verbose)
     callbacks = []
     if wandb_mode != "disabled":
         from tune.wandb_logging import wandb_callback
@@ -223,15 +287,27 @@ def run_search(spec: SearchSpec, run_dir: Path, *, resume: bool = False, address
     if trial_storage:
         print(f"trials' results and checkpoints: {location}")
     if resume:  # a kill during Tune's copy to storage can leave the saved states a snapshot apart
-        for change in reconcile(location, trial_storage, f"sqlite:///{run_dir / 'studies.db'}", studies_name):
+        for change in reconcile(location, trial_storage, files.studies_url, studies_name):
             print(f"--resume: {change} (made to agree with Tune's experiment state)")
-    tuner = build_tuner(spec, base, folds, data, run_dir, max_failures, resume, callbacks, trial_storage)
+        search = spec.search
+        search_folds = len(search["search_folds"]) if search["search_folds"] is not None else len(folds)
+        total = planned_trials(int(search["num_samples"]), search_folds, len(folds) - search_folds,
+                               int(search["retrain_top"]))
+        for change in grow_samples(location, trial_storage, int(search["num_samples"]), total):
+            print(f"--resume: {change}")
+    budget = start_budget(spec, run_dir, resume, start_wall, location, trial_storage)
+    tuner = build_tuner(spec, base, folds, data, run_dir, max_failures, resume, callbacks, trial_storage, verbose,
+                        budget)
     tuner.fit()
-    rows = read_trials_csv(run_dir / "trials.csv")
+    rows = read_trials_csv(files.trials_csv)
+    if budget is not None:
+        rows = mark_budget(rows, budget, spec.search, len(folds), files.trials_csv)
     metric, mode = spec.search["metric"], spec.search["mode"]
     from tune.report import write_report
 
     print(f"report: {write_report(run_dir)}")
     print(f"\nbest trial per fold ({metric}, {time.perf_counter() - start:.0f}s):")
     print(summary_table(rows, metric, mode))
+    if budget is not None:
+        print("\n".join(fold_report(rows, budget)))
     return rows

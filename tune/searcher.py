@@ -6,11 +6,15 @@ truncated score, so TPE learns from partial-budget numbers as if they were final
 * each fold has its own study (TPE, seeded per fold) in persistent storage (SQLite under the run
   directory), so a trial is only compared with trials of the same fold;
 * every epoch's metric is reported to the Optuna trial as an intermediate value;
-* a trial that ends before ``max_epochs`` (stopped by ASHA) is told as PRUNED, a trial that
+* a trial that ends before its planned epochs (``max_epochs``, or its own sampled ``train.epochs``
+  in a space that searches it without ASHA) is told as PRUNED (stopped by ASHA), a trial that
   raised as FAIL, and only trials that trained to the end as COMPLETE with their best score;
 * with ``search_folds`` (two-stage mode) only those folds are searched; once all their trials
-  have ended, the top ``retrain_top`` configs are retrained on every other fold for their best
-  epoch count (these retrain trials are not searched and not early-stopped).
+  have ended, the top ``retrain_top`` configs of each searched fold (folds differ in difficulty,
+  so they are not ranked together) are retrained on every other fold for their best epoch count
+  (these retrain trials are not searched and not early-stopped).
+* under a budget (tune/budget.py) no trial is suggested that would not fit its first rung: the
+  searcher waits while trials run and ends the search when none does.
 
 The map from Tune trial id to Optuna trial is kept in the Optuna trials' user attributes and in
 the searcher checkpoint, so ``--resume`` continues the same studies.
@@ -26,6 +30,8 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
+from tune.budget import Budget, milestones
+from tune.experiment import planned_epochs
 from tune.space import SearchSpec, sample
 
 logger = logging.getLogger(__name__)
@@ -35,9 +41,17 @@ def study_name(experiment: str, fold: int) -> str:
     return f"{experiment}-fold{fold}"
 
 
+def planned_trials(num_samples: int, search_folds: int, retrain_folds: int, retrain_top: int) -> int:
+    """Trials of a search: ``num_samples`` per searched fold, then (two-stage mode) the
+    ``retrain_top`` best of each searched fold retrained on each other fold."""
+    return num_samples * search_folds + (retrain_top * search_folds * retrain_folds if retrain_folds else 0)
+
+
 class FoldedOptunaSearch(Searcher):
+    budget: Budget | None = None  # an experiment pickled before budgets existed has none
+
     def __init__(self, spec: SearchSpec, num_folds: int, num_classes: int, storage: str, experiment: str,
-                 max_epochs: int):
+                 max_epochs: int, budget: Budget | None = None):
         search = spec.search
         super().__init__(metric=search["metric"], mode=search["mode"])
         self.spec, self.num_classes, self.max_epochs = spec, num_classes, max_epochs
@@ -51,6 +65,7 @@ class FoldedOptunaSearch(Searcher):
         self.live: dict[str, dict] = {}  # tune trial id -> {"fold", "number"}
         self.retrain_queue: list[dict] | None = None
         self._studies: dict[int, optuna.Study] = {}
+        self.budget = budget  # tune/budget.py: refuses trials that would not fit (None: no budget)
 
     # -- studies ---------------------------------------------------------------------------
     def study(self, fold: int) -> optuna.Study:
@@ -65,14 +80,26 @@ class FoldedOptunaSearch(Searcher):
 
     @property
     def total_trials(self) -> int:
-        return self.num_samples * len(self.search_folds) + self.retrain_top * len(self.retrain_folds)
+        return planned_trials(self.num_samples, len(self.search_folds), len(self.retrain_folds), self.retrain_top)
 
     # -- Tune searcher API -----------------------------------------------------------------
+    def marks(self, config: dict) -> list[int]:
+        """The epochs at which a trial of ``config`` may be cut (tune/budget.py: its ASHA rungs and planned epochs)."""
+        asha = None if config.get("retrain") else self.spec.search.get("asha")
+        return milestones(planned_epochs(config, self.max_epochs), asha, self.max_epochs)
+
+    def _refuse(self) -> str | None:
+        """The budget has no room for another trial: wait while trials run (one stopped early frees
+        its reservation), else the search is over."""
+        return None if self.budget.running() else Searcher.FINISHED
+
     def suggest(self, trial_id: str) -> dict | None:
         if trial_id in self.live:  # a restored trial asking again
             return self.live[trial_id]["config"]
         open_folds = [f for f in self.search_folds if self.suggested[f] < self.num_samples]
         if open_folds:
+            if self.budget is not None and not self.budget.may_start(self.marks({})[0]):
+                return self._refuse()
             fold = min(open_folds, key=lambda f: (self.suggested[f], f))
             trial = self.study(fold).ask()
             trial.set_user_attr("tune_trial_id", trial_id)
@@ -80,6 +107,8 @@ class FoldedOptunaSearch(Searcher):
             self.suggested[fold] += 1
             config = {"fold": fold, **sampled}
             self.live[trial_id] = {"fold": fold, "number": trial.number, "config": config}
+            if self.budget is not None:
+                self.budget.start(trial_id, self.marks(config))
             return config
         return self._next_retrain(trial_id)
 
@@ -92,23 +121,32 @@ class FoldedOptunaSearch(Searcher):
             self.retrain_queue = self._plan_retrain()
         if not self.retrain_queue:
             return Searcher.FINISHED
+        if self.budget is not None and not self.budget.may_start(self.marks(self.retrain_queue[0])[0]):
+            return self._refuse()
         config = self.retrain_queue.pop(0)
+        if self.budget is not None:
+            self.budget.start(trial_id, self.marks(config))
         self.live[trial_id] = {"fold": config["fold"], "number": None, "config": config, "retrain": True}
         return config
 
     def _plan_retrain(self) -> list[dict]:
-        ranked = []
+        """The ``retrain_top`` best COMPLETE trials of each searched fold (ties: fewer epochs), each
+        on every other fold; a config that two folds both chose is retrained once."""
+        chosen, seen = [], set()
         for fold in self.search_folds:
-            for t in self.study(fold).get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
-                if t.state == TrialState.COMPLETE and t.value is not None and "config" in t.user_attrs:
-                    ranked.append((t.value, t.user_attrs["best_epoch"], t.user_attrs["config"]))
-        ranked.sort(key=lambda r: (-r[0] if self._mode == "max" else r[0], r[1]))
-        plan = []
-        for _, best_epoch, config in ranked[: self.retrain_top]:
-            for fold in self.retrain_folds:
-                plan.append({**config, "fold": fold, "retrain": {"epochs": int(best_epoch)}})
-        logger.info("two-stage search: retraining %d configs on folds %s", len(ranked[: self.retrain_top]),
-                    self.retrain_folds)
+            ranked = [(t.value, t.user_attrs["best_epoch"], t.user_attrs["config"])
+                      for t in self.study(fold).get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                      if t.value is not None and "config" in t.user_attrs]
+            ranked.sort(key=lambda r: (-r[0] if self._mode == "max" else r[0], r[1]))
+            for _, best_epoch, config in ranked[: self.retrain_top]:
+                key = json.dumps(config, sort_keys=True)
+                if key not in seen:
+                    seen.add(key)
+                    chosen.append((best_epoch, config))
+        plan = [{**config, "fold": fold, "retrain": {"epochs": int(best_epoch)}}
+                for best_epoch, config in chosen for fold in self.retrain_folds]
+        logger.info("two-stage search: retraining %d configs (the best %d of each of folds %s) on folds %s",
+                    len(chosen), self.retrain_top, self.search_folds, self.retrain_folds)
         return plan
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -124,6 +162,8 @@ class FoldedOptunaSearch(Searcher):
             logger.debug("trial %s already finished in its study; result not reported", trial_id)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if self.budget is not None:
+            self.budget.end(trial_id, (result or {}).get("epoch"))
         info = self.live.pop(trial_id, None)
         if not info or info.get("number") is None:
             return
@@ -147,7 +187,7 @@ class FoldedOptunaSearch(Searcher):
         study._storage.set_trial_user_attr(internal, "best_epoch", int(result.get("best_epoch", epochs)))
         config = {k: v for k, v in info["config"].items() if k not in ("fold", "retrain")}
         study._storage.set_trial_user_attr(internal, "config", config)
-        if epochs < self.max_epochs:
+        if epochs < planned_epochs(info["config"], self.max_epochs):
             study.tell(number, state=TrialState.PRUNED)
         else:
             study.tell(number, float(best))
@@ -158,9 +198,12 @@ class FoldedOptunaSearch(Searcher):
 
     # -- checkpointing ---------------------------------------------------------------------
     def get_state(self) -> dict[str, Any]:
-        return {"suggested": self.suggested, "live": self.live, "retrain_queue": self.retrain_queue}
+        return {"suggested": self.suggested, "live": self.live, "retrain_queue": self.retrain_queue,
+                "num_samples": self.num_samples}
 
     def set_state(self, state: dict[str, Any]) -> None:
+        # a --resume with more samples raises the saved count (tune/resume.py: grow_samples)
+        self.num_samples = int(state.get("num_samples", self.num_samples))
         self.suggested = {int(k): v for k, v in state["suggested"].items()}
         self.live = state["live"]
         self.retrain_queue = state["retrain_queue"]

@@ -11,17 +11,24 @@ Every key is optional except ``space``; defaults are in brackets::
     search:                        # how to search
       num_samples: 16              # trials PER FOLD [8]
       metric: val_miou             # reported metric to optimise [val_miou]: val_dice, val_biou,
-                                   #   val_pixel_acc, val_loss, ...
+                                   #   val_pixel_acc, val_loss, val_miou_image, val_dice_image
+                                   #   (per-image means, Kaggle style: see metrics.* below), ...
       mode: max                    # max | min [min for a metric ending in "loss", else max]
       seed: 0                      # Optuna TPE seed [0]
       n_startup_trials: 5          # random trials before TPE takes over [5]
       asha: {grace_period: 2, reduction_factor: 3, brackets: 1}   # early stopping [these];
                                    #   max_t is train.epochs; null: no early stopping. Grace 2: a
-                                   #   first-epoch score ranks from-scratch trials poorly (bench/)
+                                   #   first-epoch score ranks from-scratch trials poorly (bench/).
+                                   #   train.epochs can be searched only with asha: null
       search_folds: null           # folds searched [null = every fold]; [0]: search fold 0 only,
       retrain_top: 3               #   then retrain its best `retrain_top` configs on the others [3]
-    resources: {cpus_per_trial: 1, gpus_per_trial: 0, max_concurrent: null}
-                                   # [1, 0, null]; gpus may be fractional (0.5: two trials per GPU)
+      epoch_budget: null           # total training epochs of all trials and folds [null: none]
+      time_budget: null            # wall-clock limit of the search: 2h, 90m, 3600s [null: none]
+    resources: {cpus_per_trial: 1, gpus_per_trial: 0, max_concurrent: null, workers_per_trial: 1}
+                                   # [1, 0, null, 1]; gpus may be fractional (0.5: two trials per GPU).
+                                   #   workers_per_trial N > 1: each trial is a Ray Train run of N
+                                   #   data-parallel workers, and cpus/gpus_per_trial are PER WORKER
+                                   #   (a trial takes N times them; GPUs then whole: 0, 1, 2, ...)
     space:                         # searched settings: dotted trial-config key -> distribution
       model.arch: {choice: [Unet, FPN]}
       model.encoder:               # a categorical whose list depends on another parameter's value
@@ -88,11 +95,12 @@ DEMO_KEYS = ("fixed", "search", "resources", "space")
 FORMS = ("choice", "choice_by", "uniform", "loguniform", "quniform", "int", "per_class", "type")
 ASHA_DEFAULTS = {"grace_period": 2, "reduction_factor": 3, "brackets": 1}
 SEARCH_DEFAULTS = {"num_samples": 8, "metric": "val_miou", "mode": "max", "seed": 0, "n_startup_trials": 5,
-                   "asha": ASHA_DEFAULTS, "search_folds": None, "retrain_top": 3}
-RESOURCES_DEFAULTS = {"cpus_per_trial": 1, "gpus_per_trial": 0, "max_concurrent": None}
+                   "asha": ASHA_DEFAULTS, "search_folds": None, "retrain_top": 3,
+                   "epoch_budget": None, "time_budget": None}
+RESOURCES_DEFAULTS = {"cpus_per_trial": 1, "gpus_per_trial": 0, "max_concurrent": None, "workers_per_trial": 1}
 CLASS_WEIGHT_SCHEMES = ("none", "inverse", "median", "sqrt_inverse")
 ALLOWED = {"data.task": ("multiclass", "multilabel"), "data.unannotated": ("background", "ignore"),
-           "folds.strategy": ("kfold", "stratified", "multilabel", "group")}
+           "folds.strategy": ("kfold", "stratified", "multilabel", "group"), "metrics.average": ("dataset", "image")}
 MINIMUM = {"folds.k": 2, "train.epochs": 1, "train.batch_size": 1, "train.accum_steps": 1,
            "augment.copy_paste": 0, "augment.copy_paste_max": 1, "train.oversample": 0, "train.oversample_cap": 1}
 NULLABLE = {"model.weights"}  # settings with a non-null default that also accept null
@@ -137,6 +145,10 @@ def value_problem(key: str, value: Any) -> str | None:
                 and 0 < value[0] <= value[1]:
             return None
         return f"expected [low, high] with 0 < low <= high, {_got(value)}"
+    if key == "metrics.empty":
+        from trainables.metrics import empty_score
+
+        return None if empty_score(value) is not None else f"expected 1 or nan, {_got(value)}"
     if key == "augment.copy_paste" and _is_number(value) and value > 1:
         return f"expected a probability in [0, 1], got {value!r}"
     if value is None:
@@ -307,6 +319,16 @@ def _folds_problem(value: Any) -> str | None:
     return f"expected null (every fold) or a list of distinct fold numbers such as [0], got {value!r}"
 
 
+def _duration_problem(value: Any) -> str | None:
+    from tune.budget import parse_duration
+
+    try:
+        parse_duration(value)
+    except ConfigError as err:
+        return err.problem
+    return None
+
+
 SEARCH_CHECKS = {
     "num_samples": _int_min(1),
     "metric": lambda v: None if isinstance(v, str) and v else f"expected a metric name such as val_miou, got {v!r}",
@@ -316,12 +338,15 @@ SEARCH_CHECKS = {
     "asha": lambda v: None if v is None or isinstance(v, dict) else f"expected a mapping or null, got {v!r}",
     "search_folds": _folds_problem,
     "retrain_top": _int_min(1),
+    "epoch_budget": lambda v: None if v is None else _int_min(1)(v),
+    "time_budget": lambda v: None if v is None else _duration_problem(v),
 }
 ASHA_CHECKS = {"grace_period": _int_min(1), "reduction_factor": _number_min(1, strict=True), "brackets": _int_min(1)}
 RESOURCES_CHECKS = {
     "cpus_per_trial": _number_min(0, strict=True),
     "gpus_per_trial": _number_min(0),
     "max_concurrent": lambda v: None if v is None else _int_min(1)(v),
+    "workers_per_trial": _int_min(1),
 }
 
 
@@ -573,6 +598,7 @@ def _model_pairs(space: Mapping[str, Param], model: Mapping[str, Any]) -> set[tu
 
 def _check_spec(spec: SearchSpec, source: str, fixed_at: str, search_at: str, space_at: str) -> None:
     """Checks that need several sections; ``*_at`` prefix the keys named in errors."""
+    from trainables.metrics import IMAGE_METRICS
     from trainables.models import arch_names, model_problem
 
     def where(key: str) -> str:
@@ -581,7 +607,14 @@ def _check_spec(spec: SearchSpec, source: str, fixed_at: str, search_at: str, sp
     for key in config.flatten(spec.fixed):
         if key in spec.space:
             raise ConfigError(source, f"{fixed_at}{key}", "is also searched in space; keep one of the two")
+    if "train.epochs" in spec.space and spec.search.get("asha"):
+        raise ConfigError(source, f"{space_at}train.epochs", "ASHA allocates the epochs: set the maximum in "
+                          "fixed (train.epochs), or search it without early stopping (search.asha: null)")
     base = spec.base_config()
+    image_metrics = [f"val_{name}" for name in IMAGE_METRICS]
+    if spec.search["metric"].endswith("_image") and spec.search["metric"] not in image_metrics:
+        raise ConfigError(source, f"{search_at}metric",
+                          f"unknown per-image metric {spec.search['metric']!r}; known: {', '.join(image_metrics)}")
     folds = base["folds"]
     if folds["strategy"] == "group":
         try:

@@ -134,7 +134,7 @@ class AtomicLocalHandler(pafs.FileSystemHandler):
 def storage_filesystem(trial_storage: str | None) -> pafs.FileSystem | None:
     """The filesystem Tune writes its storage through: atomic writes for a disk path, pyarrow's
     own for a URI (``None``: Tune infers it from the URI)."""
-    from tune.experiment import is_uri
+    from trainables.runfiles import is_uri
 
     if trial_storage and is_uri(trial_storage):
         return None

@@ -6,22 +6,19 @@ and the same metric names as a Ray Tune trial, logged into the same W&B project.
 
 Run by hand (or in a test) with ``--params params.json`` to supply the parameters a sweep would
 put in ``wandb.config``; W&B's mode follows WANDB_MODE (offline by default without an API key).
+``--set section.key=value`` overrides trial settings as in tune/run.py. ``tune/compare.py`` sets
+the sweep's runs against the Tune experiment's.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if sys.path[0] == str(Path(__file__).resolve().parent):
-    sys.path[0] = str(ROOT)
-elif str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from trainables.cli import exit_on_user_error  # noqa: E402
+from trainables.cli import exit_on_user_error, parse_sets  # noqa: E402
 
 
 @exit_on_user_error
@@ -33,6 +30,8 @@ def main(argv=None) -> None:
     p.add_argument("--params", type=Path, help="JSON of sweep parameters (instead of wandb.config)")
     p.add_argument("--project", default="segmentation-hpo")
     p.add_argument("--dir", type=Path, default=Path("runs/wandb-sweeps"))
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override trial settings, as tune/run.py --set (e.g. train.epochs=3)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -40,13 +39,15 @@ def main(argv=None) -> None:
 
     from trainables.config import merge
     from trainables.data import load_data
-    from trainables.folds import make_folds, train_val_indices
+    from trainables.folds import make_split, train_val_indices
     from trainables.loop import FoldTrainer
     from tune.space import load_space, sample, with_demo, with_overrides
     from tune.wandb_logging import SweepTrial, default_mode
 
     spec = load_space(args.space, ROOT / "search_spaces")
-    spec = with_overrides(with_demo(spec), {}) if args.data is None else with_overrides(spec, {"data.path": args.data})
+    fixed = parse_sets(args.set)
+    spec = with_overrides(with_demo(spec), fixed) if args.data is None \
+        else with_overrides(spec, {**fixed, "data.path": args.data})
     params = json.loads(args.params.read_text()) if args.params else None
     args.dir.mkdir(parents=True, exist_ok=True)
     run = wandb.init(project=args.project, config=params, dir=str(args.dir), mode=default_mode(),
@@ -58,7 +59,7 @@ def main(argv=None) -> None:
     run.config.update({"fold": args.fold, **{f"resolved/{k}": v for k, v in sampled.items()}}, allow_val_change=True)
     cfg = merge(base, sampled, source="sweep")
     f = cfg["folds"]
-    folds = make_folds(f["strategy"], f["k"], f["seed"], data.ids, data.presence, f["group_regex"])
+    folds, _ = make_split(f["strategy"], f["k"], f["seed"], data.ids, data.presence, f["group_regex"], f["holdout"])
     train_idx, val_idx = train_val_indices(folds, args.fold, data.ids)
     trainer = FoldTrainer(cfg, data, train_idx, val_idx, fold=args.fold)
     for record in trainer.epochs():

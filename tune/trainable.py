@@ -4,6 +4,8 @@ Each Tune trial trains one sampled config on one fold. Per epoch it reports the 
 the selection metric improves it also reports a checkpoint holding the best model
 (``model.pt``, self-describing) and the state to continue from (``state.pt``), so Tune's
 ``CheckpointConfig(num_to_keep=1)`` keeps exactly the best epoch and a restored trial resumes.
+A trial on several workers (``resources.workers_per_trial``) runs the same pieces in each worker
+of a Ray Train run instead (tune/train_adapter.py).
 """
 from __future__ import annotations
 
@@ -35,9 +37,8 @@ def split_config(config: dict) -> tuple[int, dict]:
     return int(config["fold"]), {k: v for k, v in config.items() if k not in RESERVED}
 
 
-def train_trial(config: dict, base: dict, folds: list[list[str]], cpus: float) -> None:
-    """Ray Tune function trainable: ``base`` is the fixed config, ``config`` the sampled part."""
-    torch.set_num_threads(max(1, int(cpus)))
+def build_trainer(config: dict, base: dict, folds: list[list[str]], device=None) -> tuple[FoldTrainer, dict]:
+    """The fold trainer of one trial (the sampled ``config`` on its fold) and its resolved config."""
     fold, sampled = split_config(config)
     cfg = merge(base, sampled, source="search space")
     if config.get("retrain"):
@@ -46,16 +47,38 @@ def train_trial(config: dict, base: dict, folds: list[list[str]], cpus: float) -
     data = load_data(d)
     train_idx, val_idx = train_val_indices(folds, fold, data.ids)
     data, train_idx = with_extra_train(data, train_idx, d, fold)  # data.extra_train: training only
-    trainer = FoldTrainer(cfg, data, train_idx, val_idx, fold=fold)
+    return FoldTrainer(cfg, data, train_idx, val_idx, fold=fold, device=device), cfg
+
+
+def load_trial_state(trainer: FoldTrainer, ckpt_dir: str | Path) -> None:
+    """Continue ``trainer`` from a checkpoint directory written by :func:`write_trial_checkpoint`."""
+    state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location=trainer.device, weights_only=True)
+    weights = load_checkpoint(ckpt_dir)["state_dict"]  # kept once, in model.pt
+    state["best_state"] = weights
+    state.setdefault("model", weights)  # checkpoints are written at the best epoch: the same weights
+    trainer.load_state_dict(state)
+    logger.info("trial resumed after epoch %d", trainer.epoch)
+
+
+def write_trial_checkpoint(trainer: FoldTrainer, cfg: dict, folder: str | Path) -> None:
+    """The best epoch's files (this is the best epoch): model.pt, state.pt, and W&B's preview."""
+    save_checkpoint(trainer.best_checkpoint(), folder)
+    state = trainer.state_dict()
+    # the best and the current weights are model.pt's (this is the best epoch): written once
+    del state["best_state"], state["model"]
+    torch.save(state, Path(folder) / STATE_FILE)
+    if cfg["train"]["preview_images"]:  # only W&B shows them (tune/run.py sets 0 without it)
+        np.savez_compressed(Path(folder) / PREVIEW_FILE, **trainer.preview(int(cfg["train"]["preview_images"])))
+
+
+def train_trial(config: dict, base: dict, folds: list[list[str]], cpus: float) -> None:
+    """Ray Tune function trainable: ``base`` is the fixed config, ``config`` the sampled part."""
+    torch.set_num_threads(max(1, int(cpus)))
+    trainer, cfg = build_trainer(config, base, folds)
     restored = tune.get_checkpoint()
     if restored:
         with restored.as_directory() as ckpt_dir:
-            state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location=trainer.device, weights_only=True)
-            weights = load_checkpoint(ckpt_dir)["state_dict"]  # kept once, in model.pt
-            state["best_state"] = weights
-            state.setdefault("model", weights)  # checkpoints are written at the best epoch: the same weights
-            trainer.load_state_dict(state)
-        logger.info("trial resumed after epoch %d", trainer.epoch)
+            load_trial_state(trainer, ckpt_dir)
     node = node_label()
     for record in trainer.epochs():
         record["node"] = node
@@ -63,11 +86,5 @@ def train_trial(config: dict, base: dict, folds: list[list[str]], cpus: float) -
             tune.report(record)
             continue
         with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(trainer.best_checkpoint(), tmp)
-            state = trainer.state_dict()
-            # the best and the current weights are model.pt's (this is the best epoch): written once
-            del state["best_state"], state["model"]
-            torch.save(state, Path(tmp) / STATE_FILE)
-            if cfg["train"]["preview_images"]:  # only W&B shows them (tune/run.py sets 0 without it)
-                np.savez_compressed(Path(tmp) / PREVIEW_FILE, **trainer.preview(int(cfg["train"]["preview_images"])))
+            write_trial_checkpoint(trainer, cfg, tmp)
             tune.report(record, checkpoint=tune.Checkpoint.from_directory(tmp))

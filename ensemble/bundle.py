@@ -1,0 +1,209 @@
+"""The ensemble as a folder that predicts anywhere: ``runs/<name>/ensemble/bundle/``.
+
+Fit, then apply: everything ``ensemble/predict.py`` needs, nothing of the experiment::
+
+    bundle.json     members (file, fold, validation score, input size, normalisation, whether
+                    trained on resized images or native-resolution crops, data.max_size), the
+                    decision rule ({"thresholds": <tuner fit or null>, "crf": <params or null>,
+                    "max_size": ...}), TTA, voting, class names, task, metric/mode, package versions
+    members/*.pt    each member's self-describing checkpoint (trainables/checkpoint.py), copied
+    onnx/*.onnx     after ``predict.py --export onnx``
+    manifest.json   sha256 of every other file
+
+A bundle whose files do not match the manifest (damaged, incomplete, edited) is refused in one
+line (:class:`trainables.errors.InputError`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from trainables.data import file_digest
+from trainables.errors import InputError
+from trainables.io import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "seghpo-bundle/1"
+PACKAGES = ("torch", "segmentation-models-pytorch", "timm", "transformers", "numpy", "albumentations", "onnxruntime")
+
+
+def sha256(path: Path) -> str:
+    return file_digest(path)
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def write_manifest(root: Path) -> dict:
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != "manifest.json")
+    manifest = {"format": FORMAT, "files": {p.relative_to(root).as_posix(): sha256(p) for p in files}}
+    atomic_write_json(root / "manifest.json", manifest)
+    return manifest
+
+
+def _member_entry(member, file: str) -> dict:
+    cfg = member.meta.get("config") or {}
+    return {"file": file, "name": member.name, "fold": member.fold, "score": member.score,
+            "epoch": member.meta.get("epoch"), "arch": cfg.get("model", {}).get("arch"),
+            "encoder": cfg.get("model", {}).get("encoder"), "image_size": list(member.image_size),
+            "input": member.input, "max_size": member.max_size, "mean": list(member.mean), "std": list(member.std)}
+
+
+def write_bundle(out: Path, members: list, tta: str, voting: str, rule: dict, metric: str, mode: str,
+                 source: dict | None = None, data: dict | None = None) -> Path:
+    """Write the bundle of ``members`` (:class:`ensemble.predictor.Member` with ``meta["path"]``,
+    the checkpoint they were loaded from) to ``out``, replacing an older one only when complete.
+    ``data``: the training data's reading options and ``has_background``."""
+    if not members:
+        raise ValueError("a bundle needs at least one member")
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "members").mkdir(parents=True)
+    entries = []
+    for k, m in enumerate(members):
+        file = f"members/{k:02d}-{m.name}.pt"
+        shutil.copyfile(m.meta["path"], tmp / file)
+        entries.append(_member_entry(m, file))
+    info = {"format": FORMAT, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "task": members[0].task, "class_names": list(members[0].class_names), "tta": tta, "voting": voting,
+            "metric": metric, "mode": mode,
+            # how an annotated test set's unannotated pixels count, as in training (data.unannotated)
+            "unannotated": ((members[0].meta.get("config") or {}).get("data") or {}).get("unannotated", "background"),
+            # how the training data was read (unannotated, crowd, background, has_background): the
+            # same for annotated test sets, and whether class 0 is left out of the submission
+            "data": data or {},
+            "rule": {"thresholds": rule.get("thresholds"), "crf": rule.get("crf"), "max_size": rule.get("max_size")},
+            "members": entries, "versions": versions(), "source": source or {}}
+    atomic_write_json(tmp / "bundle.json", info)
+    write_manifest(tmp)
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+    logger.info("bundle of %d members -> %s", len(members), out)
+    return out
+
+
+def verify(root: Path) -> dict:
+    """bundle.json's content once every file matches manifest.json; InputError otherwise."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(root, "bundle folder not found")
+    try:
+        manifest = json.loads((root / "manifest.json").read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        raise InputError(root / "manifest.json", "missing: incomplete bundle (write it with ensemble/run.py)") from None
+    except (ValueError, KeyError, TypeError):
+        raise InputError(root / "manifest.json", "damaged: not a bundle manifest") from None
+    if manifest.get("format") != FORMAT or "bundle.json" not in files:
+        raise InputError(root / "manifest.json", f"not a {FORMAT} manifest")
+    for rel, digest in files.items():
+        path = root / rel
+        if not path.is_file():
+            raise InputError(path, "missing: incomplete bundle")
+        if sha256(path) != digest:
+            raise InputError(path, "damaged: checksum differs from manifest.json")
+    info = json.loads((root / "bundle.json").read_text())
+    unlisted = [m["file"] for m in info["members"] if m["file"] not in files]
+    if unlisted:
+        raise InputError(root / unlisted[0], "not in manifest.json: incomplete bundle")
+    here = versions()
+    changed = {k: (v, here.get(k)) for k, v in info.get("versions", {}).items() if v and here.get(k) != v}
+    if changed:
+        logger.warning("package versions differ from the bundle's: %s",
+                       ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+    return info
+
+
+@dataclass
+class Bundle:
+    path: Path
+    info: dict
+    members: list
+
+    @property
+    def task(self) -> str:
+        return self.info["task"]
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.info["class_names"]
+
+    @property
+    def thresholds(self) -> dict | None:
+        """What :meth:`ensemble.predictor.Ensemble.decide` takes: None = argmax / 0.5."""
+        return self.info["rule"].get("thresholds") or None
+
+    def refiner(self):
+        """``refine(probs, image)`` of the kept CRF, or None."""
+        rule = self.info["rule"]
+        if not rule.get("crf"):
+            return None
+        from ensemble.crf import refine_at
+
+        params, max_size = rule["crf"], rule.get("max_size")
+        return lambda probs, image: refine_at(probs, image, params, max_size)
+
+    def best_member(self) -> int:
+        """Index of the member with the best validation score (the search's mode)."""
+        sign = -1.0 if self.info.get("mode", "max") == "min" else 1.0
+        scores = [m.score if m.score == m.score else -sign * float("inf") for m in self.members]
+        return max(range(len(scores)), key=lambda k: sign * scores[k])
+
+    def ensemble(self, device="auto", tile=None, overlap: float = 0.5):
+        from ensemble.predictor import TTA, Ensemble
+
+        return Ensemble(self.members, TTA.parse(self.info["tta"]), self.info["voting"], device, tile=tile,
+                        overlap=overlap)
+
+
+def load_bundle(root: Path, device="cpu", runtime: str = "torch") -> Bundle:
+    """Verify and load a bundle; ``runtime="onnx"`` runs the members' ``onnx/*.onnx`` with
+    onnxruntime instead of rebuilding the networks."""
+    import torch
+
+    from ensemble.predictor import Member, member_from_checkpoint
+    from trainables.checkpoint import load_checkpoint
+    from trainables.loop import resolve_device
+
+    root = Path(root)
+    info = verify(root)
+    device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+    members = []
+    for k, entry in enumerate(info["members"]):
+        if runtime == "onnx":
+            from ensemble.onnx_export import OnnxModel, onnx_file
+
+            path = root / onnx_file(k)
+            if onnx_file(k) not in json.loads((root / "manifest.json").read_text())["files"]:
+                raise InputError(path, "missing: export the members first with --export onnx")
+            member = Member(entry["name"], entry["fold"], OnnxModel(path, device), tuple(entry["image_size"]),
+                            info["task"], info["class_names"], entry["score"], {"epoch": entry.get("epoch")})
+        else:
+            member = member_from_checkpoint(load_checkpoint(root / entry["file"]), entry["name"], device)
+        member.input, member.max_size = entry["input"], entry["max_size"]
+        member.mean, member.std = tuple(entry["mean"]), tuple(entry["std"])
+        member.score = float("nan") if entry["score"] is None else float(entry["score"])
+        member.meta["path"] = str(root / entry["file"])
+        members.append(member)
+    logger.info("bundle %s: %d members, %s, python %s", root, len(members), info["task"], sys.version.split()[0])
+    return Bundle(root, info, members)

@@ -1,0 +1,63 @@
+"""The ensemble scored on annotated images no decision was fitted on: the holdout (``folds.holdout``).
+
+Out-of-fold rows cannot show what averaging every fold's members does: each out-of-fold image is
+predicted by one fold's members only, while prediction averages all of them, and the thresholds
+were tuned on per-fold ensembles. On the holdout every image goes through exactly what
+``--predict`` runs (every fold's members, TTA, original resolution), and the rows are:
+
+(a) the best single member by validation score, (b) the ensemble at default decisions, (c) with
+the tuned thresholds (and minimum areas) fitted on all out-of-fold predictions, (d) with the CRF
+when one was fitted. ``applied`` names the row prediction applies (the steps that were kept), so
+the holdout also measures whether thresholds tuned on per-fold ensembles transfer to the average
+of all folds' members.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+from ensemble.crossfit import kept_rule
+from ensemble.infer import score_rows
+from ensemble.predictor import Ensemble, Member
+from trainables.data import SegData
+
+logger = logging.getLogger(__name__)
+
+
+def best_member(members: list[Member], mode: str) -> Member:
+    """The member with the best validation score (its trial's), NaN scores last."""
+    sign = -1.0 if mode == "max" else 1.0
+    return min(members, key=lambda m: (math.isnan(m.score), sign * (0.0 if math.isnan(m.score) else m.score)))
+
+
+def applied_row(post: dict, steps: dict) -> str:
+    """Which row prediction applies, from the keep decisions."""
+    crf = post.get("crf")
+    if crf and crf["kept"]:
+        return "crf"
+    return "tuned" if steps.get("thresholds", {}).get("kept") else "ensemble"
+
+
+def holdout_step(ensembles: dict[int, Ensemble], data: SegData, holdout: list[str], thresholds: dict, post: dict,
+                 steps: dict, mode: str, max_size: int | None, batch_size: int = 8) -> dict:
+    """Score the holdout images with every fold's members: rows (a)-(d) and the row prediction applies."""
+    from ensemble.crf import refine_at
+
+    first = next(iter(ensembles.values()))
+    everyone = Ensemble([m for e in ensembles.values() for m in e.members], first.tta, first.voting, first.device)
+    # (c): the thresholds as prediction applies them when kept; when not kept, as fitted (to show why)
+    rules = {"tuned": (kept_rule(thresholds, steps) or thresholds, None)}
+    crf = post.get("crf")
+    if crf:
+        params = crf["params"]
+        rules["crf"] = (crf["thresholds"], lambda probs, image: refine_at(probs, image, params, max_size))
+    aside = set(holdout)
+    index = [i for i, image_id in enumerate(data.ids) if image_id in aside]
+    best = everyone.members.index(best_member(everyone.members, mode))
+    rows = score_rows(everyone, data, index, rules["tuned"][0], None, best, batch_size)
+    if "crf" in rules:
+        rows["crf"] = score_rows(everyone, data, index, *rules["crf"], None, batch_size)["tuned"]
+    rows["images"] = len(index)
+    rows["single_member"] = everyone.members[best].name
+    rows["applied"] = applied_row(post, steps)
+    return rows

@@ -1,0 +1,113 @@
+"""Predict with an ensemble bundle alone: no training data, no run directory, no Ray.
+
+    python ensemble/predict.py --bundle runs/<name>/ensemble/bundle --images test_images/ --out preds/
+    python ensemble/predict.py --bundle BUNDLE --images test/annotations.json --out preds/   # + test rows
+    python ensemble/predict.py --bundle BUNDLE --images test/ --out preds/ --sample-submission sample_submission.csv
+    python ensemble/predict.py --bundle BUNDLE --export onnx            # then --runtime onnx
+
+The bundle (``ensemble/run.py`` writes it, see ensemble/bundle.py) holds the members, the kept
+thresholds / min-areas / CRF, TTA and voting; outputs are those of ensemble/infer.py. Members
+trained on native-resolution crops (``augment.random_crop``) predict by sliding windows
+(``--tile auto``: their crop size, overlap 0.5).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from trainables.cli import exit_on_user_error
+from trainables.errors import ConfigError
+
+logger = logging.getLogger("ensemble.predict")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", type=Path, required=True, help="folder written by ensemble/run.py (ensemble/bundle)")
+    p.add_argument("--images", type=Path, help="folder of images, COCO json or mask folder to predict")
+    p.add_argument("--out", type=Path, help="where predictions go (required with --images)")
+    p.add_argument("--save-probs", action="store_true", help="also write float16 probabilities")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--tile", default="auto",
+                   help="sliding-window size of members trained on native-resolution crops: auto (their crop size) "
+                        "or HxW [auto]")
+    p.add_argument("--sample-submission", type=Path, help="a competition's sample_submission.csv: its columns, ids, "
+                                                           "class rows and row order")
+    p.add_argument("--rle-order", choices=["column", "row"], default="column",
+                   help="pixel numbering of the RLE: column-major (Kaggle default) or row-major [column]")
+    p.add_argument("--boundary-iou", action="store_true",
+                   help="also score boundary IoU on annotated inputs (at full resolution: slower than the rest)")
+    p.add_argument("--export", choices=["onnx"], help="write every member as ONNX into the bundle, checked against "
+                                                      "PyTorch with onnxruntime")
+    p.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
+                   help="run the members with PyTorch or with onnxruntime (after --export onnx) [torch]")
+    args = p.parse_args(argv)
+    if args.images is None and args.export is None:
+        p.error("give --images (and --out) to predict, or --export onnx")
+    if args.images is not None and args.out is None:
+        p.error("--images needs --out")
+    return args
+
+
+def predict_with_bundle(bundle, images: Path, out: Path, batch_size: int = 8, save_probs: bool = False,
+                        device="auto", tile=None, sample_submission: Path | None = None, rle_order: str = "column",
+                        cache_dir=None, boundary: bool = False) -> dict:
+    """The bundle's ensemble and decision rule on ``images``; see :func:`ensemble.infer.predict_folder`."""
+    from ensemble.infer import predict_folder, submission_skip
+    from ensemble.submission import Submission
+
+    thresholds = bundle.thresholds
+    ens = bundle.ensemble(device, tile=tile)
+    data = bundle.info.get("data", {})  # how the training data was read, for annotated inputs
+    has_background = data.get("has_background")
+    submission = Submission(bundle.class_names, bundle.task, submission_skip(thresholds, has_background), rle_order,
+                            sample_submission)
+    unannotated = data.get("unannotated", bundle.info.get("unannotated", "background"))
+    options = {k: data[k] for k in ("crowd", "background") if k in data}
+    return predict_folder(ens, thresholds, images, out, bundle.task, unannotated, bundle.class_names, batch_size,
+                          save_probs, cache_dir, refine=bundle.refiner(), best=bundle.best_member(),
+                          submission=submission, rle_order=rle_order, boundary=boundary, options=options,
+                          has_background=has_background)
+
+
+def print_result(res: dict, n_members: int, class_names: list[str], seconds: float | None = None) -> None:
+    took = f" in {seconds:.1f}s" if seconds is not None else ""
+    print(f"predicted {res['images']} images with {n_members} members{took} -> {res['out']}")
+    if "test_rows" in res:
+        from ensemble.rows import format_table
+        from trainables.runfiles import TEST_METRICS_JSON
+
+        print(format_table(res["test_rows"], class_names, f"test ({res['images']} images)"))
+        print(f"test metrics -> {Path(res['out']) / TEST_METRICS_JSON}")
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from ensemble.bundle import load_bundle
+    from ensemble.tiling import parse_tile
+
+    try:
+        tile = parse_tile(args.tile)
+    except ValueError as exc:
+        raise ConfigError("command line", "--tile", str(exc)) from None
+    if args.export == "onnx":
+        from ensemble.onnx_export import export_bundle
+
+        for line in export_bundle(args.bundle):
+            print(line)
+        if args.images is None:
+            return
+    bundle = load_bundle(args.bundle, args.device, args.runtime)
+    start = time.perf_counter()
+    res = predict_with_bundle(bundle, args.images, args.out, args.batch_size, args.save_probs, args.device, tile,
+                              args.sample_submission, args.rle_order, boundary=args.boundary_iou)
+    print_result(res, len(bundle.members), bundle.class_names, time.perf_counter() - start)
+
+
+if __name__ == "__main__":
+    main()

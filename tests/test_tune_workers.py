@@ -135,6 +135,7 @@ def test_killed_two_worker_search_resumes_from_the_train_checkpoint(scratch):  #
         finally:
             os.killpg(first.pid, signal.SIGKILL)
             first.wait(timeout=30)
+        before = reported_epochs(trial_dir)  # again: epochs may have been reported between the look and the kill
         stop_ray(ray_dir, grace=5.0)
         second = cli(*args, "--resume", ray_dir=ray_dir, cache=scratch / "cache", timeout=1200)
         assert second.returncode == 0, (second.stdout + second.stderr)[-6000:]
@@ -144,7 +145,8 @@ def test_killed_two_worker_search_resumes_from_the_train_checkpoint(scratch):  #
     assert len(rows) == 2 and all(r["status"] == "completed" for r in rows.values()), rows
     assert killed in rows
     # Tune restarts the trial afresh (its result.json begins again), but the Train run restored its
-    # latest checkpoint (at most the last epoch reported before the kill): epoch 1 is not trained again
+    # latest checkpoint: epoch 1 is not trained again. Rank 0 checkpoints an epoch just before it is
+    # reported, so the kill may fall between the two: at most one epoch beyond the last reported one.
     continued = reported_epochs(trial_dirs(run_dir)[killed])
-    assert 1 < continued[0] <= max(before) + 1 and continued == list(range(continued[0], 5)), (before, continued)
+    assert 1 < continued[0] <= max(before) + 2 and continued == list(range(continued[0], 5)), (before, continued)
     assert Path(rows[killed]["checkpoint"]).is_file() and f"/{TRAIN_DIR}/" in rows[killed]["checkpoint"]

@@ -165,9 +165,9 @@ class Bundle:
 
     def best_member(self) -> int:
         """Index of the member with the best validation score (the search's mode)."""
-        sign = -1.0 if self.info.get("mode", "max") == "min" else 1.0
-        scores = [m.score if m.score == m.score else -sign * float("inf") for m in self.members]
-        return max(range(len(scores)), key=lambda k: sign * scores[k])
+        from ensemble.predictor import best_member_index
+
+        return best_member_index(self.members, self.info.get("mode", "max"))
 
     def ensemble(self, device="auto", tile=None, overlap: float = 0.5):
         from ensemble.predictor import TTA, Ensemble

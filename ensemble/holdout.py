@@ -14,20 +14,13 @@ of all folds' members.
 from __future__ import annotations
 
 import logging
-import math
 
 from ensemble.crossfit import kept_rule
 from ensemble.infer import score_rows
-from ensemble.predictor import Ensemble, Member
+from ensemble.predictor import Ensemble, best_member_index
 from trainables.data import SegData
 
 logger = logging.getLogger(__name__)
-
-
-def best_member(members: list[Member], mode: str) -> Member:
-    """The member with the best validation score (its trial's), NaN scores last."""
-    sign = -1.0 if mode == "max" else 1.0
-    return min(members, key=lambda m: (math.isnan(m.score), sign * (0.0 if math.isnan(m.score) else m.score)))
 
 
 def applied_row(post: dict, steps: dict) -> str:
@@ -53,7 +46,7 @@ def holdout_step(ensembles: dict[int, Ensemble], data: SegData, holdout: list[st
         rules["crf"] = (crf["thresholds"], lambda probs, image: refine_at(probs, image, params, max_size))
     aside = set(holdout)
     index = [i for i, image_id in enumerate(data.ids) if image_id in aside]
-    best = everyone.members.index(best_member(everyone.members, mode))
+    best = best_member_index(everyone.members, mode)
     rows = score_rows(everyone, data, index, rules["tuned"][0], None, best, batch_size)
     if "crf" in rules:
         rows["crf"] = score_rows(everyone, data, index, *rules["crf"], None, batch_size)["tuned"]

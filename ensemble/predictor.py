@@ -11,6 +11,7 @@ members. Hard voting averages one-hot votes.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,14 @@ class Member:
     max_size: int | None = None  # data.max_size of its training (the resolution crops were taken at)
     mean: tuple[float, ...] = tuple(float(v) for v in MEAN)  # normalisation, in 0..255 pixel units
     std: tuple[float, ...] = tuple(float(v) for v in STD)
+
+
+def best_member_index(members: list["Member"], mode: str) -> int:
+    """Index of the member with the best validation score in the search's ``mode``; NaN scores last,
+    ties to the first."""
+    sign = -1.0 if mode == "max" else 1.0
+    return min(range(len(members)), key=lambda k: (math.isnan(members[k].score),
+                                                    sign * (0.0 if math.isnan(members[k].score) else members[k].score)))
 
 
 def input_mode(config: dict) -> str:

@@ -251,15 +251,22 @@ def load_data(path: Path | None, cache_dir: Path, **kwargs):
 # ---------------------------------------------------------------- standalone entry point
 
 
-def bench_main(name: str, target: str, run: Callable[[bool], dict]) -> None:
+def bench_main(name: str, target: str, run: Callable[..., dict],
+               add_args: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
+    """``add_args``: a benchmark's own options, passed to ``run`` as keyword arguments."""
     parser = argparse.ArgumentParser(description=f"benchmark {name} (see bench/README.md)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repetitions")
     parser.add_argument("--json", type=Path, help="write the result dict here (bench/run.py uses this)")
+    own = set()
+    if add_args is not None:
+        before = {a.dest for a in parser._actions}
+        add_args(parser)
+        own = {a.dest for a in parser._actions} - before
     args = parser.parse_args()
     quiet_libraries()
     start = time.perf_counter()
     try:
-        res = run(args.quick)
+        res = run(args.quick, **{key: getattr(args, key) for key in own})
     except Exception as exc:  # a crashed benchmark is a result too (run.py shows it in the table)
         import traceback
 

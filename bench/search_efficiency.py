@@ -1,43 +1,58 @@
-"""search_efficiency: the tool's Optuna (TPE) + per-fold ASHA against random search without early stopping.
+"""search_efficiency: the tool's search against what a user writes with stock Ray, and against random search.
 
 The search of ``bench/spaces/search.yaml`` (a tiny random-init Unet on CamVid train, 367 images
-downscaled to 96 px and fed at 64x96, 2 folds, 16 batches of 8 an epoch, learning rate, weight
-decay and loss searched) runs through the tool's own ``tune.search.run_search`` three times on one
-private local Ray (2 trials at a time, one CPU each):
+downscaled to 96 px and fed at 64x96, 2 folds, 8 batches of 8 an epoch, 8 trials per fold of at
+most 8 epochs; learning rate, weight decay and loss searched) runs in three arms, each for every
+seed (``--seeds``, default 0 1 2; the seed is the searchers' and the trials' training seed), one
+private local Ray, 2 trials at a time, one CPU each, the same trainable (``tune/trainable.py``):
 
-* **optuna+asha**: the tool's searcher and scheduler as configured (TPE after 4 random trials;
-  ASHA grace 2, reduction factor 3, one bracket, max_t = epochs: the tool's defaults);
-* **random**: the same spec with ``n_startup_trials = num_samples`` (Optuna's random start-up
-  sampler for every trial, same seed) and ``asha: null`` (every trial trains all epochs);
-* **shared ASHA** (full mode only): like optuna+asha, but ``tune.search.PerFoldASHA`` is swapped
-  for one stock ``ASHAScheduler`` over all folds, to count the fold-1 trials that a shared
-  bracket stops.
+* **tool**: ``tune.search.run_search`` as configured: per-fold Optuna TPE (4 random start-up
+  trials, constant liar), per-fold ASHA (the space's ``search.asha``), PRUNED feedback;
+* **stock**: what a user writes with Ray's own classes: per fold one ``Tuner`` with
+  ``OptunaSearch(seed=seed + fold)`` (its default ``TPESampler``, which tells Optuna ASHA-stopped
+  trials as COMPLETE with their partial score) and one ``ASHAScheduler`` with the same grace period,
+  reduction factor and epoch cap, the same trials per fold;
+* **random**: the tool with ``n_startup_trials = num_samples`` (Optuna's seeded random sampler for
+  every trial) and ``asha: null`` (every trial trains all epochs).
 
-From each run's ``trials.csv``: the best ``val_miou`` per fold and the epochs spent (sum of the
-``epochs`` column). The per-epoch results of the random run (a Tune callback records them in
-order) are also *replayed* through ``PerFoldASHA`` and through a shared ``ASHAScheduler``: the same
-learning curves under both schedulers, without the timing luck of a real run.
+Per arm and seed: the best ``val_miou`` per fold (a trial's best epoch) and the epochs spent; the
+table gives mean over folds, then min/median/max over seeds; the targets are judged on the mean over
+seeds. The random arm's per-epoch results are also *replayed* (in their recorded order) through other
+scheduler settings (grace period, reduction factor, ``recheck``): the same learning curves under
+each, labelled as replays; TPE arms cannot be replayed (what TPE proposes depends on what it saw).
 
-Target: the best mIoU per fold within noise of random search (mean over folds, A - B >= -0.02) with
-at most 1/3 of its epochs. Runtime: ~60 min full on 2 idle cores (12 trials/fold, 18 epochs: rungs
-at 2, 6 and 18, where ideal successive halving spends 0.26 of the epochs), ~2 min quick (2
-trials/fold, 3 epochs, 4 batches an epoch, no shared-ASHA run: a check that it all works).
+Each finished (arm, seed) run is kept as JSON in ``--results DIR`` when given, so an interrupted
+benchmark continues where it stopped and an arm can be rerun alone (``--arms stock``).
+The trials run at normal priority (``RAY_worker_niceness=0``; Ray's default 15 lets any other
+work on the machine starve them). Runtime: about 40 min on 2 idle cores for 3 seeds; ``--quick`` (1 seed, 2 trials/fold, 3 epochs,
+4 batches an epoch) ~4 min: a check that it all works.
 """
 from __future__ import annotations
 
 import contextlib
 import io
+import json
+import statistics
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import os
+
+os.environ.setdefault("RAY_worker_niceness", "0")  # before Ray starts: its raylet reads it
+
 from bench import common  # noqa: E402
 
 NAME = "search_efficiency"
-TARGET = "best mIoU within 0.02 of random search with <= 1/3 of its epochs"
+TARGET = ("tool's best mIoU >= stock Ray's at <= its epochs; within 0.01 of random search's with <= 0.30 of "
+          "its epochs (means over seeds)")
 SPACE = common.BENCH / "spaces" / "search.yaml"
-MIOU_TOLERANCE = 0.02
-EPOCH_RATIO = 1 / 3
+MIOU_TOLERANCE = 0.01
+EPOCH_RATIO = 0.30
+ARMS = ("random", "tool", "stock")
+SEEDS = (0, 1, 2)
+# scheduler settings replayed on the random arm's curves: (grace period, reduction factor, recheck)
+REPLAYS = [(g, rf, rc) for g in (1, 2, 3) for rf in (2, 3, 4) for rc in (False, True)]
 
 
 def make_recorder():
@@ -57,52 +72,32 @@ def make_recorder():
     return Recorder()
 
 
-def spec_for(quick: bool, cache_dir: Path, random: bool):
+def spec_for(quick: bool, cache_dir: Path, arm: str, seed: int):
     from tune.space import load_space, with_overrides
 
     spec = load_space(str(SPACE), common.ROOT / "search_spaces")
-    fixed = {"data.path": str(common.CAMVID), "data.cache_dir": str(cache_dir)}
-    search: dict = {}
+    fixed = {"data.path": str(common.CAMVID), "data.cache_dir": str(cache_dir), "train.seed": seed}
+    search: dict = {"seed": seed}
     if quick:
         fixed.update({"train.epochs": 3, "train.max_train_batches": 4})
         search["num_samples"] = 2
     spec = with_overrides(spec, fixed=fixed, search=search)
-    if random:
+    if arm == "random":
         spec = with_overrides(spec, search={"n_startup_trials": int(spec.search["num_samples"]), "asha": None})
     return spec
 
 
 @contextlib.contextmanager
-def shared_asha():
-    """``tune.search.build_tuner`` builds one stock ASHAScheduler for every fold instead of PerFoldASHA."""
-    import tune.search as search_module
-    from ray.tune.schedulers import ASHAScheduler
-
-    original = search_module.PerFoldASHA
-
-    def one_for_all_folds(metric, mode, max_t, state_path=None, **asha):
-        return ASHAScheduler(metric=metric, mode=mode, max_t=max_t, **asha)
-
-    search_module.PerFoldASHA = one_for_all_folds
-    try:
-        yield
-    finally:
-        search_module.PerFoldASHA = original
-
-
-@contextlib.contextmanager
 def recording(recorder):
-    """Add ``recorder`` to the callbacks ``tune.search.build_tuner`` gives the Tuner (run_search's own
-    arguments change more often than build_tuner's); without a ``callbacks`` parameter, nothing is added
-    and the events are read back from the trials' result.json files instead."""
+    """Add ``recorder`` to the callbacks ``tune.search.build_tuner`` gives the Tuner."""
     import inspect
 
     import tune.search as search_module
 
     original = search_module.build_tuner
     signature = inspect.signature(original)
-    if recorder is None or "callbacks" not in signature.parameters:
-        yield False
+    if recorder is None:
+        yield
         return
 
     def with_recorder(*args, **kwargs):
@@ -112,54 +107,95 @@ def recording(recorder):
 
     search_module.build_tuner = with_recorder
     try:
-        yield True
+        yield
     finally:
         search_module.build_tuner = original
 
 
-def events_from_results(run_dir: Path) -> list[dict]:
-    """Per-epoch results of every trial from Tune's result.json files, in (approximate) wall-clock order."""
-    import json
-
-    events = []
-    for path in sorted((run_dir / "tune").glob("*/result.json")):
-        for line in path.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                events.append({"trial_id": r["trial_id"], "fold": int(r["config"]["fold"]),
-                               "epoch": int(r.get("epoch", r.get("training_iteration", 0))),
-                               "val_miou": r.get("val_miou"), "t": r.get("timestamp", 0)})
-    return sorted(events, key=lambda e: (e["t"], e["epoch"]))
-
-
-def one_search(label: str, spec, run_dir: Path, recorder=None) -> dict:
+def tool_search(spec, run_dir: Path, recorder=None) -> list[dict]:
+    """The tool's search (or random search): trials.csv's rows as ``{fold, epochs, status, best}``."""
     from tune.search import run_search
+    from trainables.runfiles import score_column
 
-    common.log(f"  {label}: {spec.search['num_samples']} trials/fold, {spec.base_config()['train']['epochs']} epochs,"
-               f" asha={spec.search.get('asha')}, n_startup_trials={spec.search['n_startup_trials']}")
-    start = time.perf_counter()
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), recording(recorder) as recorded:  # Tune's table: not on screen
+    with contextlib.redirect_stdout(io.StringIO()), recording(recorder):  # Tune's table: not on screen
         rows = run_search(spec, run_dir)
-    if recorder is not None and not recorded:
-        recorder.events[:] = events_from_results(run_dir)
-    wall = time.perf_counter() - start
-    summary = out.getvalue().strip().split("best trial per fold")[-1]
-    common.log(f"  {label}: {wall:.0f}s; best trial per fold{summary}")
-    return {"rows": rows, "wall_s": wall}
+    column = score_column(spec.search["metric"])
+    return [{"fold": int(r["fold"]), "epochs": int(float(r["epochs"] or 0)), "status": r["status"],
+             "best": float(r[column]) if r.get(column) not in (None, "") else None} for r in rows]
 
 
-def per_fold(rows: list[dict], folds: int, metric: str = "val_miou") -> dict:
-    from trainables.runfiles import best_per_fold
+def ray_space(spec) -> dict:
+    """The space YAML's distributions as Ray's own (what a user of ``OptunaSearch`` writes by hand)."""
+    import yaml
+    from ray import tune
 
-    best = best_per_fold(rows, metric, "max")
-    out = {"best": [], "epochs": [], "stopped": [], "completed": [], "errors": 0}
+    raw = yaml.safe_load(Path(spec.source).read_text())["space"]
+    out = {}
+    for key, dist in raw.items():
+        (kind, args), = dist.items()
+        if kind == "loguniform":
+            out[key] = tune.loguniform(*args)
+        elif kind == "uniform":
+            out[key] = tune.uniform(*args)
+        elif kind == "choice":
+            out[key] = tune.choice(args)
+        elif kind == "int":
+            out[key] = tune.randint(args[0], args[1] + 1)
+        else:
+            raise ValueError(f"{spec.source}: space.{key}: {kind} has no stock Ray counterpart in this benchmark")
+    if set(out) != set(spec.space):
+        raise ValueError(f"{spec.source}: the stock arm's space {sorted(out)} differs from {sorted(spec.space)}")
+    return out
+
+
+def stock_search(spec, run_dir: Path, seed: int) -> list[dict]:
+    """Per fold one Tuner with Ray's OptunaSearch and ASHAScheduler over the tool's trainable."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from tune.search import prepare
+    from tune.train_adapter import trial_trainable
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        base, data, folds = prepare(spec, run_dir)
+    metric, mode, asha = spec.search["metric"], spec.search["mode"], spec.search["asha"]
+    max_t = int(base["train"]["epochs"])
+    trainable = trial_trainable(spec.resources, base, folds, run_dir, None)
+    rows = []
+    for fold in range(len(folds)):
+        tuner = tune.Tuner(
+            trainable, param_space={"fold": fold, **ray_space(spec)},
+            tune_config=tune.TuneConfig(
+                search_alg=OptunaSearch(metric=metric, mode=mode, seed=seed + fold),
+                scheduler=ASHAScheduler(metric=metric, mode=mode, max_t=max_t, grace_period=asha["grace_period"],
+                                        reduction_factor=asha["reduction_factor"], brackets=asha["brackets"]),
+                num_samples=int(spec.search["num_samples"]),
+                max_concurrent_trials=spec.resources.get("max_concurrent")),
+            run_config=tune.RunConfig(name=f"fold{fold}", storage_path=str(run_dir / "stock"), verbose=0,
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+        with contextlib.redirect_stdout(io.StringIO()):
+            grid = tuner.fit()
+        for res in grid:
+            df = res.metrics_dataframe
+            if res.error is not None or df is None or metric not in df:
+                rows.append({"fold": fold, "epochs": 0 if df is None else int(df["training_iteration"].max()),
+                             "status": "error", "best": None})
+                continue
+            epochs = int(df["training_iteration"].max())
+            rows.append({"fold": fold, "epochs": epochs, "status": "completed" if epochs >= max_t else "stopped",
+                         "best": float(df[metric].max())})
+    return rows
+
+
+def per_fold(rows: list[dict], folds: int) -> dict:
+    out = {"best": [], "epochs": [], "stopped": [], "errors": 0}
     for fold in range(folds):
-        mine = [r for r in rows if int(r["fold"]) == fold]
-        out["best"].append(float(best[fold][f"best_{metric}"]) if fold in best else float("nan"))
-        out["epochs"].append(sum(int(float(r["epochs"] or 0)) for r in mine))
+        mine = [r for r in rows if r["fold"] == fold]
+        scores = [r["best"] for r in mine if r["status"] in ("completed", "stopped") and r["best"] is not None]
+        out["best"].append(max(scores) if scores else float("nan"))
+        out["epochs"].append(sum(r["epochs"] for r in mine))
         out["stopped"].append(sum(r["status"] == "stopped" for r in mine))
-        out["completed"].append(sum(r["status"] == "completed" for r in mine))
         out["errors"] += sum(r["status"] == "error" for r in mine)
     return out
 
@@ -194,98 +230,142 @@ def replay(events: list[dict], scheduler, max_t: int, folds: int) -> dict:
     return out
 
 
-def epoch_noise(events: list[dict]) -> float | None:
-    """Median |change| of val mIoU between the last epochs of the random trials (metric noise scale)."""
-    by_trial: dict[str, list[tuple[int, float]]] = {}
-    for e in events:
-        if e["val_miou"] is not None:
-            by_trial.setdefault(e["trial_id"], []).append((e["epoch"], e["val_miou"]))
-    steps = []
-    for curve in by_trial.values():
-        values = [v for _, v in sorted(curve)][-3:]
-        steps += [abs(b - a) for a, b in zip(values, values[1:])]
-    return common.median(steps)
+def one_run(arm: str, seed: int, quick: bool, cache: Path, tmp: Path) -> dict:
+    spec = spec_for(quick, cache, arm, seed)
+    k = int(spec.base_config()["folds"]["k"])
+    common.log(f"  {arm} seed {seed}: {spec.search['num_samples']} trials/fold, "
+               f"{spec.base_config()['train']['epochs']} epochs, asha={spec.search.get('asha')}")
+    start = time.perf_counter()
+    recorder = make_recorder() if arm == "random" else None
+    run_dir = tmp / f"{arm}-{seed}"
+    rows = stock_search(spec, run_dir, seed) if arm == "stock" else tool_search(spec, run_dir, recorder)
+    wall = time.perf_counter() - start
+    stats = per_fold(rows, k)
+    common.log(f"  {arm} seed {seed}: {wall:.0f}s, best per fold {[round(b, 4) for b in stats['best']]}, "
+               f"epochs {stats['epochs']}")
+    return {"arm": arm, "seed": seed, "rows": rows, "stats": stats, "wall_s": wall, "folds": k,
+            "max_t": int(spec.base_config()["train"]["epochs"]), "asha": spec.search.get("asha"),
+            "events": recorder.events if recorder else None}
 
 
-def run(quick: bool) -> dict:
-    if not common.CAMVID.exists():
-        return common.skipped(NAME, TARGET, f"CamVid not found at {common.CAMVID_REL}")
-    from ray.tune.schedulers import ASHAScheduler
+def fold_mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
+
+def spread(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+def replays_of(random_runs: list[dict], asha: dict) -> dict:
+    """Every REPLAYS setting on each seed's random curves: epochs ratio and mIoU difference, per seed."""
     from tune.scheduler import PerFoldASHA
 
-    runs: dict[str, dict] = {}
-    with common.scratch("search") as tmp:
-        cache = tmp / "cache"
-        common.load_data(common.CAMVID, cache)  # rasterise the masks once, before any timing
-        asha_spec = spec_for(quick, cache, random=False)
-        random_spec = spec_for(quick, cache, random=True)
-        k = int(asha_spec.base_config()["folds"]["k"])
-        max_t = int(asha_spec.base_config()["train"]["epochs"])
-        recorder = make_recorder()
-        with common.private_ray() as ray_info:
-            common.log(f"{NAME}: ray.init {ray_info['init_s']:.1f}s")
-            runs["optuna+asha"] = one_search("optuna+asha", asha_spec, tmp / "asha")
-            runs["random"] = one_search("random", random_spec, tmp / "random", recorder)
-            if not quick:
-                with shared_asha():
-                    runs["shared-asha"] = one_search("shared ASHA", asha_spec, tmp / "shared")
-    stats = {name: per_fold(r["rows"], k) for name, r in runs.items()}
-    asha_args = {**asha_spec.search["asha"], "metric": "val_miou", "mode": "max", "max_t": max_t}
-    replays = {"per-fold": replay(recorder.events, PerFoldASHA(**asha_args), max_t, k),
-               "shared": replay(recorder.events, ASHAScheduler(**asha_args), max_t, k)}
-    a, b = stats["optuna+asha"], stats["random"]
-    # other ASHA settings on the same curves: what would meet the epoch target (for tuning the defaults)
-    sweep = {}
-    for grace, rf in ((1, 3), (1, 4), (2, 2), (2, 3), (2, 4), (2, 6), (3, 3), (3, 4)):
-        if grace >= max_t:
-            continue
-        args = {**asha_args, "grace_period": grace, "reduction_factor": rf}
-        r = replay(recorder.events, PerFoldASHA(**args), max_t, k)
-        sweep[f"grace {grace}, rf {rf}"] = {
-            "epoch_ratio": sum(r["epochs"]) / max(sum(b["epochs"]), 1),
-            "miou_diff": sum(r["best"]) / k - sum(b["best"]) / k, "stopped": r["stopped"]}
-    common.log("  replay of the random curves under other per-fold ASHA settings: " + "; ".join(
-        f"{name}: epochs x{v['epoch_ratio']:.2f}, mIoU {v['miou_diff']:+.3f}" for name, v in sweep.items()))
-    miou_diff = sum(a["best"]) / k - sum(b["best"]) / k
-    epoch_ratio = sum(a["epochs"]) / max(sum(b["epochs"]), 1)
+    out = {}
+    for grace, rf, recheck in REPLAYS:
+        ratios, diffs = [], []
+        for run in random_runs:
+            max_t, k = run["max_t"], run["folds"]
+            if grace >= max_t:
+                continue
+            args = {**asha, "grace_period": grace, "reduction_factor": rf, "recheck": recheck}
+            r = replay(run["events"], PerFoldASHA("val_miou", "max", max_t, **args), max_t, k)
+            ratios.append(sum(r["epochs"]) / max(sum(run["stats"]["epochs"]), 1))
+            diffs.append(fold_mean(r["best"]) - fold_mean(run["stats"]["best"]))
+        if ratios:
+            out[f"grace {grace}, rf {rf}{', recheck' if recheck else ''}"] = {
+                "grace_period": grace, "reduction_factor": rf, "recheck": recheck,
+                "epoch_ratio": spread(ratios), "miou_diff": spread(diffs)}
+    return out
+
+
+def run(quick: bool, seeds=None, arms=ARMS, results: Path | None = None) -> dict:
+    if not common.CAMVID.exists():
+        return common.skipped(NAME, TARGET, f"CamVid not found at {common.CAMVID_REL}")
+    seeds = list(seeds if seeds is not None else ((0,) if quick else SEEDS))
+    runs: dict[tuple[str, int], dict] = {}
+    if results is not None:
+        results.mkdir(parents=True, exist_ok=True)
+        for path in results.glob("*.json"):
+            saved = json.loads(path.read_text())
+            if saved.get("quick") == quick:
+                runs[(saved["arm"], saved["seed"])] = saved
+    todo = [(arm, seed) for seed in seeds for arm in arms if (arm, seed) not in runs]
+    if todo:
+        with common.scratch("search") as tmp:
+            cache = tmp / "cache"
+            common.load_data(common.CAMVID, cache)  # rasterise the masks once, before any run
+            with common.private_ray() as ray_info:
+                common.log(f"{NAME}: ray.init {ray_info['init_s']:.1f}s; to run: {todo}")
+                for arm, seed in todo:
+                    out = one_run(arm, seed, quick, cache, tmp)
+                    out["quick"] = quick
+                    runs[(arm, seed)] = out
+                    if results is not None:
+                        from trainables.io import atomic_write_json
+
+                        atomic_write_json(results / f"{arm}-seed{seed}.json", out)
+    return summarise(runs, seeds, quick)
+
+
+def summarise(runs: dict, seeds: list[int], quick: bool) -> dict:
+    by_arm = {arm: [runs[(arm, s)] for s in seeds if (arm, s) in runs] for arm in ARMS}
+    if not all(by_arm.values()):
+        missing = [arm for arm, rs in by_arm.items() if not rs]
+        return common.skipped(NAME, TARGET, f"no finished run of arm(s) {', '.join(missing)}")
+    done = sorted(set.intersection(*({r["seed"] for r in rs} for rs in by_arm.values())))
+    by_arm = {arm: [r for r in rs if r["seed"] in done] for arm, rs in by_arm.items()}
+    best = {arm: [fold_mean(r["stats"]["best"]) for r in rs] for arm, rs in by_arm.items()}
+    epochs = {arm: [sum(r["stats"]["epochs"]) for r in rs] for arm, rs in by_arm.items()}
+    mean = {arm: statistics.fmean(v) for arm, v in best.items()}
+    mean_epochs = {arm: statistics.fmean(v) for arm, v in epochs.items()}
+    vs_stock = mean["tool"] - mean["stock"]
+    vs_random = mean["tool"] - mean["random"]
+    epochs_vs_stock = mean_epochs["tool"] / mean_epochs["stock"]
+    epochs_vs_random = mean_epochs["tool"] / mean_epochs["random"]
     rows = [
-        common.row("best val mIoU per fold (ratio: A-B mean)", common.side("optuna+asha", a["best"]),
-                   common.side("random", b["best"]), miou_diff, f">= -{MIOU_TOLERANCE}", miou_diff >= -MIOU_TOLERANCE),
-        common.row("epochs spent per fold", common.side("optuna+asha", a["epochs"], "ep"),
-                   common.side("random", b["epochs"], "ep"), epoch_ratio, f"<= {EPOCH_RATIO:.3f}",
-                   epoch_ratio <= EPOCH_RATIO),
-        common.row("search wall time", common.side("optuna+asha", [runs["optuna+asha"]["wall_s"]], "s"),
-                   common.side("random", [runs["random"]["wall_s"]], "s"),
-                   common.safe_ratio(runs["optuna+asha"]["wall_s"], runs["random"]["wall_s"]), "info"),
+        common.row("best val mIoU (mean of folds), per seed", common.side("tool", best["tool"]),
+                   common.side("stock Ray", best["stock"]), vs_stock, ">= 0 (mean A-B)", vs_stock >= 0),
+        common.row("epochs spent (both folds), per seed", common.side("tool", epochs["tool"], "ep"),
+                   common.side("stock Ray", epochs["stock"], "ep"), epochs_vs_stock, "<= 1 (mean A/B)",
+                   epochs_vs_stock <= 1),
+        common.row("best val mIoU (mean of folds), per seed", common.side("tool", best["tool"]),
+                   common.side("random", best["random"]), vs_random, f">= -{MIOU_TOLERANCE} (mean A-B)",
+                   vs_random >= -MIOU_TOLERANCE),
+        common.row("epochs spent (both folds), per seed", common.side("tool", epochs["tool"], "ep"),
+                   common.side("random", epochs["random"], "ep"), epochs_vs_random, f"<= {EPOCH_RATIO} (mean A/B)",
+                   epochs_vs_random <= EPOCH_RATIO),
+        common.row("search wall time, per seed", common.side("tool", [r["wall_s"] for r in by_arm["tool"]], "s"),
+                   common.side("stock Ray", [r["wall_s"] for r in by_arm["stock"]], "s"),
+                   common.safe_ratio(statistics.fmean(r["wall_s"] for r in by_arm["tool"]),
+                                     statistics.fmean(r["wall_s"] for r in by_arm["stock"])), "info"),
     ]
-    if "shared-asha" in stats:
-        s = stats["shared-asha"]
-        for fold in range(k):
-            rows.append(common.row(f"fold-{fold} trials stopped early (real runs)",
-                                   common.side("per-fold ASHA", [a["stopped"][fold]]),
-                                   common.side("shared ASHA", [s["stopped"][fold]]), None, "info"))
-        rows.append(common.row("shared ASHA: best mIoU per fold / epochs", common.side("best", s["best"]),
-                               common.side("epochs", s["epochs"], "ep"), None, "info"))
-    rp, rs = replays["per-fold"], replays["shared"]
-    for fold in range(k):
-        rows.append(common.row(f"fold-{fold} stopped, replay of random curves", common.side("per-fold ASHA",
-                               [rp["stopped"][fold]]), common.side("shared ASHA", [rs["stopped"][fold]]), None, "info"))
-    replay_ratio = sum(rp["epochs"]) / max(sum(b["epochs"]), 1)
-    rows.append(common.row("replay: per-fold ASHA on random curves, epochs", common.side("replayed", rp["epochs"], "ep"),
-                           common.side("random", b["epochs"], "ep"), replay_ratio, "info"))
+    asha = by_arm["tool"][0]["asha"] or {}
+    replays = replays_of(by_arm["random"], {k: v for k, v in asha.items() if k == "brackets"})
+    for name, r in replays.items():
+        rows.append(common.row(f"replay on random curves: {name}",
+                               common.side("epochs x", [r["epoch_ratio"]["mean"]]),
+                               common.side("mIoU diff", [r["miou_diff"]["mean"]]), None, "info (mean of seeds)"))
     details = {
-        "quick": quick, "data": common.CAMVID_REL,
-        "space": str(SPACE.relative_to(common.ROOT) if SPACE.is_relative_to(common.ROOT) else SPACE),
-        "num_samples_per_fold": int(asha_spec.search["num_samples"]), "max_epochs": max_t, "folds": k,
-        "asha": asha_spec.search["asha"], "ray": ray_info,
-        "miou_diff_tolerance": MIOU_TOLERANCE, "epoch_to_epoch_miou_noise": epoch_noise(recorder.events),
-        "per_run": stats, "replay": replays, "replay_asha_settings": sweep, "random_events": recorder.events,
-        "trials": {name: r["rows"] for name, r in runs.items()},
-        "wall_s": {name: r["wall_s"] for name, r in runs.items()},
+        "quick": quick, "seeds": done, "data": common.CAMVID_REL,
+        "space": str(SPACE.relative_to(common.ROOT)), "asha": asha,
+        "num_samples_per_fold": len([r for r in by_arm["random"][0]["rows"] if r["fold"] == 0]),
+        "max_epochs": by_arm["random"][0]["max_t"], "folds": by_arm["random"][0]["folds"],
+        "best_miou": {arm: spread(v) for arm, v in best.items()},
+        "epochs": {arm: spread(v) for arm, v in epochs.items()},
+        "per_fold": {arm: [r["stats"] for r in rs] for arm, rs in by_arm.items()},
+        "replays_of_random_curves": replays,
+        "wall_s": {arm: [r["wall_s"] for r in rs] for arm, rs in by_arm.items()},
+        "trials": {f"{arm}-seed{r['seed']}": r["rows"] for arm, rs in by_arm.items() for r in rs},
     }
     return common.result(NAME, TARGET, rows, details)
 
 
+def add_args(parser) -> None:
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default 0 1 2; --quick: 0)")
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument("--results", type=Path, help="keep each finished (arm, seed) run here; reused on rerun")
+
+
 if __name__ == "__main__":
-    common.bench_main(NAME, TARGET, run)
+    common.bench_main(NAME, TARGET, run, add_args=add_args)

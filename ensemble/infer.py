@@ -102,6 +102,13 @@ class RowScorer:
                 continue
             score_into(self.metrics[key], decision, target, valid, self.task)
 
+    def merge(self, other: "RowScorer") -> None:
+        """Add the counts of images ``other`` scored (another process's share of the images)."""
+        for key, metrics in self.metrics.items():
+            metrics.merge(other.metrics[key])
+        if getattr(other, "same", False):
+            self.same = True
+
     def compute(self) -> dict:
         out = {k: m.compute() for k, m in self.metrics.items() if not (k == "tuned" and getattr(self, "same", False))}
         if "tuned" not in out:
@@ -141,6 +148,26 @@ def submission_skip(thresholds: dict | None, has_background: bool | None):
     return None if has_background else ()
 
 
+def write_image_outputs(out: Path, stem: str, task: str, class_names: list[str], decision: np.ndarray,
+                        probs: np.ndarray | None = None) -> list[str]:
+    """Write one image's mask(s) (and float16 probabilities when given) under ``out``, each atomically;
+    returns the paths written, relative to ``out``."""
+    written = []
+    if task == "multiclass":
+        written.append(f"masks/{stem}.png")
+        _save_png(out / written[-1], decision)
+    else:
+        for c, name in enumerate(class_names):
+            written.append(f"masks/{name}/{stem}.png")
+            _save_png(out / written[-1], decision[c].astype(np.uint8) * 255)
+    if probs is not None:
+        written.append(f"probs/{stem}.npy")
+        with atomic_path(out / written[-1]) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, probs.astype(np.float16))
+    return written
+
+
 def predict_folder(ens: Ensemble, thresholds: dict | None, inputs: Path, out: Path, task: str, unannotated: str,
                    class_names: list[str], batch_size: int = 8, save_probs: bool = False, cache_dir=None,
                    refine=None, best: int | None = None, submission: Submission | None = None,
@@ -158,19 +185,10 @@ def predict_folder(ens: Ensemble, thresholds: dict | None, inputs: Path, out: Pa
     keep = (best or 0) if scorer is not None else None
     for i, image, probs, member in iterate(ens, lambda i: read_image(paths[i]), list(range(len(paths))), batch_size,
                                            keep):
-        stem = Path(ids[i]).stem
         rows = decisions(ens, probs, member, image, thresholds, refine)
         decision = rows["tuned"]
-        if task == "multiclass":
-            _save_png(out / "masks" / f"{stem}.png", decision)
-        else:
-            for c, name in enumerate(class_names):
-                _save_png(out / "masks" / name / f"{stem}.png", decision[c].astype(np.uint8) * 255)
+        write_image_outputs(out, Path(ids[i]).stem, task, class_names, decision, probs if save_probs else None)
         submission.add(ids[i], decision)
-        if save_probs:
-            with atomic_path(out / "probs" / f"{stem}.npy") as tmp:
-                with open(tmp, "wb") as fh:
-                    np.save(fh, probs.astype(np.float16))
         if scorer is not None:
             scorer.add(data.read_mask(i), rows)
     submission.write(out / "submission.csv")

@@ -1,14 +1,16 @@
-"""Predict with an ensemble bundle alone: no training data, no run directory, no Ray.
+"""Predict with an ensemble bundle alone: no training data, no run directory, no Ray (unless asked).
 
     python ensemble/predict.py --bundle runs/<name>/ensemble/bundle --images test_images/ --out preds/
     python ensemble/predict.py --bundle BUNDLE --images test/annotations.json --out preds/   # + test rows
     python ensemble/predict.py --bundle BUNDLE --images test/ --out preds/ --sample-submission sample_submission.csv
     python ensemble/predict.py --bundle BUNDLE --export onnx            # then --runtime onnx
+    python ensemble/predict.py --bundle BUNDLE --images big/ --out preds/ --address auto --gpus-per-actor 1
 
 The bundle (``ensemble/run.py`` writes it, see ensemble/bundle.py) holds the members, the kept
 thresholds / min-areas / CRF, TTA and voting; outputs are those of ensemble/infer.py. Members
 trained on native-resolution crops (``augment.random_crop``) predict by sliding windows
-(``--tile auto``: their crop size, overlap 0.5).
+(``--tile auto``: their crop size, overlap 0.5). With ``--ray`` or ``--address`` the images are
+predicted by a Ray Data actor pool (ensemble/ray_predict.py) into the same files.
 """
 from __future__ import annotations
 
@@ -44,7 +46,17 @@ def parse_args(argv):
                                                       "PyTorch with onnxruntime")
     p.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
                    help="run the members with PyTorch or with onnxruntime (after --export onnx) [torch]")
+    ray = p.add_argument_group("on a Ray cluster (Ray Data actor pool; see ensemble/ray_predict.py)")
+    ray.add_argument("--ray", action="store_true", help="predict with Ray Data on a Ray started on this machine")
+    ray.add_argument("--address", help="predict with Ray Data on this running cluster (auto: the one this job runs in)")
+    ray.add_argument("--actors", type=int, help="actor pool size [as many as the cluster's CPUs/GPUs hold]")
+    ray.add_argument("--cpus-per-actor", type=float, default=1.0,
+                     help="CPUs each actor reserves (and its torch threads) [1]")
+    ray.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs each actor reserves [0]")
     args = p.parse_args(argv)
+    args.on_ray = bool(args.ray or args.address)
+    if not args.on_ray and (args.actors is not None or args.cpus_per_actor != 1.0 or args.gpus_per_actor):
+        p.error("--actors, --cpus-per-actor and --gpus-per-actor need --ray or --address")
     if args.images is None and args.export is None:
         p.error("give --images (and --out) to predict, or --export onnx")
     if args.images is not None and args.out is None:
@@ -102,6 +114,18 @@ def main(argv=None) -> None:
             print(line)
         if args.images is None:
             return
+    if args.on_ray and args.images is not None:
+        from ensemble.ray_predict import predict_on_ray
+
+        start = time.perf_counter()
+        res = predict_on_ray(args.bundle, args.images, args.out, address=args.address, actors=args.actors,
+                             batch_size=args.batch_size, cpus_per_actor=args.cpus_per_actor,
+                             gpus_per_actor=args.gpus_per_actor, save_probs=args.save_probs, device=args.device,
+                             tile=tile, sample_submission=args.sample_submission, rle_order=args.rle_order,
+                             boundary=args.boundary_iou, runtime=args.runtime)
+        print_result(res, res["members"], res["class_names"], time.perf_counter() - start)
+        print(f"on Ray: {len(res['actors'])} actor processes on {len({a['node'] for a in res['actors']})} nodes")
+        return
     bundle = load_bundle(args.bundle, args.device, args.runtime)
     start = time.perf_counter()
     res = predict_with_bundle(bundle, args.images, args.out, args.batch_size, args.save_probs, args.device, tile,

@@ -51,11 +51,9 @@ def confident_labels(probs: np.ndarray, decision: np.ndarray, confidence: float)
     return labels
 
 
-def write_pseudo_labels(ens: Ensemble, thresholds: dict | None, inputs: Path, out: Path, class_names: list[str],
-                        confidence: float = 0.9, refine: Callable | None = None, batch_size: int = 8,
-                        provenance: dict | None = None, cache_dir=None) -> dict:
-    """Predict ``inputs`` (folder of images or COCO json) and write the mask folder ``out``."""
-    if ens.task != "multiclass":
+def pseudo_inputs(ens_task: str, inputs: Path, confidence: float, cache_dir=None) -> tuple[list[Path], list[str]]:
+    """(image paths, ids) to pseudo-label, after the checks: multiclass, confidence in [0, 1], unique stems."""
+    if ens_task != "multiclass":
         raise ConfigError("command line", "--pseudo-label", "pseudo-labels are class-index masks: multiclass only")
     if not 0.0 <= confidence <= 1.0:
         raise ConfigError("command line", "--pseudo-confidence", f"must lie in [0, 1], got {confidence=}")
@@ -64,28 +62,55 @@ def write_pseudo_labels(ens: Ensemble, thresholds: dict | None, inputs: Path, ou
     if len(set(stems)) != len(stems):
         dup = next(s for s in stems if stems.count(s) > 1)
         raise InputError(inputs, f"two images share the file stem {dup!r}: mask names would collide")
+    return paths, ids
+
+
+def pseudo_image(ens: Ensemble, thresholds: dict | None, out: Path, path: Path, image_id: str, image: np.ndarray,
+                 probs: np.ndarray, confidence: float, refine: Callable | None, num_classes: int
+                 ) -> tuple[float, np.ndarray, list[str]]:
+    """Write one image's copy and label mask under ``out`` (atomically); (share of pixels kept,
+    kept pixels per class, paths written relative to ``out``)."""
+    if refine is not None:
+        probs = refine(probs, image)
+    labels = confident_labels(probs, ens.decide(probs, thresholds), confidence)
+    written = [f"images/{Path(image_id).name}", f"masks/{Path(image_id).stem}.png"]
+    with atomic_path(out / written[0]) as tmp:
+        shutil.copyfile(path, tmp)
+    with atomic_path(out / written[1]) as tmp:
+        Image.fromarray(labels).save(tmp, format="PNG")
+    counts = np.bincount(labels[labels != VOID].ravel(), minlength=num_classes)[:num_classes]
+    return float((labels != VOID).mean()), counts, written
+
+
+def write_pseudo_labels(ens: Ensemble, thresholds: dict | None, inputs: Path, out: Path, class_names: list[str],
+                        confidence: float = 0.9, refine: Callable | None = None, batch_size: int = 8,
+                        provenance: dict | None = None, cache_dir=None) -> dict:
+    """Predict ``inputs`` (folder of images or COCO json) and write the mask folder ``out``."""
+    paths, ids = pseudo_inputs(ens.task, inputs, confidence, cache_dir)
     kept_per_image, counts = {}, np.zeros(len(class_names), np.int64)
     for start in tqdm(range(0, len(paths), batch_size), desc="pseudo-labels", unit="batch", disable=None):
         batch = list(range(start, min(start + batch_size, len(paths))))
         images = [read_image(paths[i]) for i in batch]
         for i, image, probs in zip(batch, images, ens.predict_batch(images)):
-            if refine is not None:
-                probs = refine(probs, image)
-            labels = confident_labels(probs, ens.decide(probs, thresholds), confidence)
-            with atomic_path(out / "images" / Path(ids[i]).name) as tmp:
-                shutil.copyfile(paths[i], tmp)
-            with atomic_path(out / "masks" / f"{stems[i]}.png") as tmp:
-                Image.fromarray(labels).save(tmp, format="PNG")
-            kept_per_image[ids[i]] = float((labels != VOID).mean())
-            counts += np.bincount(labels[labels != VOID].ravel(), minlength=len(class_names))[:len(class_names)]
+            kept, per_class, _ = pseudo_image(ens, thresholds, out, paths[i], ids[i], image, probs, confidence, refine,
+                                              len(class_names))
+            kept_per_image[ids[i]] = kept
+            counts += per_class
+    return write_pseudo_summary(out, class_names, inputs, confidence, thresholds, refine is not None, kept_per_image,
+                                counts, provenance)
+
+
+def write_pseudo_summary(out: Path, class_names: list[str], inputs: Path, confidence: float, thresholds: dict | None,
+                         crf: bool, kept_per_image: dict, counts: np.ndarray, provenance: dict | None = None) -> dict:
+    """``classes.txt`` and ``pseudo.json`` of a finished label folder; returns the summary."""
     atomic_write_text(out / "classes.txt", "".join(f"{n}\n" for n in class_names))
-    summary = {**(provenance or {}), "source": str(inputs), "images": len(paths), "confidence": confidence,
-               "thresholds": "tuned out-of-fold" if thresholds else "argmax", "crf": refine is not None,
+    summary = {**(provenance or {}), "source": str(inputs), "images": len(kept_per_image), "confidence": confidence,
+               "thresholds": "tuned out-of-fold" if thresholds else "argmax", "crf": crf,
                "kept_share": float(np.mean(list(kept_per_image.values()))) if kept_per_image else 0.0,
                "pixels_per_class": dict(zip(class_names, counts.tolist())), "kept_share_per_image": kept_per_image}
     atomic_write_json(out / "pseudo.json", summary)
-    logger.info("pseudo-labels for %d images -> %s (%.0f%% of pixels kept at confidence %.2f)", len(paths), out,
-                100 * summary["kept_share"], confidence)
+    logger.info("pseudo-labels for %d images -> %s (%.0f%% of pixels kept at confidence %.2f)", len(kept_per_image),
+                out, 100 * summary["kept_share"], confidence)
     return summary
 
 

@@ -31,6 +31,10 @@ def parse_args(argv):
     p.add_argument("--voting", choices=["soft", "hard"], default="soft")
     p.add_argument("--tta", default="none", help="none | hflip | hflip,scales=0.75:1:1.25")
     p.add_argument("--min-area", action="store_true", help="also tune per-class minimum component areas")
+    p.add_argument("--max-ms-per-image", type=float, metavar="MS",
+                   help="latency budget of prediction on --device: members and TTA views are chosen greedily by "
+                        "out-of-fold gain per measured millisecond (at least one member per fold); the thresholds "
+                        "are then tuned for that set (ensemble/latency.py)")
     p.add_argument("--predict", type=Path, help="folder of images or COCO json to predict")
     p.add_argument("--out", type=Path, help="where --predict writes [runs/<name>/ensemble/predictions]")
     p.add_argument("--save-probs", action="store_true", help="also write float16 probabilities")
@@ -56,7 +60,22 @@ def parse_args(argv):
     p.add_argument("--debug", action="store_true",
                    help="check the ensemble step in about a minute: 1 member per fold, no TTA, 4 out-of-fold images "
                         "per fold, written to runs/<name>/ensemble-debug")
-    return p.parse_args(argv)
+    ray = p.add_argument_group("--predict / --pseudo-label on a Ray cluster (a Ray Data actor pool: "
+                               "ensemble/ray_predict.py)")
+    ray.add_argument("--ray", action="store_true", help="on a Ray started on this machine")
+    ray.add_argument("--address", help="on this running cluster (auto: the one this job runs in)")
+    ray.add_argument("--actors", type=int, help="actor pool size [as many as the cluster's CPUs/GPUs hold]")
+    ray.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs each actor reserves [1]")
+    ray.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs each actor reserves [0]")
+    args = p.parse_args(argv)
+    args.on_ray = bool(args.ray or args.address)
+    return args
+
+
+def ray_options(args) -> dict:
+    """Keyword arguments of ensemble/ray_predict.py's entry points from the command line."""
+    return {"address": args.address, "actors": args.actors, "batch_size": args.batch_size,
+            "cpus_per_actor": args.cpus_per_actor, "gpus_per_actor": args.gpus_per_actor, "device": args.device}
 
 
 def log_to_wandb(run_dir: Path, out_dir: Path, report: dict, mode: str, project: str) -> None:
@@ -133,6 +152,16 @@ def main(argv=None) -> None:
 
         ensembles, selection = greedy_members(ensembles, data, folds, d["max_size"], args.top_k, metric, mode,
                                               empty=1.0 if empty is None else empty)
+    latency = None
+    if args.max_ms_per_image is not None:
+        from ensemble.latency import budget_members, summary_line
+
+        if not args.max_ms_per_image > 0:
+            raise ConfigError("command line", "--max-ms-per-image", f"expected milliseconds > 0, got {args.max_ms_per_image:g}")
+        ensembles, tta, args.tta, latency = budget_members(ensembles, data, folds, d["max_size"], args.max_ms_per_image,
+                                                           metric, mode, empty=1.0 if empty is None else empty,
+                                                           max_images=4 if args.debug else None)
+        print(summary_line(latency))
     members_json = {str(f): [{"trial_id": m.name, "score": m.score, "epoch": m.meta["epoch"],
                               "checkpoint": next(r["checkpoint"] for r in pool[f] if r["trial_id"] == m.name)}
                              for m in e.members] for f, e in ensembles.items()}
@@ -153,6 +182,8 @@ def main(argv=None) -> None:
     report["steps"] = result["steps"]
     if selection:
         report["selection"] = selection
+    if latency:
+        report["latency"] = latency
     post = {"crf": None, "steps": result["steps"]}
     if args.crf:
         from ensemble.crf import crf_step
@@ -200,12 +231,19 @@ def main(argv=None) -> None:
         from ensemble.bundle import load_bundle
         from ensemble.predict import predict_with_bundle, print_result
 
-        bundle = load_bundle(bundle_dir, device)
-        res = predict_with_bundle(bundle, args.predict, args.out or out.predictions_dir, args.batch_size,
-                                  args.save_probs, device, cache_dir=d["cache_dir"])
-        print_result(res, len(bundle.members), bundle.class_names)
+        if args.on_ray:
+            from ensemble.ray_predict import predict_on_ray
+
+            res = predict_on_ray(bundle_dir, args.predict, args.out or out.predictions_dir, save_probs=args.save_probs,
+                                 cache_dir=d["cache_dir"], **ray_options(args))
+            print_result(res, res["members"], res["class_names"])
+        else:
+            bundle = load_bundle(bundle_dir, device)
+            res = predict_with_bundle(bundle, args.predict, args.out or out.predictions_dir, args.batch_size,
+                                      args.save_probs, device, cache_dir=d["cache_dir"])
+            print_result(res, len(bundle.members), bundle.class_names)
     if args.pseudo_label:
-        write_pseudo(args, ensembles, post, thresholds, data, d, run_dir, tta, device)
+        write_pseudo(args, ensembles, post, thresholds, data, d, run_dir, tta, device, bundle_dir)
     if args.cam:
         from ensemble.cam import cam_step
 
@@ -278,18 +316,30 @@ def crf_refiner(post: dict, max_size):
 
 
 def write_pseudo(args, ensembles: dict, post: dict, thresholds: dict, data, d: dict, run_dir: Path, tta,
-                 device) -> None:
+                 device, bundle_dir: Path) -> None:
+    """Pseudo-labels of every member (or each fold's, ``--pseudo-per-fold``); on Ray, the actors load
+    the same members from the bundle just written (its members are every fold's, in this order)."""
     from ensemble.predictor import Ensemble
     from ensemble.pseudo import write_pseudo_labels
 
     out = args.pseudo_out or RunFiles(run_dir).pseudo_dir
-    sets = ({f"fold{f}": e.members for f, e in ensembles.items()} if args.pseudo_per_fold
-            else {"": [m for e in ensembles.values() for m in e.members]})
+    everyone = [m for e in ensembles.values() for m in e.members]
+    sets = ({f"fold{f}": e.members for f, e in ensembles.items()} if args.pseudo_per_fold else {"": everyone})
     for sub, members in sets.items():
-        summary = write_pseudo_labels(
-            Ensemble(members, tta, args.voting, device), post_thresholds(post, thresholds), args.pseudo_label,
-            out / sub if sub else out, data.class_names, args.pseudo_confidence, crf_refiner(post, d["max_size"]),
-            args.batch_size, {"experiment": str(run_dir), "members": [m.name for m in members]}, d["cache_dir"])
+        provenance = {"experiment": str(run_dir), "members": [m.name for m in members]}
+        if args.on_ray:
+            from ensemble.ray_predict import pseudo_label_on_ray
+
+            indices = [k for k, m in enumerate(everyone) if any(m is x for x in members)]
+            summary = pseudo_label_on_ray(bundle_dir, args.pseudo_label, out / sub if sub else out, indices,
+                                          args.pseudo_confidence, provenance, cache_dir=d["cache_dir"],
+                                          **ray_options(args))
+            summary.pop("actors")
+        else:
+            summary = write_pseudo_labels(
+                Ensemble(members, tta, args.voting, device), post_thresholds(post, thresholds), args.pseudo_label,
+                out / sub if sub else out, data.class_names, args.pseudo_confidence, crf_refiner(post, d["max_size"]),
+                args.batch_size, provenance, d["cache_dir"])
         print(f"pseudo-labels: {summary['images']} images, {100 * summary['kept_share']:.0f}% of pixels kept "
               f"-> {out / sub if sub else out}")
     entry = out / "fold{fold}" if args.pseudo_per_fold else out

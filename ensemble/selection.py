@@ -25,21 +25,27 @@ from trainables.metrics import IMAGE_METRICS, SegMetrics
 logger = logging.getLogger(__name__)
 
 
-def _subsampled_probs(ens: Ensemble, data: SegData, val_idx: list[int], max_size, pixels: int, seed: int):
-    """(M, C, P) float16 member probabilities, (P,) or (P, C) targets, (P,) position of each pixel's
-    image in ``val_idx``: a fixed random subset of each image's pixels."""
+def sample_pixels(predict, ds: SegDataset, val_idx: list[int], pixels: int, seed: int):
+    """``predict(image)`` -> (..., C, H, W) probabilities of each image, kept as float16 on a fixed random
+    subset of its pixels: (..., C, P) probabilities, (P,) or (P, C) targets, (P,) position of each pixel's
+    image in ``val_idx``."""
     rng = np.random.default_rng(seed)
-    ds = SegDataset(data, val_idx, transform=None, max_size=max_size, cache=False)
     probs, targets, owner = [], [], []
     for k, i in enumerate(val_idx):
         image, mask = ds.load(i)
-        member_probs = ens.predict_batch([image], per_member=True)[0]  # (M, C, H, W)
-        flat = member_probs.reshape(*member_probs.shape[:2], -1)
+        per = predict(image)
+        flat = per.reshape(*per.shape[:-2], -1)
         pick = rng.choice(flat.shape[-1], size=min(pixels, flat.shape[-1]), replace=False)
         probs.append(flat[..., pick].astype(np.float16))
         targets.append(mask.reshape(-1, *mask.shape[2:])[pick])
         owner.append(np.full(len(pick), k))
     return np.concatenate(probs, -1), np.concatenate(targets, 0), np.concatenate(owner)
+
+
+def _subsampled_probs(ens: Ensemble, data: SegData, val_idx: list[int], max_size, pixels: int, seed: int):
+    """(M, C, P) member probabilities on sampled pixels (:func:`sample_pixels`)."""
+    ds = SegDataset(data, val_idx, transform=None, max_size=max_size, cache=False)
+    return sample_pixels(lambda image: ens.predict_batch([image], per_member=True)[0], ds, val_idx, pixels, seed)
 
 
 # metrics greedy selection can compute on sampled pixels: the search metric -> SegMetrics key

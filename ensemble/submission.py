@@ -139,9 +139,15 @@ class Submission:
 
     def add(self, image_id: str, decision: np.ndarray) -> None:
         """``decision``: labels (H, W) for multiclass, booleans (C, H, W) for multilabel."""
+        self.add_rows(image_id, self.rows_of(image_id, decision))
+
+    def rows_of(self, image_id: str, decision: np.ndarray) -> list[dict]:
+        """The rows :meth:`add` keeps for one image (computed where the decision is, e.g. on a Ray actor)."""
         kind = {"labels": decision} if self.task == "multiclass" else {"binary": decision}
         skip = () if self.sample is not None else self.skip
-        rows = submission_rows(image_id, class_names=self.class_names, skip_classes=skip, order=self.order, **kind)
+        return submission_rows(image_id, class_names=self.class_names, skip_classes=skip, order=self.order, **kind)
+
+    def add_rows(self, image_id: str, rows: list[dict]) -> None:
         if self.sample is None:
             self.rows += rows
             return

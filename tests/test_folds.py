@@ -140,7 +140,7 @@ def test_bad_k_and_strategy(sample):
         split(sample, "kfold", 73, None)
     with pytest.raises(ConfigError, match="at least 2"):
         split(sample, "kfold", 1, None)
-    with pytest.raises(ConfigError, match="unknown strategy"):
+    with pytest.raises(ConfigError, match="expected kfold, stratified, multilabel or group"):
         split(sample, "random", 5, None)
 
 

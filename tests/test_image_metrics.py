@@ -156,15 +156,15 @@ def test_loop_checks_the_metrics_settings(trainer, monkeypatch):
         trainer.validate()
 
 
-def test_search_space_checks_the_metrics_settings():
-    from tune.space import value_problem
+def test_the_metrics_settings_are_checked():
+    from trainables.config import setting_problem
 
-    assert value_problem("metrics.average", "image") is None
-    assert "expected one of dataset, image" in value_problem("metrics.average", "per-image")
+    assert setting_problem("metrics.average", "image") is None
+    assert "expected dataset or image" in setting_problem("metrics.average", "per-image")
     for ok in (1, 1.0, "nan", "NaN", NAN):
-        assert value_problem("metrics.empty", ok) is None, ok
+        assert setting_problem("metrics.empty", ok) is None, ok
     for bad in (0, 0.5, "one", True, None):
-        assert "expected 1 or nan" in value_problem("metrics.empty", bad), bad
+        assert "expected 1 or nan" in setting_problem("metrics.empty", bad), bad
 
 
 def test_search_metric_per_image_names_are_checked(tmp_path):

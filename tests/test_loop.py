@@ -219,6 +219,5 @@ def test_boundary_iou_epochs(sample, split, setting, metric, with_boundary):
 
 
 def test_boundary_iou_setting_is_checked(sample, split):
-    trainer = FoldTrainer(tiny_config(**{"train.boundary_iou": "sometimes"}), sample, split[0], split[1][:4], fold=0)
     with pytest.raises(ConfigError, match=r"^config: train.boundary_iou: expected every, last or off, got 'sometimes'$"):
-        trainer.validate()
+        FoldTrainer(tiny_config(**{"train.boundary_iou": "sometimes"}), sample, split[0], split[1][:4], fold=0)

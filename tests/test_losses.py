@@ -150,7 +150,7 @@ def test_class_weights_hand_values():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ([1.0, 2.0], "needs 3 weights, got 2"),
+    ([1.0, 2.0], "the data has 3 classes, got 2 weights"),
     ([1.0, 0.0, 2.0], "must be positive"),
     ("inverted", "unknown scheme 'inverted'"),
 ])

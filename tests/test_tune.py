@@ -102,6 +102,22 @@ def test_shared_asha_stops_a_weak_fold1_trial_that_per_fold_asha_keeps(tmp_path)
     assert "r" not in per_fold.folds[1]._trial_info
 
 
+def test_recheck_stops_an_early_arrival_that_later_arrivals_outrank(tmp_path):
+    """ASHA passes the first trial at a rung unconditionally; with recheck it is cut at its next epoch once
+    the rung's later arrivals put it below the top 1/reduction_factor, and the best one is never cut."""
+    args = dict(metric="val_miou", mode="max", max_t=9, grace_period=1, reduction_factor=3)
+    plain, rechecked = PerFoldASHA(**args), PerFoldASHA(**args, recheck=True)
+    for scheduler in (plain, rechecked):
+        # "a" reaches epoch 1 first (nothing recorded: passes), "b" and "c" arrive with higher scores
+        assert feed(scheduler, [("a", 0, 0.20), ("b", 0, 0.50), ("c", 0, 0.35)]) == {
+            "a": "CONTINUE", "b": "CONTINUE", "c": "STOP"}  # c: below the 2/3 quantile of {a, b}
+    a, b = fake_trial("a", 0), fake_trial("b", 0)
+    assert report(plain, a, 0.30, iteration=2) == TrialScheduler.CONTINUE  # ASHA never looks back
+    assert report(rechecked, a, 0.30, iteration=2) == TrialScheduler.STOP  # 0.20 < 0.40, the quantile of {0.2, 0.5, 0.35}
+    assert report(rechecked, b, 0.55, iteration=2) == TrialScheduler.CONTINUE  # the rung's best stays
+    assert rechecked.folds[0]._num_stopped == plain.folds[0]._num_stopped + 1
+
+
 def test_per_fold_asha_state_survives_reload_and_pickle(tmp_path):
     path = tmp_path / "asha_state.json"
     first = PerFoldASHA(**asha_args(), state_path=str(path))

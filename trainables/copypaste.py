@@ -34,6 +34,7 @@ import numpy as np
 from scipy import ndimage
 
 from trainables.data import SegData
+from trainables.config import check_setting
 from trainables.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -51,32 +52,20 @@ class Instance:
 
 def check_settings(augment: dict) -> tuple[float, tuple[float, float], int]:
     """Probability, scale range and instance cap, validated in the user's words."""
-    p = augment["copy_paste"]
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
-        raise ConfigError("config", "augment.copy_paste", f"expected a probability in [0, 1], got {p!r}")
-    scale = augment["copy_paste_scale"]
-    if (not isinstance(scale, (list, tuple)) or len(scale) != 2
-            or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scale)
-            or not 0 < scale[0] <= scale[1]):
-        raise ConfigError("config", "augment.copy_paste_scale",
-                          f"expected [low, high] with 0 < low <= high, got {scale!r}")
-    most = augment["copy_paste_max"]
-    if isinstance(most, bool) or not isinstance(most, int) or most < 1:
-        raise ConfigError("config", "augment.copy_paste_max", f"expected an integer >= 1, got {most!r}")
+    for name in ("copy_paste", "copy_paste_scale", "copy_paste_max"):
+        check_setting(f"augment.{name}", augment[name])
+    p, scale, most = augment["copy_paste"], augment["copy_paste_scale"], augment["copy_paste_max"]
     return float(p), (float(scale[0]), float(scale[1])), most
 
 
 def choose_classes(spec, data: SegData, pixel_counts: np.ndarray) -> list[int]:
     """Class indices to paste: the ``spec`` rarest by pixel share (an int), or named/indexed ones."""
     key = "augment.copy_paste_classes"
+    check_setting(key, spec)
     first = 1 if data.has_background else 0  # background is never an object to paste
-    if isinstance(spec, int) and not isinstance(spec, bool):
-        if spec < 1:
-            raise ConfigError("config", key, f"expected at least 1 rarest class, got {spec}")
+    if isinstance(spec, int):
         present = [c for c in range(first, data.num_classes) if pixel_counts[c] > 0]  # fewer: all of them
         return sorted(sorted(present, key=lambda c: (pixel_counts[c], c))[:spec])
-    if not isinstance(spec, (list, tuple)) or not spec:
-        raise ConfigError("config", key, f"expected a number of rarest classes or a list of class names, got {spec!r}")
     chosen = []
     for item in spec:
         if isinstance(item, str) and item in data.class_names:

@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from trainables.errors import ConfigError, InputError
+from trainables.config import check_setting
+from trainables.errors import InputError
 from trainables.io import atomic_path, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,6 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = 255
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 CACHE_VERSION = "2"
-CROWD_OPTIONS = ("ignore", "class")
 BACKGROUND_NAMES = ("background", "_background_", "bg")
 SAMPLE_DATA = Path(__file__).resolve().parents[1] / "data" / "camvid-sample" / "train" / "annotations.json"
 
@@ -126,8 +126,7 @@ def load_dataset(
 
     ``crowd``: COCO ``iscrowd`` regions, ``ignore`` or ``class``. ``background``: for mask folders,
     whether class 0 is background (``0``) or a real class (``"none"``)."""
-    if crowd not in CROWD_OPTIONS:
-        raise ConfigError("config", "data.crowd", f"expected one of {', '.join(CROWD_OPTIONS)}, got {crowd!r}")
+    check_setting("data.crowd", crowd)
     background = background_setting(background)
     path = Path(path) if path else SAMPLE_DATA
     if not path.exists():
@@ -165,11 +164,8 @@ def dataset_options(d: dict) -> dict:
 
 def background_setting(value) -> int | None:
     """``data.background``: 0 (class 0 is background) or None (``none``/null: no background)."""
-    if value is None or (isinstance(value, str) and value.lower() == "none"):
-        return None
-    if str(value) == "0":
-        return 0
-    raise ConfigError("config", "data.background", f"expected 0 or none, got {value!r}")
+    check_setting("data.background", value)
+    return None if value is None or str(value).lower() == "none" else 0
 
 
 def fingerprint(*parts) -> str:

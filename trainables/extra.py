@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from trainables.config import check_setting
 from trainables.data import SegData, dataset_options, fingerprint, load_dataset
 from trainables.errors import ConfigError, InputError
 
@@ -26,11 +27,10 @@ logger = logging.getLogger(__name__)
 
 def extra_entries(d: dict) -> list[str]:
     """``data.extra_train`` as a list of strings (one path alone is accepted too)."""
+    check_setting("data.extra_train", d.get("extra_train"))
     value = d.get("extra_train") or []
     if isinstance(value, (str, Path)):
         value = [value]
-    if not isinstance(value, (list, tuple)):
-        raise ConfigError("config", "data.extra_train", f"expected a list of dataset paths, got {value!r}")
     return [str(v) for v in value]
 
 

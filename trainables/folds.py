@@ -24,19 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
+from trainables.config import check_setting, validate_config
 from trainables.errors import ConfigError, InputError
 from trainables.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("kfold", "stratified", "multilabel", "group")
-
-
 def group_keys(names: list[str], regex: str) -> list[str]:
-    try:
-        pattern = re.compile(regex)
-    except re.error as exc:
-        raise ConfigError("config", "folds.group_regex", f"invalid regular expression {regex!r}: {exc}") from None
+    check_setting("folds.group_regex", regex)
+    pattern = re.compile(regex)
     keys = []
     for name in names:
         match = pattern.search(name)
@@ -50,10 +46,7 @@ def make_folds(strategy: str, k: int, seed: int, ids: list[str], presence: np.nd
                group_regex: str | None = None) -> list[list[str]]:
     """Return the validation ids of each of ``k`` folds; every id is in exactly one fold."""
     n = len(ids)
-    if strategy not in STRATEGIES:
-        raise ConfigError("config", "folds.strategy", f"unknown strategy {strategy!r}; options: {STRATEGIES}")
-    if k < 2:
-        raise ConfigError("config", "folds.k", f"needs at least 2 folds, got {k}")
+    validate_config({"folds": {"strategy": strategy, "k": k, "group_regex": group_regex}})
     if k > n:
         raise ConfigError("config", "folds.k", f"{k} folds but the dataset has only {n} images")
     x = np.zeros((n, 1))
@@ -76,8 +69,6 @@ def make_folds(strategy: str, k: int, seed: int, ids: list[str], presence: np.nd
     else:
         from sklearn.model_selection import GroupKFold
 
-        if not group_regex:
-            raise ConfigError("config", "folds.group_regex", "strategy 'group' needs a group_regex")
         groups = group_keys(ids, group_regex)
         if len(set(groups)) < k:
             raise ConfigError("config", "folds.k", f"{k} folds but only {len(set(groups))} groups from "
@@ -107,12 +98,8 @@ def holdout_ids(spec, strategy: str, seed: int, ids: list[str], presence: np.nda
     """The image ids ``folds.holdout`` sets aside (sorted; empty for None)."""
     if spec is None or spec == []:
         return []
-    what = "a share of the images in (0, 0.5), a list of image names or a regular expression on them"
-    if isinstance(spec, bool):
-        raise ConfigError("config", "folds.holdout", f"expected {what}, got {spec!r}")
+    check_setting("folds.holdout", spec)
     if isinstance(spec, (int, float)):
-        if not 0 < spec < 0.5:
-            raise ConfigError("config", "folds.holdout", f"a share must lie in (0, 0.5), got {spec}")
         parts = max(2, round(1 / spec))
         if strategy == "group":
             groups = len(set(group_keys(ids, group_regex or "")))
@@ -121,22 +108,17 @@ def holdout_ids(spec, strategy: str, seed: int, ids: list[str], presence: np.nda
                                                               f"{group_regex!r} gives {groups}")
         chosen = make_folds(strategy, parts, seed, ids, presence, group_regex)[0]
     elif isinstance(spec, str):
-        try:
-            pattern = re.compile(spec)
-        except re.error as exc:
-            raise ConfigError("config", "folds.holdout", f"invalid regular expression {spec!r}: {exc}") from None
+        pattern = re.compile(spec)
         chosen = [i for i in ids if pattern.search(i)]
         if not chosen:
             raise ConfigError("config", "folds.holdout", f"{spec!r} matches no image name")
-    elif isinstance(spec, (list, tuple)):
+    else:  # a list of names
         known = set(ids)
         unknown = [name for name in spec if name not in known]
         if unknown:
             raise ConfigError("config", "folds.holdout", f"{len(unknown)} names are not images of the dataset, "
                                                           f"e.g. {unknown[0]!r}")
         chosen = sorted(set(spec))
-    else:
-        raise ConfigError("config", "folds.holdout", f"expected {what}, got {spec!r}")
     if len(chosen) >= len(ids):
         raise ConfigError("config", "folds.holdout", "the holdout would take every image")
     if strategy == "group" and group_regex and not isinstance(spec, (int, float)):

@@ -40,6 +40,7 @@ from trainables.checkpoint import make_checkpoint
 from trainables.copypaste import build_copy_paste
 from trainables.data import SegData
 from trainables.dataset import SegDataset, build_transforms
+from trainables.config import check_setting, validate_config
 from trainables.errors import ConfigError
 from trainables.losses import build_loss
 from trainables.metrics import IMAGE_METRICS, SegMetrics, empty_score
@@ -93,6 +94,7 @@ class FoldTrainer:
 
     def __init__(self, cfg: dict, data: SegData, train_idx: list[int], val_idx: list[int],
                  fold: int | None = None, device: str | torch.device | None = None):
+        validate_config(cfg, num_classes=data.num_classes)  # before any work, in the user's words
         self.cfg, self.data, self.fold = cfg, data, fold
         train = cfg["train"]
         self.generator = seed_everything(int(train["seed"]) + (fold or 0))
@@ -249,8 +251,7 @@ class FoldTrainer:
         """Boundary IoU costs about as much as the rest of validation on a CPU: by default it is
         computed at the planned last epoch only (every epoch when it is the selection metric)."""
         setting = self.cfg["train"]["boundary_iou"]
-        if setting not in ("every", "last", "off"):
-            raise ConfigError("config", "train.boundary_iou", f"expected every, last or off, got {setting!r}")
+        check_setting("train.boundary_iou", setting)
         if setting == "every" or self.metric == "val_biou":
             return True
         return setting == "last" and self.epoch + 1 >= int(self.cfg["train"]["epochs"])
@@ -259,11 +260,9 @@ class FoldTrainer:
         """(score per image too, score of an empty-truth empty-prediction pair) from ``metrics``;
         per-image scores are always computed when one of them is the selection metric."""
         section = {"average": "dataset", "empty": 1, **(self.cfg.get("metrics") or {})}
-        if section["average"] not in ("dataset", "image"):
-            raise ConfigError("config", "metrics.average", f"expected dataset or image, got {section['average']!r}")
+        check_setting("metrics.average", section["average"])
+        check_setting("metrics.empty", section["empty"])
         empty = empty_score(section["empty"])
-        if empty is None:
-            raise ConfigError("config", "metrics.empty", f"expected 1 or nan, got {section['empty']!r}")
         return section["average"] == "image" or self.metric in {f"val_{k}" for k in IMAGE_METRICS}, empty
 
     @torch.no_grad()

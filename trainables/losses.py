@@ -22,11 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainables.config import check_setting
 from trainables.errors import ConfigError
 
 logger = logging.getLogger(__name__)
-
-WEIGHT_SCHEMES = ("none", "inverse", "sqrt_inverse", "median")
 
 
 def class_weights(spec, pixel_counts: np.ndarray, image_pixels: np.ndarray | None = None) -> list[float] | None:
@@ -35,15 +34,12 @@ def class_weights(spec, pixel_counts: np.ndarray, image_pixels: np.ndarray | Non
     ``image_pixels[c]``: pixels of the images containing class ``c`` (for ``median``; without it
     every image counts, which makes ``median`` the same as ``inverse``)."""
     num_classes = len(pixel_counts)
+    check_setting("loss.class_weights", spec, num_classes)
     if spec is None or (isinstance(spec, str) and spec == "none"):
         return None
     if isinstance(spec, (list, tuple)):
         weights = np.asarray(spec, dtype=float)
-        if weights.shape != (num_classes,):
-            raise ConfigError("config", "loss.class_weights", f"needs {num_classes} weights, got {len(weights)}")
-        if (weights <= 0).any():
-            raise ConfigError("config", "loss.class_weights", f"weights must be positive, got {list(spec)}")
-    elif spec in WEIGHT_SCHEMES:
+    else:  # a scheme
         freq = np.asarray(pixel_counts, dtype=float) / max(float(np.sum(pixel_counts)), 1.0)
         present = freq > 0
         weights = np.ones(num_classes)
@@ -56,9 +52,6 @@ def class_weights(spec, pixel_counts: np.ndarray, image_pixels: np.ndarray | Non
                 freq = np.asarray(pixel_counts, dtype=float) / np.maximum(np.asarray(image_pixels, dtype=float), 1.0)
             weights[present] = np.median(freq[present]) / freq[present]
         weights[present] /= weights[present].mean()
-    else:
-        raise ConfigError("config", "loss.class_weights", f"unknown scheme {spec!r}; options: {WEIGHT_SCHEMES} "
-                                                          "or a list with one weight per class")
     return (weights / weights.mean()).tolist()
 
 

@@ -300,6 +300,13 @@ class SegMetrics:
             dist.all_gather_object(gathered, self.image_counts(), group=group)
             self._image_counts = [torch.from_numpy(np.concatenate(gathered)).to(home)]
 
+    def merge(self, other: "SegMetrics") -> None:
+        """Add ``other``'s counts (images scored elsewhere, e.g. by another process): integer sums, so
+        the order of merging never changes the scores. Per-image counts are appended in call order."""
+        for name in ("_counts", "_out_of_range", "_b_inter", "_b_union"):
+            setattr(self, name, getattr(self, name) + getattr(other, name).to(getattr(self, name).device))
+        self._image_counts += other._image_counts
+
     def image_counts(self) -> np.ndarray:
         """TP, FP, FN of every image x class pair so far, ``(images, 3, C)`` (``per_image=True``)."""
         if not self.per_image:

@@ -35,20 +35,17 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from trainables.errors import ConfigError
+from trainables.config import check_setting
 
 logger = logging.getLogger(__name__)
 
 
 def check_settings(train: dict) -> tuple[float, float]:
+    """(strength, cap) of ``train.oversample`` and ``train.oversample_cap`` (null or false: off)."""
     strength, cap = train["oversample"], train["oversample_cap"]
-    if strength is False or strength is None:
-        strength = 0.0
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or strength < 0:
-        raise ConfigError("config", "train.oversample", f"expected a strength >= 0 (0 = off), got {strength!r}")
-    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or cap < 1:
-        raise ConfigError("config", "train.oversample_cap", f"expected a weight cap >= 1, got {cap!r}")
-    return float(strength), float(cap)
+    check_setting("train.oversample", strength)
+    check_setting("train.oversample_cap", cap)
+    return float(strength or 0.0), float(cap)
 
 
 def rare_class_weights(presence: np.ndarray, strength: float, cap: float, has_background: bool = True) -> np.ndarray:

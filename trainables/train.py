@@ -20,7 +20,7 @@ import yaml
 
 from trainables.checkpoint import save_checkpoint  # noqa: E402
 from trainables.cli import DEBUG_HELP, DEBUG_SETTINGS, exit_on_user_error, parse_sets  # noqa: E402
-from trainables.config import resolve  # noqa: E402
+from trainables.config import resolve, validate_config  # noqa: E402
 from trainables.data import load_data  # noqa: E402
 from trainables.errors import InputError  # noqa: E402
 from trainables.folds import coverage_table, fold_coverage, load_or_make_folds, train_val_indices  # noqa: E402
@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.data:
         overrides["data.path"] = args.data
     cfg = resolve(load_config_file(args.config), overrides, source="command line")
+    validate_config(cfg, source="command line")  # before the data loads
     d = cfg["data"]
     data = load_data(d)
     f = cfg["folds"]

@@ -5,6 +5,13 @@ higher: each fold gets its own :class:`ASHAScheduler`. Tune's restore does not b
 rungs (ray-project/ray#30838): the rung state is written to a JSON file after every decision
 and read back when the scheduler is unpickled by ``Tuner.restore``. Retrain trials of the
 two-stage mode run to their planned epoch count and are never stopped.
+
+``recheck`` (``search.asha.recheck``): ASHA decides a trial's fate once, when it reaches a rung,
+against the trials recorded there so far, so the first arrivals at every rung pass unconditionally
+(with 8 trials a fold and 2 at a time, that is a large share of them). With ``recheck`` a trial
+that passed a rung is ranked again at each of its later epochs against everything recorded at that
+rung by then, and stopped as soon as it falls below the rung's cut (the same top 1/reduction_factor
+quantile): what waiting at the rung for more arrivals would decide, without pausing the trial.
 """
 from __future__ import annotations
 
@@ -21,7 +28,8 @@ logger = logging.getLogger(__name__)
 
 class PerFoldASHA(FIFOScheduler):
     def __init__(self, metric: str, mode: str, max_t: int, grace_period: int = 1, reduction_factor: float = 3,
-                 brackets: int = 1, state_path: str | None = None, time_attr: str = "training_iteration"):
+                 brackets: int = 1, state_path: str | None = None, time_attr: str = "training_iteration",
+                 recheck: bool = False):
         super().__init__()
         self._metric, self._mode = metric, mode
         if grace_period > max_t:  # e.g. --max-epochs 1: nothing to stop early, ASHA would refuse
@@ -29,6 +37,7 @@ class PerFoldASHA(FIFOScheduler):
             grace_period = max_t
         self.asha_args = dict(metric=metric, mode=mode, max_t=max_t, grace_period=grace_period,
                               reduction_factor=reduction_factor, brackets=brackets, time_attr=time_attr)
+        self.recheck = bool(recheck)
         self.state_path = state_path
         self.folds: dict[int, ASHAScheduler] = {}
         self._load()
@@ -61,9 +70,26 @@ class PerFoldASHA(FIFOScheduler):
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         if self._skip(trial):
             return TrialScheduler.CONTINUE
-        decision = self._asha(int(trial.config["fold"])).on_trial_result(tune_controller, trial, result)
+        asha = self._asha(int(trial.config["fold"]))
+        decision = asha.on_trial_result(tune_controller, trial, result)
+        if decision == TrialScheduler.CONTINUE and getattr(self, "recheck", False) and self._cut_later(asha, trial, result):
+            asha._num_stopped += 1
+            decision = TrialScheduler.STOP
         self._save()
         return decision
+
+    @staticmethod
+    def _cut_later(asha: ASHAScheduler, trial, result: dict) -> bool:
+        """Whether a rung ``trial`` passed earlier (its epoch is past the milestone) now ranks it below its cut."""
+        bracket = asha._trial_info.get(trial.trial_id)
+        if bracket is None or asha._time_attr not in result:
+            return False
+        for milestone, recorded in bracket._rungs:
+            if result[asha._time_attr] > milestone and trial.trial_id in recorded:
+                cutoff = bracket.cutoff(recorded)
+                if cutoff is not None and recorded[trial.trial_id] < cutoff:
+                    return True
+        return False
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
         asha = self._asha(int(trial.config["fold"]))

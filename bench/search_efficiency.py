@@ -13,7 +13,9 @@ private local Ray, 2 trials at a time, one CPU each, the same trainable (``tune/
   trials as COMPLETE with their partial score) and one ``ASHAScheduler`` with the same grace period,
   reduction factor and epoch cap, the same trials per fold;
 * **random**: the tool with ``n_startup_trials = num_samples`` (Optuna's seeded random sampler for
-  every trial) and ``asha: null`` (every trial trains all epochs).
+  every trial) and ``asha: null`` (every trial trains all epochs);
+* **recheck** (only with ``--arms recheck``): the tool with ``search.asha.recheck: true``
+  (tune/scheduler.py), shown beside the tool's row.
 
 Per arm and seed: the best ``val_miou`` per fold (a trial's best epoch) and the epochs spent; the
 table gives mean over folds, then min/median/max over seeds; the targets are judged on the mean over
@@ -50,6 +52,7 @@ SPACE = common.BENCH / "spaces" / "search.yaml"
 MIOU_TOLERANCE = 0.01
 EPOCH_RATIO = 0.30
 ARMS = ("random", "tool", "stock")
+EXTRA_ARMS = ("recheck",)  # the tool with search.asha.recheck: true (a scheduler change, run when asked)
 SEEDS = (0, 1, 2)
 # scheduler settings replayed on the random arm's curves: (grace period, reduction factor, recheck)
 REPLAYS = [(g, rf, rc) for g in (1, 2, 3) for rf in (2, 3, 4) for rc in (False, True)]
@@ -84,6 +87,8 @@ def spec_for(quick: bool, cache_dir: Path, arm: str, seed: int):
     spec = with_overrides(spec, fixed=fixed, search=search)
     if arm == "random":
         spec = with_overrides(spec, search={"n_startup_trials": int(spec.search["num_samples"]), "asha": None})
+    elif arm == "recheck":
+        spec = with_overrides(spec, search={"asha": {"recheck": True}})
     return spec
 
 
@@ -340,6 +345,21 @@ def summarise(runs: dict, seeds: list[int], quick: bool) -> dict:
                    common.safe_ratio(statistics.fmean(r["wall_s"] for r in by_arm["tool"]),
                                      statistics.fmean(r["wall_s"] for r in by_arm["stock"])), "info"),
     ]
+    for arm in EXTRA_ARMS:
+        extra = {r["seed"]: r for (a, _), r in runs.items() if a == arm and r["seed"] in done}
+        if extra:
+            seeds_x = sorted(extra)
+            tool_x = [fold_mean(r["stats"]["best"]) for r in by_arm["tool"] if r["seed"] in extra]
+            rows.append(common.row(f"best val mIoU, {arm} vs tool (seeds {seeds_x})",
+                                   common.side(arm, [fold_mean(extra[s]["stats"]["best"]) for s in seeds_x]),
+                                   common.side("tool", tool_x), None, "info"))
+            rows.append(common.row(f"epochs spent, {arm} vs tool (seeds {seeds_x})",
+                                   common.side(arm, [sum(extra[s]["stats"]["epochs"]) for s in seeds_x], "ep"),
+                                   common.side("tool", [sum(r["stats"]["epochs"]) for r in by_arm["tool"]
+                                                        if r["seed"] in extra], "ep"), None, "info"))
+            best[arm] = [fold_mean(extra[s]["stats"]["best"]) for s in seeds_x]
+            epochs[arm] = [sum(extra[s]["stats"]["epochs"]) for s in seeds_x]
+            by_arm[arm] = [extra[s] for s in seeds_x]
     asha = by_arm["tool"][0]["asha"] or {}
     replays = replays_of(by_arm["random"], {k: v for k, v in asha.items() if k == "brackets"})
     for name, r in replays.items():
@@ -363,7 +383,7 @@ def summarise(runs: dict, seeds: list[int], quick: bool) -> dict:
 
 def add_args(parser) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default 0 1 2; --quick: 0)")
-    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument("--arms", nargs="+", choices=ARMS + EXTRA_ARMS, default=list(ARMS))
     parser.add_argument("--results", type=Path, help="keep each finished (arm, seed) run here; reused on rerun")
 
 

@@ -251,4 +251,6 @@ def summary_line(report: dict) -> str:
             f"{b['views']} views ({report['tta']}), {b['planned_ms']:.1f} ms planned, {b['measured_ms']:.1f} ms "
             f"measured; out-of-fold {report['metric']} on sampled pixels {b['score_in_sample']:.4f} (in-sample: the "
             f"choice was made there) vs {u['score']:.4f} unconstrained ({u['members']} members x {u['views']} views, "
-            f"{u['planned_ms']:.1f} ms)")
+            f"{u['planned_ms']:.1f} ms)"
+            + ("; the measured time is above the budget: timings varied while measuring (a busy machine?), "
+               "rerun on an idle one" if b["measured_ms"] > report["max_ms_per_image"] else ""))

@@ -51,6 +51,22 @@ def make_members(tmp: Path, folds: int = 2, per_fold: int = 2) -> list[Path]:
     return paths
 
 
+def cpu_members(tmp: Path, folds: int = 2, per_fold: int = 2) -> list:
+    """:func:`make_members`, loaded on the CPU as the predictor runs them."""
+    import torch
+
+    from ensemble.predictor import load_member
+
+    return [load_member(p, p.parent.name, torch.device("cpu")) for p in make_members(tmp, folds, per_fold)]
+
+
+def val_images() -> list:
+    """The shipped sample's validation images (uint8 RGB)."""
+    from trainables.data import read_image
+
+    return [read_image(p) for p in sorted(VAL_IMAGES.iterdir())]
+
+
 def images_per_s(ensemble, images: list, batch: int) -> float:
     start = time.perf_counter()
     for i in range(0, len(images), batch):
@@ -71,19 +87,14 @@ def bare_forward_per_s(model, batch: int, reps: int) -> float:
 
 
 def run(quick: bool) -> dict:
-    import torch
-
-    from ensemble.predictor import TTA, Ensemble, load_member
-    from trainables.data import read_image
+    from ensemble.predictor import TTA, Ensemble
 
     common.set_threads()
     reps = 3 if quick else 7
     batch = 8
-    images = [read_image(p) for p in sorted(VAL_IMAGES.iterdir())]
+    images = val_images()
     with common.scratch("ensemble") as tmp:
-        paths = make_members(tmp)
-        device = torch.device("cpu")
-        members = [load_member(p, p.parent.name, device) for p in paths]
+        members = cpu_members(tmp)
     ensemble = Ensemble(members, TTA(hflip=True), device="cpu")
     single = Ensemble(members[:1], TTA(), device="cpu")
     forwards = len(members) * len(ensemble.tta.views())

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 
 from bench import common  # noqa: E402
-from bench.ensemble_inference import VAL_IMAGES, make_members
+from bench.ensemble_inference import VAL_IMAGES, cpu_members, images_per_s, val_images
 
 NAME = "predict_throughput"
 TARGET = "bundle predictor images/s >= 0.9 x bare model loop"
@@ -44,34 +44,22 @@ def bare_loop(models: list, sizes: list, images: list, batch: int) -> float:
     return len(images) / (time.perf_counter() - start)
 
 
-def bundle_loop(ens, images: list, batch: int) -> float:
-    start = time.perf_counter()
-    for i in range(0, len(images), batch):
-        ens.predict_batch(images[i:i + batch])
-    return len(images) / (time.perf_counter() - start)
-
-
 def run(quick: bool) -> dict:
-    import torch
-
     from ensemble.bundle import load_bundle, write_bundle
     from ensemble.infer import predict_folder
-    from ensemble.predictor import load_member
-    from trainables.data import read_image
 
     common.set_threads()
     reps = 3 if quick else 7
     batch = 8
-    images = [read_image(p) for p in sorted(VAL_IMAGES.iterdir())]
+    images = val_images()
     with common.scratch("predict") as tmp:
-        paths = make_members(tmp)
-        members = [load_member(p, p.parent.name, torch.device("cpu")) for p in paths]
+        members = cpu_members(tmp)
         bundle = load_bundle(write_bundle(tmp / "bundle", members, "none", "soft", {"thresholds": None},
                                           "val_miou", "max"))
         ens = bundle.ensemble("cpu")
         models = [m.model for m in bundle.members]
         sizes = [m.image_size for m in bundle.members]
-        bundle_loop(ens, images[:batch], batch)  # warm-up both
+        images_per_s(ens, images[:batch], batch)  # warm-up both
         bare_loop(models, sizes, images[:batch], batch)
         ours, bare, folder = [], [], []
         for rep in range(reps):
@@ -79,7 +67,7 @@ def run(quick: bool) -> dict:
                 if side == "bare":
                     bare.append(bare_loop(models, sizes, images, batch))
                 else:
-                    ours.append(bundle_loop(ens, images, batch))
+                    ours.append(images_per_s(ens, images, batch))
             start = time.perf_counter()
             predict_folder(ens, None, VAL_IMAGES, tmp / "out", "multiclass", "background", bundle.class_names, batch)
             folder.append(len(images) / (time.perf_counter() - start))

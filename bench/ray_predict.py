@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from bench import common  # noqa: E402
-from bench.ensemble_inference import VAL_IMAGES, make_members
+from bench.ensemble_inference import VAL_IMAGES, cpu_members
 
 NAME = "ray_predict"
 TARGET = "informational: Ray Data images/s on 3 one-CPU nodes vs the local predictor (per-process ratio)"
@@ -70,19 +70,15 @@ def image_folder(folder: Path, n: int) -> Path:
 
 
 def run(quick: bool) -> dict:
-    import torch
-
     from ensemble.bundle import load_bundle, write_bundle
     from ensemble.predict import predict_with_bundle
-    from ensemble.predictor import load_member
     from ensemble.ray_predict import predict_on_ray
 
     common.set_threads()
     n_images, reps = (48, 1) if quick else (192, 3)
     folds, per_fold = (2, 1) if quick else (2, 2)
     with common.scratch("raypred") as tmp:
-        paths = make_members(tmp, folds, per_fold)
-        members = [load_member(p, p.parent.name, torch.device("cpu")) for p in paths]
+        members = cpu_members(tmp, folds, per_fold)
         bundle_dir = write_bundle(tmp / "bundle", members, "none", "soft", {"thresholds": None}, "val_miou", "max")
         images = image_folder(tmp / "images", n_images)
         local, ray_wall, ray_pool, ray_busy, local_per_image = [], [], [], [], []

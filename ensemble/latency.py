@@ -197,9 +197,9 @@ def sampled_probs(singles: list[list[Ensemble]], ds: SegDataset, val_idx: list[i
 
 def budget_members(ensembles: dict[int, Ensemble], data, folds, max_size, budget_ms: float, metric: str, mode: str,
                    pixels_per_image: int = 4096, empty: float = 1.0, reps: int = 5,
-                   max_images: int | None = None) -> tuple[dict[int, Ensemble], TTA, str, dict]:
+                   max_images: int | None = None) -> tuple[dict[int, Ensemble], str, dict]:
     """The members and TTA within ``budget_ms`` per image (module doc): the budgeted ensembles, their TTA
-    (and its text), and the report: cost and score of the budgeted and the unconstrained ensemble."""
+    as ``--tta`` text, and the report: cost and score of the budgeted and the unconstrained ensemble."""
     tta = next(iter(ensembles.values())).tta
     views = tta.views()
     key, key_mode, note = selection_metric(metric, mode, data.task)
@@ -242,7 +242,7 @@ def budget_members(ensembles: dict[int, Ensemble], data, folds, max_size, budget
     everything = Ensemble([m for e in budgeted.values() for m in e.members], one.tta, one.voting, one.device,
                           tile=one.tile)
     report["budgeted"]["measured_ms"] = time_ms(everything, image, reps)  # the chosen set as --predict runs it
-    return budgeted, one.tta, choice.tta_text(), report
+    return budgeted, choice.tta_text(), report
 
 
 def summary_line(report: dict) -> str:

@@ -158,9 +158,10 @@ def main(argv=None) -> None:
 
         if not args.max_ms_per_image > 0:
             raise ConfigError("command line", "--max-ms-per-image", f"expected milliseconds > 0, got {args.max_ms_per_image:g}")
-        ensembles, tta, args.tta, latency = budget_members(ensembles, data, folds, d["max_size"], args.max_ms_per_image,
+        ensembles, args.tta, latency = budget_members(ensembles, data, folds, d["max_size"], args.max_ms_per_image,
                                                            metric, mode, empty=1.0 if empty is None else empty,
                                                            max_images=4 if args.debug else None)
+        tta = TTA.parse(args.tta)
         print(summary_line(latency))
     members_json = {str(f): [{"trial_id": m.name, "score": m.score, "epoch": m.meta["epoch"],
                               "checkpoint": next(r["checkpoint"] for r in pool[f] if r["trial_id"] == m.name)}

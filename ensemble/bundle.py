@@ -150,8 +150,13 @@ class Bundle:
 
     @property
     def thresholds(self) -> dict | None:
-        """What :meth:`ensemble.predictor.Ensemble.decide` takes: None = argmax / 0.5."""
-        return self.info["rule"].get("thresholds") or None
+        """What :meth:`ensemble.predictor.Ensemble.decide` takes: None = argmax / 0.5. With the
+        resolution its pixel areas were tuned at (the rule's ``max_size``), so they are scaled to each
+        image's size (:func:`ensemble.thresholds.areas_at`)."""
+        rule = self.info["rule"]
+        if not rule.get("thresholds"):
+            return None
+        return {**rule["thresholds"], "max_size": rule.get("max_size")}
 
     def refiner(self):
         """``refine(probs, image)`` of the kept CRF, or None."""

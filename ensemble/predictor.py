@@ -250,18 +250,8 @@ class Ensemble:
         return [results[i] for i in range(len(images))]
 
     def decide(self, probs: np.ndarray, thresholds: dict | None = None, void_label: int = 255) -> np.ndarray:
-        """Labels (H, W) for multiclass, booleans (C, H, W) for multilabel, with tuned thresholds if given."""
-        from ensemble.thresholds import apply_multiclass, apply_multilabel
+        """Labels (H, W) for multiclass, booleans (C, H, W) for multilabel, with tuned thresholds if given
+        (:func:`ensemble.thresholds.decide`)."""
+        from ensemble.thresholds import decide
 
-        if thresholds and "empty_area" in thresholds:  # a per-image rule (ensemble/image_thresholds.py)
-            from ensemble.image_thresholds import apply_image_rule
-
-            out = apply_image_rule(probs, thresholds, self.task, void_label)
-            return out if self.task == "multilabel" else out.astype(np.uint8)
-        if self.task == "multilabel":
-            t = thresholds["thresholds"] if thresholds else [0.5] * self.num_classes
-            return apply_multilabel(probs, t)
-        if not thresholds:
-            return probs.argmax(0).astype(np.uint8)
-        return apply_multiclass(probs, thresholds["thresholds"], thresholds["fallback"], thresholds.get("min_area"),
-                                void_label=void_label).astype(np.uint8)
+        return decide(probs, thresholds, self.task, void_label)

@@ -298,16 +298,16 @@ def print_extras(report: dict) -> None:
                   + f"  {r['extra_train'] or '-'}")
 
 
-def post_thresholds(post: dict, thresholds: dict) -> dict | None:
+def post_thresholds(post: dict, thresholds: dict, max_size: int | None = None) -> dict | None:
     """The thresholds prediction applies: the CRF's (fitted on refined probabilities) when it was kept,
     else those fitted on all out-of-fold predictions less the steps not kept; None (argmax / 0.5)
-    when the thresholds were not kept."""
+    when the thresholds were not kept. ``max_size``: the resolution their pixel areas were tuned at
+    (data.max_size), for a decision at another size (the bundle records it beside the rule)."""
     from ensemble.crossfit import kept_rule
 
     crf = post.get("crf")
-    if crf and crf["kept"]:
-        return crf["thresholds"]
-    return kept_rule(thresholds, post.get("steps", {}))
+    rule = crf["thresholds"] if crf and crf["kept"] else kept_rule(thresholds, post.get("steps", {}))
+    return {**rule, "max_size": max_size} if rule and max_size else rule
 
 
 def crf_refiner(post: dict, max_size):
@@ -338,7 +338,8 @@ def write_pseudo(args, ensembles: dict, post: dict, thresholds: dict, data, d: d
             summary.pop("actors")
         else:
             summary = write_pseudo_labels(
-                Ensemble(members, tta, args.voting, device), post_thresholds(post, thresholds), args.pseudo_label,
+                Ensemble(members, tta, args.voting, device), post_thresholds(post, thresholds, d["max_size"]),
+                args.pseudo_label,
                 out / sub if sub else out, data.class_names, args.pseudo_confidence, crf_refiner(post, d["max_size"]),
                 args.batch_size, provenance, d["cache_dir"])
         print(f"pseudo-labels: {summary['images']} images, {100 * summary['kept_share']:.0f}% of pixels kept "

@@ -48,6 +48,12 @@ category of pixels in small components. Given the tuned thresholds, the pixels a
 on top of them are those in small components whose score the threshold keeps, so the reported
 mIoU is exact for rule 3. Thresholds and areas are tuned one after the other, not jointly.
 
+Areas (``min_area``, and the per-image rule's ``empty_area``) are pixel counts at the resolution
+the out-of-fold predictions were tuned at: images downscaled to ``data.max_size``. A rule that
+carries ``max_size`` (the bundle's, the one ``ensemble/run.py`` predicts with) has them scaled to
+each image's own size by :func:`areas_at` when :func:`decide` applies it, so a component counts
+the same share of the image as where it was tuned.
+
 :func:`brute_force_multilabel` and :func:`brute_force_multiclass_class` are the slow references:
 they threshold the stored pixels for every candidate (tests and the benchmark compare against
 them).
@@ -445,6 +451,41 @@ class MulticlassThresholdTuner:
             by_area = np.concatenate([np.zeros((3, 1), np.int64), np.cumsum(kept, axis=1)], 1)
             candidates[c] = removed[c, k] + by_area.T
         return _coordinate_ascent(self.confusion, self.fallback, candidates)
+
+
+def areas_at(rule: dict | None, height: int, width: int) -> dict | None:
+    """``rule`` with its pixel areas for an image of ``height x width``: the areas were counted at
+    that image downscaled to ``rule["max_size"]`` (as training and the out-of-fold predictions saw
+    it), so they grow by the ratio of the two pixel counts. No ``max_size``: ``rule`` as it is."""
+    from ensemble.tiling import working_size
+
+    if not rule or not rule.get("max_size"):
+        return rule
+    h, w = working_size(height, width, rule["max_size"])
+    factor = height * width / (h * w)
+    if factor == 1:
+        return rule
+    return {**rule, **{key: [int(round(a * factor)) for a in rule[key]]
+                       for key in ("min_area", "empty_area") if rule.get(key)}}
+
+
+def decide(probs: np.ndarray, rule: dict | None, task: str, void_label: int = 255) -> np.ndarray:
+    """The decision on one image's probabilities ``(C, H, W)``: labels ``(H, W)`` (multiclass) or
+    booleans ``(C, H, W)`` (multilabel); ``rule`` None is argmax / 0.5. A per-image rule (with
+    ``empty_area``, :mod:`ensemble.image_thresholds`) or a pixel rule of this module, its areas at
+    the image's size (:func:`areas_at`)."""
+    rule = areas_at(rule, *np.shape(probs)[-2:])
+    if rule and "empty_area" in rule:
+        from ensemble.image_thresholds import apply_image_rule
+
+        out = apply_image_rule(probs, rule, task, void_label)
+        return out if task == "multilabel" else out.astype(np.uint8)
+    if task == "multilabel":
+        return apply_multilabel(probs, rule["thresholds"] if rule else [0.5] * len(probs))
+    if not rule:
+        return np.asarray(probs).argmax(0).astype(np.uint8)
+    return apply_multiclass(probs, rule["thresholds"], rule["fallback"], rule.get("min_area"),
+                            void_label=void_label).astype(np.uint8)
 
 
 def apply_multiclass(

@@ -58,7 +58,7 @@ def test_bundle_records_everything_and_predicts_as_its_members(members, tmp_path
     for m in members:
         Path(m.meta["path"]).unlink()
     bundle = load_bundle(moved)
-    assert bundle.best_member() == 1 and bundle.thresholds == RULE["thresholds"] and bundle.refiner() is None
+    assert bundle.best_member() == 1 and bundle.thresholds == {**RULE["thresholds"], "max_size": 96} and bundle.refiner() is None
     images = [np.random.default_rng(0).integers(0, 255, (130, 170, 3), dtype=np.uint8)]
     want = Ensemble(members, TTA.parse("hflip"), device="cpu").predict_batch(images)[0]
     got = bundle.ensemble("cpu").predict_batch(images)[0]

@@ -311,3 +311,36 @@ def test_multiclass_results_are_json_serialisable():
     assert json.loads(json.dumps(result))["thresholds"] == result["thresholds"]
     with pytest.raises(ValueError):
         apply_multiclass(np.full((3, 2, 2), 1 / 3), [0.0] * 3, None, void_label=1)
+
+
+def _upsample(a: np.ndarray, k: int) -> np.ndarray:
+    return a.repeat(k, axis=-2).repeat(k, axis=-1)
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+def test_pixel_areas_tuned_at_max_size_hold_at_the_image_size(per_image):
+    """Minimum areas and per-image empty areas are pixel counts at the resolution the out-of-fold
+    predictions were tuned at (``data.max_size``); prediction decides at the image's own size. The
+    decision on probabilities upsampled 4x (nearest, so every component grows exactly 16x) must be the
+    upsampled decision at max_size; without the rule's ``max_size`` the areas stay as they are."""
+    from ensemble.thresholds import decide
+
+    rng = np.random.default_rng(3)
+    labels = np.zeros((12, 16), np.int64)
+    labels[1:3, 1:3] = 1    # 4 px: below min_area 6
+    labels[5:8, 5:8] = 1    # 9 px: kept
+    labels[9:11, 10:12] = 2  # 4 px: kept (min_area 3)
+    labels[0, 14] = 2       # 1 px: below min_area 3
+    probs = np.full((3, 12, 16), 0.1) + rng.uniform(0, 0.05, (3, 12, 16))
+    np.put_along_axis(probs, labels[None], 0.8, axis=0)
+    probs /= probs.sum(0, keepdims=True)
+    rule = {"thresholds": [0.0, 0.3, 0.3], "fallback": 0, "min_area": [0, 6, 3], "max_size": 16}
+    if per_image:
+        rule["empty_area"] = [0, 0, 5]  # class 2 keeps 4 px after the areas: dropped from the image
+    at_max_size = decide(probs, rule, "multiclass")
+    assert (at_max_size == 1).sum() == 9 and (at_max_size == 2).sum() == (0 if per_image else 4)
+    big = decide(_upsample(probs, 4), rule, "multiclass")
+    np.testing.assert_array_equal(big, _upsample(at_max_size, 4))
+    # a rule without max_size (tuned at the images' own size) is applied as it is
+    unscaled = decide(_upsample(probs, 4), {k: v for k, v in rule.items() if k != "max_size"}, "multiclass")
+    assert (unscaled == 1).sum() == 16 * 13 and (unscaled == 2).sum() == 16 * 5

@@ -6,16 +6,18 @@ most 8 epochs; learning rate, weight decay and loss searched) runs in three arms
 seed (``--seeds``, default 0 1 2; the seed is the searchers' and the trials' training seed), one
 private local Ray, 2 trials at a time, one CPU each, the same trainable (``tune/trainable.py``):
 
-* **tool**: ``tune.search.run_search`` as configured: per-fold Optuna TPE (4 random start-up
-  trials, constant liar), per-fold ASHA (the space's ``search.asha``), PRUNED feedback;
+* **tool**: ``tune.search.run_search`` with the tool's defaults: per-fold Optuna TPE (10 random
+  start-up trials, Optuna's default, constant liar), per-fold ASHA (the space's ``search.asha``),
+  PRUNED feedback;
 * **stock**: what a user writes with Ray's own classes: per fold one ``Tuner`` with
   ``OptunaSearch(seed=seed + fold)`` (its default ``TPESampler``, which tells Optuna ASHA-stopped
   trials as COMPLETE with their partial score) and one ``ASHAScheduler`` with the same grace period,
   reduction factor and epoch cap, the same trials per fold;
 * **random**: the tool with ``n_startup_trials = num_samples`` (Optuna's seeded random sampler for
   every trial) and ``asha: null`` (every trial trains all epochs);
-* **recheck** (only with ``--arms recheck``): the tool with ``search.asha.recheck: true``
-  (tune/scheduler.py), shown beside the tool's row.
+* the tool with one of its settings as it was, run only when named in ``--arms`` and shown beside
+  the tool's row (:data:`EXTRA_ARMS`): **before** (the default until 2026-12-01: TPE after 4
+  random trials) and **recheck** (``search.asha.recheck: true``, tune/scheduler.py).
 
 Per arm and seed: the best ``val_miou`` per fold (a trial's best epoch) and the epochs spent; the
 table gives mean over folds, then min/median/max over seeds; the targets are judged on the mean over
@@ -52,7 +54,9 @@ SPACE = common.BENCH / "spaces" / "search.yaml"
 MIOU_TOLERANCE = 0.01
 EPOCH_RATIO = 0.30
 ARMS = ("random", "tool", "stock")
-EXTRA_ARMS = ("recheck",)  # the tool with search.asha.recheck: true (a scheduler change, run when asked)
+# the tool with settings as they were, run when asked (--arms): the search settings each overrides
+EXTRA_ARMS = {"before": {"n_startup_trials": 4},  # the default until 2026-12-01
+              "recheck": {"asha": {"recheck": True}}}
 SEEDS = (0, 1, 2)
 # scheduler settings replayed on the random arm's curves: (grace period, reduction factor, recheck)
 REPLAYS = [(g, rf, rc) for g in (1, 2, 3) for rf in (2, 3, 4) for rc in (False, True)]
@@ -87,8 +91,8 @@ def spec_for(quick: bool, cache_dir: Path, arm: str, seed: int):
     spec = with_overrides(spec, fixed=fixed, search=search)
     if arm == "random":
         spec = with_overrides(spec, search={"n_startup_trials": int(spec.search["num_samples"]), "asha": None})
-    elif arm == "recheck":
-        spec = with_overrides(spec, search={"asha": {"recheck": True}})
+    elif arm in EXTRA_ARMS:
+        spec = with_overrides(spec, search=EXTRA_ARMS[arm])
     return spec
 
 
@@ -383,7 +387,7 @@ def summarise(runs: dict, seeds: list[int], quick: bool) -> dict:
 
 def add_args(parser) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default 0 1 2; --quick: 0)")
-    parser.add_argument("--arms", nargs="+", choices=ARMS + EXTRA_ARMS, default=list(ARMS))
+    parser.add_argument("--arms", nargs="+", choices=ARMS + tuple(EXTRA_ARMS), default=list(ARMS))
     parser.add_argument("--results", type=Path, help="keep each finished (arm, seed) run here; reused on rerun")
 
 

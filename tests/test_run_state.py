@@ -203,6 +203,20 @@ def test_resume_settings_diff_names_every_change_and_allows_the_budgets(tmp_path
     assert "0.01" in diff[1] and "0.1" in diff[1]
 
 
+def test_an_older_record_without_asha_recheck_had_it_off():
+    """search.asha.recheck came after experiment.json recorded search.asha: a run recorded without it
+    ran without recheck, so resuming it with ``recheck: false`` written out is no change, and with
+    ``recheck: true`` is one."""
+    from tune.rundir import settings_changes
+
+    saved = recorded(tiny())
+    assert "recheck" not in saved["search"]["asha"]  # off unless set
+    assert settings_changes(saved, recorded(tiny(asha={"recheck": False}))) == []
+    diff = settings_changes(saved, recorded(tiny(asha={"recheck": True})))
+    assert len(diff) == 1 and diff[0].startswith("search.asha ") and '"recheck": false' in diff[0] \
+        and '"recheck": true' in diff[0], diff
+
+
 def test_resume_with_changed_settings_is_refused_in_one_line(tmp_path):
     from trainables.runfiles import write_experiment_json
 

@@ -30,6 +30,9 @@ from tune.space import SearchSpec
 UNCOMPARED = {"data.path", "data.images", "data.cache_dir", "train.preview_images", "train.num_workers",
               "train.device", "train.metric", "train.mode"}  # the last two follow search.metric/mode
 COMPARED_SEARCH = ("metric", "mode", "seed", "n_startup_trials", "asha", "search_folds", "retrain_top")
+# search.asha settings a run need not record (older experiment.json files, spaces that leave them
+# out): the value they then have
+ASHA_UNRECORDED = {"recheck": False}
 
 
 def earlier_state(run_dir: Path) -> list[str]:
@@ -94,8 +97,13 @@ def settings_changes(saved: dict, current: dict) -> list[str]:
                 changes.append(f"{key} {_show(before)} -> {_show(after)}")
     search_old, search_new = saved.get("search", {}), current["search"]
     for key in COMPARED_SEARCH:
-        if key in search_old and search_old[key] != search_new.get(key):
-            changes.append(f"search.{key} {_show(search_old[key])} -> {_show(search_new.get(key))}")
+        if key not in search_old:
+            continue
+        before, after = search_old[key], search_new.get(key)
+        if key == "asha" and isinstance(before, dict) and isinstance(after, dict):
+            before, after = {**ASHA_UNRECORDED, **before}, {**ASHA_UNRECORDED, **after}
+        if before != after:
+            changes.append(f"search.{key} {_show(before)} -> {_show(after)}")
     if int(search_old.get("num_samples", 0)) > int(search_new["num_samples"]):
         changes.append(f"search.num_samples {search_old['num_samples']} -> {search_new['num_samples']} "
                        "(it may only grow)")

@@ -15,10 +15,12 @@ Every key is optional except ``space``; defaults are in brackets::
                                    #   (per-image means, Kaggle style: see metrics.* below), ...
       mode: max                    # max | min [min for a metric ending in "loss", else max]
       seed: 0                      # Optuna TPE seed [0]
-      n_startup_trials: 5          # random trials before TPE takes over [5]
+      n_startup_trials: 10         # random trials per fold before TPE takes over [10, Optuna's
+                                   #   default: TPE after 4 of 8 lost to random, bench/README.md]
       asha: {grace_period: 2, reduction_factor: 3, brackets: 1}   # early stopping [these];
                                    #   max_t is train.epochs; null: no early stopping. Grace 2: a
                                    #   first-epoch score ranks from-scratch trials poorly (bench/).
+                                   #   recheck: true: see tune/scheduler.py [false]
                                    #   train.epochs can be searched only with asha: null
       search_folds: null           # folds searched [null = every fold]; [0]: search fold 0 only,
       retrain_top: 3               #   then retrain its best `retrain_top` configs on the others [3]
@@ -72,7 +74,7 @@ logger = logging.getLogger(__name__)
 TOP_KEYS = ("name", "fixed", "search", "resources", "space", "demo")
 DEMO_KEYS = ("fixed", "search", "resources", "space")
 ASHA_DEFAULTS = {"grace_period": 2, "reduction_factor": 3, "brackets": 1}
-SEARCH_DEFAULTS = {"num_samples": 8, "metric": "val_miou", "mode": "max", "seed": 0, "n_startup_trials": 5,
+SEARCH_DEFAULTS = {"num_samples": 8, "metric": "val_miou", "mode": "max", "seed": 0, "n_startup_trials": 10,
                    "asha": ASHA_DEFAULTS, "search_folds": None, "retrain_top": 3,
                    "epoch_budget": None, "time_budget": None}
 RESOURCES_DEFAULTS = {"cpus_per_trial": 1, "gpus_per_trial": 0, "max_concurrent": None, "workers_per_trial": 1}

@@ -471,6 +471,19 @@ def test_end_to_end_run_on_camvid(e2e, camvid_cache):
     assert folds["meta"]["dataset"] == experiment["dataset"]["fingerprint"] and len(folds["folds"]) == 2
 
 
+@pytest.mark.slow
+@needs_camvid
+def test_a_finished_trials_worker_runs_the_next_trial(e2e):
+    """resources.reuse_actors (on by default): the 4 trials, 2 at a time, run in fewer than 4 worker
+    processes (each started a process and imported torch, smp and Ray's trainable before: ~7 s a trial
+    on 2 cores), and each trial's results come from one process."""
+    assert e2e.proc.returncode == 0, tail(e2e.proc.stdout + e2e.proc.stderr)
+    pids = {trial_id: {json.loads(line)["pid"] for line in (d / "result.json").read_text().splitlines()}
+            for trial_id, d in trial_dirs(e2e.run_dir).items()}
+    assert len(pids) == 4 and all(len(p) == 1 for p in pids.values()), pids
+    assert len(set.union(*pids.values())) < 4, pids
+
+
 def trial_dirs(run_dir: Path) -> dict[str, Path]:
     return {p.name.partition("_")[2]: p for p in (run_dir / "tune").glob("fold*_*") if p.is_dir()}
 

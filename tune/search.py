@@ -155,6 +155,13 @@ def experiment_exists(location: str) -> bool:
     return Path(location).exists()
 
 
+def reuse_actors(resources: dict) -> bool:
+    """Tune's ``reuse_actors`` for one-process trials (``resources.reuse_actors``): the next trial runs in a
+    finished trial's worker, without starting a process and importing torch again. A multi-worker trial's
+    actor releases its workers' placement group when it ends (tune/train_adapter.py), so it is never reused."""
+    return bool(resources.get("reuse_actors", True)) and workers(resources) == 1
+
+
 def max_concurrent(resources: dict) -> int | None:
     """``max_concurrent``, or for multi-worker trials (whose driver reserves almost nothing) as many as the
     Ray cluster's resources hold now, counting every worker of a trial."""
@@ -190,7 +197,7 @@ def build_tuner(spec: SearchSpec, base: dict, folds: list, data: SegData, run_di
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=searcher.total_trials,
                                     max_concurrent_trials=max_concurrent(res),
-                                    trial_dirname_creator=trial_dirname),
+                                    trial_dirname_creator=trial_dirname, reuse_actors=reuse_actors(res)),
         run_config=tune.RunConfig(
             name=run_dir.name if trial_storage else "tune", storage_path=trial_storage or str(run_dir),
             storage_filesystem=filesystem,

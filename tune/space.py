@@ -30,7 +30,9 @@ Every key is optional except ``space``; defaults are in brackets::
                                    # [1, 0, null, 1]; gpus may be fractional (0.5: two trials per GPU).
                                    #   workers_per_trial N > 1: each trial is a Ray Train run of N
                                    #   data-parallel workers, and cpus/gpus_per_trial are PER WORKER
-                                   #   (a trial takes N times them; GPUs then whole: 0, 1, 2, ...)
+                                   #   (a trial takes N times them; GPUs then whole: 0, 1, 2, ...).
+                                   #   reuse_actors [true]: a finished one-process trial's worker
+                                   #   runs the next trial (Tune's reuse_actors)
     space:                         # searched settings: dotted trial-config key -> distribution
       model.arch: {choice: [Unet, FPN]}
       model.encoder:               # a categorical whose list depends on another parameter's value
@@ -77,7 +79,8 @@ ASHA_DEFAULTS = {"grace_period": 2, "reduction_factor": 3, "brackets": 1}
 SEARCH_DEFAULTS = {"num_samples": 8, "metric": "val_miou", "mode": "max", "seed": 0, "n_startup_trials": 10,
                    "asha": ASHA_DEFAULTS, "search_folds": None, "retrain_top": 3,
                    "epoch_budget": None, "time_budget": None}
-RESOURCES_DEFAULTS = {"cpus_per_trial": 1, "gpus_per_trial": 0, "max_concurrent": None, "workers_per_trial": 1}
+RESOURCES_DEFAULTS = {"cpus_per_trial": 1, "gpus_per_trial": 0, "max_concurrent": None, "workers_per_trial": 1,
+                      "reuse_actors": True}
 MEANINGS = {  # of the search.* and resources.* keys (the README's settings table: tune/settings_doc.py)
     "search.num_samples": "trials per fold",
     "search.metric": "reported metric to optimise: val_miou, val_dice, val_biou, val_pixel_acc, val_loss, "
@@ -100,6 +103,8 @@ MEANINGS = {  # of the search.* and resources.* keys (the README's settings tabl
                                 "then whole, with workers_per_trial > 1)",
     "resources.max_concurrent": "trials at once (null: as many as the free resources allow)",
     "resources.workers_per_trial": "N > 1: each trial is a Ray Train run of N data-parallel workers",
+    "resources.reuse_actors": "a finished trial's worker process runs the next trial (Tune's reuse_actors: no "
+                              "new process, no imports again); one-process trials only",
 }
 
 
@@ -215,6 +220,7 @@ RESOURCES_CHECKS = {
     "gpus_per_trial": _number_min(0),
     "max_concurrent": lambda v: None if v is None else _int_min(1)(v),
     "workers_per_trial": _int_min(1),
+    "reuse_actors": lambda v: None if isinstance(v, bool) else f"expected true or false, {config.got(v)}",
 }
 
 

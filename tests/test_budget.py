@@ -147,6 +147,20 @@ def test_stopper_reads_epoch_and_time_from_tunes_results():
     assert budget.epochs_spent == 1 and budget.mean_epoch_seconds() == 2.0
 
 
+def test_a_stopper_tune_unpickled_on_resume_uses_the_searchers_budget(tmp_path):
+    """On --resume Tune runs an unpickled copy of the stopper (not the one attach_budget gave it): its
+    budget, read back from budget.json, missed the searcher's reservations and the searcher missed its
+    epochs, and the resumed search trained 10 epochs of a budget of 9. Both must be the run's one budget."""
+    budget = record_limits(tmp_path, 3, None, resume=False)
+    copy = pickle.loads(pickle.dumps(BudgetStopper(budget)))
+    budget.start("a", [1, 3])  # the searcher starts two trials: 2 of 3 epochs reserved
+    budget.start("b", [1, 3])
+    # a reaches rung 1; going on to epoch 3 needs 2 more, and only 1 is free: stopped
+    assert copy("a", {"epoch": 1, "training_iteration": 1, "time_this_iter_s": 1.0}) is True
+    assert budget.epochs_spent == 1 and budget.trials["a"]["epochs"] == 1  # the searcher's budget saw it
+    assert json.loads((tmp_path / "budget.json").read_text())["epochs_spent"] == 1
+
+
 @pytest.mark.parametrize("text, seconds", [("2h", 7200), ("90m", 5400), ("3600s", 3600), ("1h30m", 5400),
                                            ("45", 45), (600, 600), ("1.5h", 5400)])
 def test_parse_duration(text, seconds):

@@ -6,6 +6,9 @@ The budget is the experiment's, across every trial and fold and every ``--resume
 which sees every result before the scheduler and asks :meth:`Budget.must_stop`). Its state is
 written atomically to ``budget.json`` in the run directory after every change and read back when
 Tune unpickles the searcher and stopper on ``--resume``, where new limits replace the recorded ones.
+The run's budget is registered by its ``budget.json`` (:func:`record_limits`); an unpickled copy
+(Tune runs its own copy of the stopper on ``--resume``) acts on the registered one, so the searcher
+and the stopper never keep two diverging counts.
 
 Epochs: every trial holds a reservation up to its next milestone (its next ASHA rung, or its
 planned epochs). A trial starts only if its first milestone fits beside what is spent and what the
@@ -215,6 +218,14 @@ class Budget:
         self._load()
 
 
+_LIVE: dict[str, Budget] = {}  # budget.json path -> the budget of the run this driver runs
+
+
+def live(budget: Budget) -> Budget:
+    """The run's one budget for ``budget`` (itself unless it is a copy of a registered one)."""
+    return _LIVE.get(budget.path, budget) if budget.path else budget
+
+
 def record_limits(run_dir: Path, epochs: int | None, seconds: float | None, resume: bool,
                   started: float | None = None) -> Budget:
     """Write the limits of this run to ``run_dir/budget.json``; on ``--resume`` the spent epochs and
@@ -232,6 +243,7 @@ def record_limits(run_dir: Path, epochs: int | None, seconds: float | None, resu
     budget.epochs, budget.seconds = epochs, seconds
     if budget.limited:
         budget.save()
+    _LIVE[budget.path] = budget
     return budget
 
 
@@ -253,7 +265,7 @@ class BudgetStopper(Stopper):
 
     def __call__(self, trial_id: str, result: dict) -> bool:
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
-        return self.budget.must_stop(trial_id, epoch, result.get("time_this_iter_s"))
+        return live(self.budget).must_stop(trial_id, epoch, result.get("time_this_iter_s"))
 
     def stop_all(self) -> bool:
         return False

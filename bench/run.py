@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from bench.common import format_table, overall_lines  # noqa: E402
 
-BENCHMARKS = ["trial_overhead", "search_efficiency", "data_path", "thresholds", "ensemble_inference", "predict_throughput", "ray_predict", "tiled_memory", "scale", "ddp_epoch", "gpu"]
+BENCHMARKS = ["trial_overhead", "reuse_actors", "search_efficiency", "data_path", "thresholds", "ensemble_inference", "predict_throughput", "ray_predict", "tiled_memory", "scale", "ddp_epoch", "gpu"]
 PROGRESS = re.compile(r"^(\d\d:\d\d:\d\d |gpu: skipped)")
 
 

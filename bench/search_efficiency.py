@@ -54,7 +54,7 @@ SPACE = common.BENCH / "spaces" / "search.yaml"
 MIOU_TOLERANCE = 0.01
 EPOCH_RATIO = 0.30
 ARMS = ("random", "tool", "stock")
-# the tool with settings as they were, run when asked (--arms): the search settings each overrides
+# the tool with one search setting changed, run when asked (--arms): the settings each overrides
 EXTRA_ARMS = {"before": {"n_startup_trials": 4},  # the default until 2026-12-01
               "recheck": {"asha": {"recheck": True}}}
 SEEDS = (0, 1, 2)

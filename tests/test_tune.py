@@ -475,8 +475,8 @@ def test_end_to_end_run_on_camvid(e2e, camvid_cache):
 @needs_camvid
 def test_a_finished_trials_worker_runs_the_next_trial(e2e):
     """resources.reuse_actors (on by default): the 4 trials, 2 at a time, run in fewer than 4 worker
-    processes (each started a process and imported torch, smp and Ray's trainable before: ~7 s a trial
-    on 2 cores), and each trial's results come from one process."""
+    processes (before, each trial started one and imported torch, smp and Ray's trainable again), and
+    each trial's results come from one process."""
     assert e2e.proc.returncode == 0, tail(e2e.proc.stdout + e2e.proc.stderr)
     pids = {trial_id: {json.loads(line)["pid"] for line in (d / "result.json").read_text().splitlines()}
             for trial_id, d in trial_dirs(e2e.run_dir).items()}

@@ -3,7 +3,7 @@ number of members? Peak memory of predicting one large image with 1 and with 8 m
 
 Members are the tiny Unet (resnet18, depth 3, decoder [32, 16, 8]), random init, 12 classes,
 marked as trained on 256x256 native-resolution crops (``augment.random_crop``): they predict by
-sliding windows (overlap 0.5, Gaussian weights; ensemble/tiling.py). The image is a generated
+sliding windows (overlap 0.5, Gaussian weights; trainables/preprocess.py). The image is a generated
 grayscale PNG read as 3 channels (``trainables.data.read_image``), 1024x1024 and 2048x2048 (the
 hand X-ray size; ``--quick``: 512x512); CPU, one torch thread.
 

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ensemble.predictor import Member
-from trainables.dataset import normalise
 from trainables.errors import ConfigError
 from trainables.io import atomic_path
 
@@ -61,7 +60,7 @@ def grad_cam(member: Member, image: np.ndarray, cls: int) -> tuple[np.ndarray, n
 
     model = member.model
     device = next(model.parameters()).device
-    x = F.interpolate(normalise(image[None]).to(device), size=member.image_size, mode="bilinear", align_corners=False)
+    x = member.spec.model_input(image[None]).to(device)  # the input every other path gives this member
     with torch.no_grad():
         logits = model(x)[0].float()
     predicted = (logits.argmax(0) == cls).cpu().numpy()

@@ -209,7 +209,7 @@ def budget_members(ensembles: dict[int, Ensemble], data, folds, max_size, budget
     for fold, ens in sorted(ensembles.items()):  # costs first: a budget below the smallest ensemble fails fast
         _, val_idx = train_val_indices(folds, fold, data.ids)
         ds = SegDataset(data, val_idx[:max_images], transform=None, max_size=max_size, cache=False)
-        image = ds.load(val_idx[0])[0] if image is None else image
+        image = data.read_image(val_idx[0]) if image is None else image  # as --predict sees it: full size
         sets[fold] = (single_views(ens, views), ds, val_idx[:max_images])
         pools[fold] = FoldPool([m.name for m in ens.members], np.zeros(0), np.zeros(0), np.zeros(0),
                                member_costs(sets[fold][0], views, image, reps), best_member_index(ens.members, mode))

@@ -1,12 +1,15 @@
 """Batched ensemble prediction: several members, TTA, soft or hard voting, original sizes back.
 
 All members stay loaded; a batch of images is decoded once and passed through every member (and
-every TTA view). A member trained on resized images sees the image resized to its input size; a
-member trained on crops at native resolution (``augment.random_crop``) sees it at the training
-resolution (after ``data.max_size``) by sliding windows (:mod:`ensemble.tiling`). Probabilities
-are accumulated in float32 at the output size as a running sum over members, then divided (soft
-voting; nnU-Net's ``average_probabilities``), so memory does not grow with the number of
-members. Hard voting averages one-hot votes.
+every TTA view). Each member's input is made as its training validated it
+(:class:`trainables.preprocess.InputSpec`: area-shrunk to ``data.max_size``, then resized to its
+input size, or stepped over by sliding windows of its crop size when trained on native-resolution
+crops), so a bundle predicts on the tensors every reported number was measured on.
+Probabilities are accumulated in float32 at the output size as a running sum over members, then
+divided (soft voting; nnU-Net's ``average_probabilities``), so memory does not grow with the
+number of members. Hard voting averages votes: each member-view decides at the output size
+(argmax, or p >= 0.5 per class for multilabel), and the default decision of the average is the
+plurality (multiclass) or at least half of the member-views (multilabel).
 """
 from __future__ import annotations
 
@@ -15,15 +18,13 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ensemble.tiling import resize_probs, sliding_window, working_size
 from trainables.checkpoint import load_checkpoint, model_from_checkpoint
-from trainables.dataset import MEAN, STD
 from trainables.loop import resolve_amp, resolve_device
+from trainables.preprocess import MEAN, STD, InputSpec, add_probs, input_mode
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +41,13 @@ class Member:
     meta: dict = field(default_factory=dict)
     input: str = "resize"  # "resize": trained on images resized to image_size; "tiles": on native-resolution crops
     max_size: int | None = None  # data.max_size of its training (the resolution crops were taken at)
-    mean: tuple[float, ...] = tuple(float(v) for v in MEAN)  # normalisation, in 0..255 pixel units
-    std: tuple[float, ...] = tuple(float(v) for v in STD)
+    mean: tuple[float, ...] = MEAN  # normalisation, in 0..255 pixel units
+    std: tuple[float, ...] = STD
+
+    @property
+    def spec(self) -> InputSpec:
+        """How an image becomes this member's input (the one definition training validated with)."""
+        return InputSpec(self.image_size, self.max_size, self.input, self.mean, self.std)
 
 
 def best_member_index(members: list["Member"], mode: str) -> int:
@@ -50,12 +56,6 @@ def best_member_index(members: list["Member"], mode: str) -> int:
     sign = -1.0 if mode == "max" else 1.0
     return min(range(len(members)), key=lambda k: (math.isnan(members[k].score),
                                                     sign * (0.0 if math.isnan(members[k].score) else members[k].score)))
-
-
-def input_mode(config: dict) -> str:
-    """How a member saw its training images: native-resolution crops or resized whole images."""
-    augment = config.get("augment") or {}
-    return "tiles" if augment.get("random_crop") and not augment.get("albumentations") else "resize"
 
 
 def load_member(path: str | Path, name: str, device: torch.device, channels_last: bool = False) -> Member:
@@ -69,16 +69,10 @@ def member_from_checkpoint(ckpt: dict, name: str, device: torch.device, channels
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     cfg = ckpt["config"]
-    size = tuple(int(v) for v in cfg["train"]["image_size"])
-    return Member(name, int(ckpt["fold"] if ckpt["fold"] is not None else -1), model, size, ckpt["task"],
+    spec = InputSpec.from_config(cfg)
+    return Member(name, int(ckpt["fold"] if ckpt["fold"] is not None else -1), model, spec.image_size, ckpt["task"],
                   ckpt["class_names"], ckpt["score"], {"config": cfg, "epoch": ckpt["epoch"]},
-                  input=input_mode(cfg), max_size=(cfg.get("data") or {}).get("max_size"))
-
-
-def normalise_as(images_uint8: np.ndarray, mean, std) -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> normalised float32 (B, 3, H, W)."""
-    x = (images_uint8.astype(np.float32) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+                  input=spec.mode, max_size=spec.max_size)
 
 
 @dataclass
@@ -120,76 +114,60 @@ class Ensemble:
         self.tile, self.overlap = tile, overlap
 
     def _activate(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits) if self.task == "multilabel" else torch.softmax(logits, 1)
+
+    def _vote(self, probs: torch.Tensor) -> torch.Tensor:
+        """A member-view's vote from its probabilities at the output size: its own default decision
+        (argmax, or p >= 0.5 per class) as 0/1."""
         if self.task == "multilabel":
-            return torch.sigmoid(logits)
-        if self.voting == "hard":
-            return F.one_hot(logits.argmax(1), self.num_classes).permute(0, 3, 1, 2).float()
-        return torch.softmax(logits, 1)
+            return (probs >= 0.5).float()
+        return F.one_hot(probs.argmax(1), self.num_classes).permute(0, 3, 1, 2).float()
 
     def _forward(self, member: Member, inp: torch.Tensor, flip: bool) -> torch.Tensor:
+        """Probabilities of one view: ``inp`` flipped when asked, the output flipped back."""
         if flip:
             inp = inp.flip(-1)
         with torch.autocast(device_type=self.device.type, dtype=self.amp or torch.float32,
                             enabled=self.amp is not None):
             logits = member.model(inp).float()
-        return logits.flip(-1) if flip else logits
+        probs = self._activate(logits)
+        return probs.flip(-1) if flip else probs
+
+    def _inputs(self, images: np.ndarray, inputs: dict) -> "callable":
+        """``scale -> model input`` of a member, made once per batch for each distinct spec and scale."""
+        def of(spec: InputSpec):
+            def at(scale: float) -> torch.Tensor:
+                key = (spec, scale)
+                if key not in inputs:
+                    inputs[key] = spec.model_input(images, scale).to(self.device)
+                return inputs[key]
+            return at
+        return of
 
     @torch.no_grad()
-    def _add_resized(self, member: Member, x: torch.Tensor, acc: torch.Tensor) -> None:
-        """Resized-input member: add its probabilities of every TTA view into ``acc`` (B, C, H, W)."""
-        out_size = tuple(acc.shape[-2:])
-        for scale, flip in self.tta.views():
-            size = member.image_size if scale == 1.0 else tuple(max(32, round(s * scale / 32) * 32)
-                                                                for s in member.image_size)
-            inp = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-            logits = self._forward(member, inp, flip)
-            acc += self._activate(F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False))
+    def _add_member(self, member: Member, images: np.ndarray, acc: torch.Tensor, inputs: dict) -> None:
+        """Add ``member``'s probabilities of every TTA view of the uint8 batch ``images`` into ``acc``."""
+        def forward(x: torch.Tensor, flip: bool) -> torch.Tensor:
+            return self._forward(member, x, flip)
 
-    @torch.no_grad()
-    def _add_tiled(self, member: Member, images: np.ndarray, acc: torch.Tensor) -> None:
-        """Native-resolution member: add its probabilities of every TTA view into ``acc``. The
-        images are taken to its training resolution (after ``data.max_size``) and predicted by
-        sliding windows of its crop size (or ``self.tile``); a TTA scale resizes the whole image.
-        At the output size the windows add straight into ``acc``; otherwise through one map of
-        the working size."""
-        out_size = tuple(acc.shape[-2:])
-        h, w = working_size(*out_size, member.max_size)
-        if (h, w) != out_size:  # as trainables.dataset.downscale did in training
-            images = np.stack([cv2.resize(im, (w, h), interpolation=cv2.INTER_AREA) for im in images])
-        x = normalise_as(images, member.mean, member.std).to(self.device)
-        pad = -torch.tensor(member.mean) / torch.tensor(member.std)  # black, as RandomCrop padded
-        tile = self.tile or member.image_size
-        views = self.tta.views()
-        flips = sorted({f for _, f in views})
-
-        def tile_probs(inp: torch.Tensor) -> torch.Tensor:  # summed over the flips
-            return sum(self._activate(self._forward(member, inp, f)) for f in flips)
-
-        for scale in sorted({s for s, _ in views}):
-            size = (h, w) if scale == 1.0 else (max(8, round(h * scale)), max(8, round(w * scale)))
-            if size == out_size:
-                sliding_window(tile_probs, x, tile, self.num_classes, self.overlap, pad, out=acc)
-            else:
-                probs = sliding_window(tile_probs, resize_probs(x, size), tile, self.num_classes, self.overlap, pad)
-                acc += resize_probs(probs, out_size)
-                del probs
-
-    def _add_member(self, member: Member, images: np.ndarray, x: torch.Tensor | None, acc: torch.Tensor) -> None:
-        if member.input == "tiles":
-            self._add_tiled(member, images, acc)
-        else:
-            self._add_resized(member, normalise_as(images, member.mean, member.std).to(self.device) if x is None else x,
-                              acc)
+        at = self._inputs(images, inputs)(member.spec)
+        if self.voting == "soft":
+            add_probs(forward, member.spec, at, acc, self.tta.views(), self.tile, self.overlap)
+            return
+        for view in self.tta.views():  # hard: each view votes at the output size
+            probs = torch.zeros_like(acc)
+            add_probs(forward, member.spec, at, probs, [view], self.tile, self.overlap)
+            acc += self._vote(probs)
 
     def _zeros(self, images: np.ndarray) -> torch.Tensor:
         return torch.zeros((images.shape[0], self.num_classes, *images.shape[1:3]), device=self.device)
 
     @torch.no_grad()
-    def member_probs(self, member: Member, images: np.ndarray, x: torch.Tensor | None = None) -> torch.Tensor:
+    def member_probs(self, member: Member, images: np.ndarray) -> torch.Tensor:
         """One member's (B, C, H, W) probabilities of the uint8 batch ``images`` (B, H, W, 3),
-        averaged over the TTA views; ``x``: the batch normalised as ``member`` expects, if at hand."""
+        averaged over the TTA views."""
         acc = self._zeros(images)
-        self._add_member(member, images, x, acc)
+        self._add_member(member, images, acc, {})
         return acc.div_(len(self.tta.views()))
 
     @torch.no_grad()
@@ -198,28 +176,24 @@ class Ensemble:
         same-size batch, as one running sum: memory is one probability map whatever the number
         of members (nnU-Net's ``average_probabilities``). The (B, M, C, H, W) stack instead
         when ``per_member``."""
-        normalised: dict[tuple, torch.Tensor] = {}  # one normalisation per distinct mean/std
-
-        def x_for(member: Member) -> torch.Tensor | None:
-            if member.input == "tiles":
-                return None
-            key = (member.mean, member.std)
-            if key not in normalised:
-                normalised[key] = normalise_as(images, member.mean, member.std).to(self.device)
-            return normalised[key]
-
-        if per_member:
-            return torch.stack([self.member_probs(m, images, x_for(m)) for m in self.members], 1), None
+        inputs: dict = {}  # one input per distinct spec and scale, shared by the members
         views = len(self.tta.views())
+        if per_member:
+            stack = []
+            for member in self.members:
+                acc = self._zeros(images)
+                self._add_member(member, images, acc, inputs)
+                stack.append(acc.div_(views))
+            return torch.stack(stack, 1), None
         acc, kept = self._zeros(images), None
         for k, member in enumerate(self.members):
             if k == keep:  # summed over its views apart, then into the running sum
                 kept = self._zeros(images)
-                self._add_member(member, images, x_for(member), kept)
+                self._add_member(member, images, kept, inputs)
                 acc += kept
                 kept.div_(views)
             else:
-                self._add_member(member, images, x_for(member), acc)
+                self._add_member(member, images, acc, inputs)
         return acc.div_(len(self.members) * views), kept
 
     def _by_size(self, images: list[np.ndarray]) -> dict[tuple[int, int], list[int]]:

@@ -68,6 +68,7 @@ import numpy as np
 from scipy import ndimage
 
 from trainables.metrics import dice_from_counts, iou_from_counts, mean_defined
+from trainables.preprocess import working_size
 
 logger = logging.getLogger(__name__)
 
@@ -457,8 +458,6 @@ def areas_at(rule: dict | None, height: int, width: int) -> dict | None:
     """``rule`` with its pixel areas for an image of ``height x width``: the areas were counted at
     that image downscaled to ``rule["max_size"]`` (as training and the out-of-fold predictions saw
     it), so they grow by the ratio of the two pixel counts. No ``max_size``: ``rule`` as it is."""
-    from ensemble.tiling import working_size
-
     if not rule or not rule.get("max_size"):
         return rule
     h, w = working_size(height, width, rule["max_size"])

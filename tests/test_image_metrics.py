@@ -105,9 +105,9 @@ def _per_image_reference(trainer) -> dict:
     scores = {"iou": [], "dice": []}
     trainer.model.eval()
     with torch.no_grad():
-        for images, target in trainer.val_loader:
-            pred = trainer.model(images).argmax(1).numpy()
-            for p, t in zip(pred, target.numpy()):
+        for batch in trainer.val_loader:  # (input, working-size mask) pairs; scored at the mask's size
+            pred = [trainer.working_probs([x], t.shape[:2]).argmax(1)[0].numpy() for x, t in batch]
+            for p, t in zip(pred, [t for _, t in batch]):
                 per = {"iou": [], "dice": []}
                 keep = t != trainer.data.ignore_index
                 for c in range(trainer.data.num_classes):

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -135,11 +136,15 @@ def test_test_rows_against_a_bare_model_loop_and_sklearn(experiment, predicted):
     masks = _masks(predicted.out)
     for i in range(len(data)):
         image = read_image(data.image_paths[i])
-        x = torch.from_numpy(((image - MEAN) / STD).astype(np.float32).transpose(2, 0, 1))[None]
-        x = F.interpolate(x, size=(64, 96), mode="bilinear", align_corners=False)
+        # as training fed it: 120x160 area-shrunk to data.max_size 96 (tests/spaces/tiny.yaml), then
+        # bilinear to image_size 64x96; probabilities bilinear back to the image's size
+        assert image.shape[:2] == (120, 160)
+        work = cv2.resize(image, (96, 72), interpolation=cv2.INTER_AREA)
+        inp = cv2.resize(work, (96, 64), interpolation=cv2.INTER_LINEAR)
+        x = torch.from_numpy(((inp - np.float32(MEAN)) / np.float32(STD)).astype(np.float32).transpose(2, 0, 1))[None]
         with torch.no_grad():
-            probs = {n: torch.softmax(F.interpolate(m(x), size=image.shape[:2], mode="bilinear", align_corners=False),
-                                      1)[0].numpy() for n, m in models.items()}
+            probs = {n: F.interpolate(torch.softmax(m(x), 1), size=image.shape[:2], mode="bilinear",
+                                      align_corners=False)[0].numpy() for n, m in models.items()}
         single.append(probs[best["name"]].argmax(0))
         ensemble.append(np.mean(list(probs.values()), 0).argmax(0))
         written.append(masks[Path(data.ids[i]).stem])
@@ -185,7 +190,7 @@ def _flip_byte(path: Path) -> None:
 
 
 def test_windows_cover_with_overlap():
-    from ensemble.tiling import window_starts
+    from trainables.preprocess import window_starts
 
     for size in (50, 64, 65, 100, 257, 2048):
         for tile in (64, 96):
@@ -200,7 +205,7 @@ def test_windows_cover_with_overlap():
 def test_sliding_window_of_a_pointwise_model_is_the_full_image():
     """A 1x1 convolution sees one pixel: every window agrees, so the Gaussian-weighted average of
     overlapping tiles is the whole-image prediction (also for an image smaller than a tile)."""
-    from ensemble.tiling import sliding_window
+    from trainables.preprocess import sliding_window
 
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 5, 1)
@@ -269,3 +274,28 @@ def test_random_crop_takes_native_resolution_crops():
     small = tf(image=image[:40, :50], mask=mask[:40, :50])
     assert small["image"].shape == (64, 80, 3)
     assert (small["mask"] == 255).sum() == 64 * 80 - 40 * 50 and (small["mask"] == 1).sum() == 40 * 50
+
+
+def test_hard_voting_of_multilabel_members_is_a_majority_of_their_votes():
+    """Three members with constant logits: class 0 at +0.1, +0.1, -5 (two of three vote yes, but the
+    mean probability is 0.35), class 1 at -0.1, -0.1, +5 (one vote, mean 0.65). Hard voting decides
+    by votes; soft voting by the mean probability."""
+    from ensemble.predictor import Ensemble, Member
+
+    class Constant(torch.nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = torch.tensor(logits)
+
+        def forward(self, x):
+            return self.logits[None, :, None, None].expand(x.shape[0], -1, *x.shape[2:])
+
+    members = [Member(f"m{k}", 0, Constant(v), (32, 32), "multilabel", ["a", "b"])
+               for k, v in enumerate([[0.1, -0.1], [0.1, -0.1], [-5.0, 5.0]])]
+    image = np.zeros((40, 50, 3), np.uint8)
+    hard = Ensemble(members, voting="hard", device="cpu")
+    probs = hard.predict_batch([image])[0]
+    np.testing.assert_allclose(probs[:, 0, 0], [2 / 3, 1 / 3], atol=1e-6)
+    assert hard.decide(probs)[:, 0, 0].tolist() == [True, False]
+    soft = Ensemble(members, voting="soft", device="cpu")
+    assert soft.decide(soft.predict_batch([image])[0])[:, 0, 0].tolist() == [False, True]

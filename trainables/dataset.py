@@ -12,13 +12,10 @@ from torch.utils.data import Dataset
 
 from trainables.data import IGNORE_INDEX, SegData
 from trainables.errors import ConfigError, InputError
+from trainables.preprocess import MEAN, STD, InputSpec, normalise, working_size  # noqa: F401 (normalise: for callers)
 from trainables.sampling import Draw, draw_seed
 
 logger = logging.getLogger(__name__)
-
-MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255
-STD = np.array([0.229, 0.224, 0.225], dtype=np.float32) * 255
-
 
 def build_transforms(augment: dict, image_size, train: bool, seed: int | None = None) -> A.Compose:
     """Albumentations pipeline: resize (or crop) to ``image_size`` plus the configured augmentations.
@@ -30,7 +27,7 @@ def build_transforms(augment: dict, image_size, train: bool, seed: int | None = 
     """
     height, width = int(image_size[0]), int(image_size[1])
     mask_interp = cv2.INTER_NEAREST
-    if not train:
+    if not train:  # what a member's input is at prediction: trainables.preprocess.InputSpec (validation uses it)
         return A.Compose([A.Resize(height, width, mask_interpolation=mask_interp)])
     if augment.get("albumentations"):
         try:
@@ -66,10 +63,10 @@ def build_transforms(augment: dict, image_size, train: bool, seed: int | None = 
 def downscale(image: np.ndarray, mask: np.ndarray, max_size: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Shrink so the longer side is at most ``max_size`` (area for images, nearest for masks)."""
     h, w = image.shape[:2]
-    if not max_size or max(h, w) <= max_size:
+    if working_size(h, w, max_size) == (h, w):
         return image, mask
-    scale = max_size / max(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    height, width = working_size(h, w, max_size)
+    size = (width, height)
     image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
     resized = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
     mask = resized.reshape(*resized.shape[:2], *mask.shape[2:])  # cv2 drops a single channel axis
@@ -134,8 +131,7 @@ class SegDataset(Dataset):
         if self.copy_paste is not None:
             image, mask = self.copy_paste(image, mask, index=self.indices[k], rng=paste_rng)
         out = self.transform(image=image, mask=mask)
-        image = (out["image"].astype(np.float32) - MEAN) / STD
-        image_t = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        image_t = normalise(out["image"][None])[0]
         mask = out["mask"]
         if self.data.task == "multiclass":
             target = torch.from_numpy(np.ascontiguousarray(mask)).long()
@@ -144,7 +140,27 @@ class SegDataset(Dataset):
         return image_t, target
 
 
-def normalise(images_uint8: np.ndarray) -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> normalised float32 (B, 3, H, W), as the training pipeline does."""
-    x = (images_uint8.astype(np.float32) - MEAN) / STD
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+class WorkingImages(Dataset):
+    """Items of a :class:`SegData` subset for validation: (the network's input for ``spec``, float32
+    (3, h, w), from :meth:`trainables.preprocess.InputSpec.model_input`; the mask at the working size,
+    where scores are counted). Batches are lists (:func:`as_list`): sizes may differ."""
+
+    def __init__(self, data: SegData, indices: list[int], spec: InputSpec, cache: bool = True):
+        self.images = SegDataset(data, indices, transform=None, max_size=spec.max_size, cache=cache)
+        self.spec = spec
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Position ``k``'s working-size image (H, W, 3) uint8 and mask."""
+        return self.images.load(self.images.indices[k])
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, np.ndarray]:
+        image, mask = self.load(k)
+        return self.spec.model_input(image[None])[0], mask
+
+
+def as_list(batch: list) -> list:
+    """DataLoader collate of :class:`WorkingImages`: the items as they are."""
+    return batch

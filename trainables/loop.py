@@ -30,6 +30,7 @@ import random
 import time
 from typing import Iterator
 
+import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -39,13 +40,14 @@ from torch.utils.data import DataLoader, Subset
 from trainables.checkpoint import make_checkpoint
 from trainables.copypaste import build_copy_paste
 from trainables.data import SegData
-from trainables.dataset import SegDataset, build_transforms
+from trainables.dataset import SegDataset, WorkingImages, as_list, build_transforms
 from trainables.config import check_setting, validate_config
 from trainables.errors import ConfigError
 from trainables.losses import build_loss
 from trainables.metrics import IMAGE_METRICS, SegMetrics, empty_score
 from trainables.models import build_model
 from trainables.optim import Schedule, build_optimizer
+from trainables.preprocess import InputSpec, add_probs, as_logits
 from trainables.sampling import build_sampler
 
 logger = logging.getLogger(__name__)
@@ -115,7 +117,11 @@ class FoldTrainer:
         # draws and augmentations are seeded by (seed, epoch[, position]): the same batches for any
         # number of workers and after a resume; the generator only seeds the workers' own RNGs
         sampler = build_sampler(train, data.presence[train_idx], data.has_background, seed, self.rank, self.world_size)
-        self.val_set = SegDataset(data, val_idx, build_transforms(cfg["augment"], train["image_size"], False), max_size)
+        # validation gives the network what prediction will (trainables/preprocess.py): the image at the
+        # working size, resized to image_size or stepped over by windows of the crop size (random_crop),
+        # scored at the working size
+        self.spec = InputSpec.from_config(cfg)
+        self.val_set = WorkingImages(data, val_idx, self.spec)
         workers = int(train["num_workers"])
         loader_args = dict(num_workers=workers, pin_memory=self.device.type == "cuda",
                            persistent_workers=workers > 0)
@@ -128,7 +134,7 @@ class FoldTrainer:
             (len(self.train_set) // batch if drop_last else math.ceil(len(self.train_set) / batch))
         lo, hi = np.linspace(0, len(self.val_set), self.world_size + 1).round().astype(int)[self.rank:self.rank + 2]
         val_part = self.val_set if self.world_size == 1 else Subset(self.val_set, range(lo, hi))
-        self.val_loader = DataLoader(val_part, batch_size=rank_batch, shuffle=False, **loader_args)
+        self.val_loader = DataLoader(val_part, batch_size=rank_batch, shuffle=False, collate_fn=as_list, **loader_args)
         model_cfg = cfg["model"]
         self.model = build_model(model_cfg["arch"], model_cfg["encoder"], data.num_classes, model_cfg["weights"],
                                  model_cfg["kwargs"]).to(self.device)
@@ -265,24 +271,53 @@ class FoldTrainer:
         empty = empty_score(section["empty"])
         return section["average"] == "image" or self.metric in {f"val_{k}" for k in IMAGE_METRICS}, empty
 
+    def _probs(self, x: torch.Tensor, flip: bool = False) -> torch.Tensor:
+        """Probabilities of the network for the input ``x`` (as prediction activates them)."""
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        logits = predict_logits(self.model, x.flip(-1) if flip else x, self.amp)
+        probs = torch.sigmoid(logits) if self.data.task == "multilabel" else torch.softmax(logits, 1)
+        return probs.flip(-1) if flip else probs
+
+    def working_probs(self, inputs: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """(B, C, *size) probabilities at the working size ``size`` of the inputs (one shape) that
+        :class:`trainables.dataset.WorkingImages` made: the ensemble predictor's computation."""
+        x = torch.stack(inputs).to(self.device)
+        acc = torch.zeros((len(inputs), self.data.num_classes, *size), device=self.device)
+        add_probs(self._probs, self.spec, lambda scale: x, acc)
+        return acc
+
     @torch.no_grad()
     def validate(self) -> dict:
+        """Scores of the validation images as the ensemble predictor computes them: each image at its
+        working size through :mod:`trainables.preprocess` (resized, or sliding windows for members
+        trained on crops), probabilities back at the working size, counted against the mask there.
+        The loss is the training loss of those probabilities."""
         self.model.eval()
         per_image, empty = self._per_image_settings()
         metrics = SegMetrics(self.data.num_classes, self.data.task, self.data.ignore_index,
                              boundary=self._boundary_this_epoch(), per_image=per_image, empty=empty)
         total = torch.zeros((), device=self.device)
         seen = 0
-        for images, target in self.val_loader:
-            images, target = self._to_device(images, target)
-            logits = predict_logits(self.model, images, self.amp)
-            total += self.loss_fn(logits, target) * images.shape[0]  # a mean over images, whatever the batches
-            seen += images.shape[0]
-            if self.data.task == "multiclass":
-                metrics.update(logits.argmax(1), target)
-            else:
-                valid = (target != self.data.ignore_index).all(1)
-                metrics.update(torch.sigmoid(logits), target.clamp(max=1), valid=valid)
+        for batch in self.val_loader:
+            groups: dict[tuple, list] = {}  # images of one input and working size go through together
+            for x, mask in batch:
+                groups.setdefault((tuple(x.shape), mask.shape), []).append((x, mask))
+            for items in groups.values():
+                probs = self.working_probs([x for x, _ in items], items[0][1].shape[:2])
+                target = torch.from_numpy(np.stack([m for _, m in items])).to(self.device)
+                if self.data.task == "multiclass":
+                    target = target.long()
+                else:
+                    target = target.permute(0, 3, 1, 2).float()
+                total += self.loss_fn(as_logits(probs, self.data.task), target) * len(items)  # a mean over images
+                seen += len(items)
+                if self.data.task == "multiclass":
+                    metrics.update(probs.argmax(1), target)
+                else:
+                    valid = (target != self.data.ignore_index).all(1)  # the predictor's default rule: p >= 0.5
+                    metrics.update(probs >= 0.5, target.clamp(max=1), valid=valid)
         total = float(total)
         if self.world_size > 1:  # sum the counts (never average per-rank scores), then score once
             metrics.all_reduce()
@@ -326,18 +361,27 @@ class FoldTrainer:
 
     @torch.no_grad()
     def preview(self, n: int = 4) -> dict[str, np.ndarray]:
-        """The first ``n`` validation images at the network's input size (uint8), their true
-        and predicted labels (multiclass) or channels (multilabel), for dashboards."""
+        """The first ``n`` validation images (uint8), their true and predicted labels (multiclass) or
+        channels (multilabel), predicted as validation scores them and shown at ``train.image_size``
+        (for dashboards)."""
         self.model.eval()
+        height, width = (int(v) for v in self.cfg["train"]["image_size"])
+
+        def shown(a: np.ndarray) -> np.ndarray:  # (H, W[, C]) labels at image_size, channels first
+            out = cv2.resize(a, (width, height), interpolation=cv2.INTER_NEAREST).reshape(height, width, *a.shape[2:])
+            return out if out.ndim == 2 else out.transpose(2, 0, 1)
+
         images, truth, pred = [], [], []
         for k in range(min(n, len(self.val_set))):
-            image, mask = self.val_set.load(self.val_set.indices[k])
-            out = self.val_set.transform(image=image, mask=mask)
-            x, _ = self.val_set[k]
-            logits = predict_logits(self.model, x[None].to(self.device), self.amp)[0]
-            images.append(out["image"])
-            truth.append(out["mask"] if out["mask"].ndim == 2 else out["mask"].transpose(2, 0, 1))
-            pred.append((logits.argmax(0) if self.data.task == "multiclass" else logits > 0).cpu().numpy())
+            image, mask = self.val_set.load(k)
+            probs = self.working_probs([self.val_set[k][0]], mask.shape[:2])[0]
+            if self.data.task == "multiclass":
+                decided = probs.argmax(0).cpu().numpy().astype(np.uint8)
+            else:
+                decided = (probs >= 0.5).permute(1, 2, 0).cpu().numpy().astype(np.uint8)
+            images.append(cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR))
+            truth.append(shown(mask))
+            pred.append(shown(decided))
         return {"images": np.stack(images), "truth": np.stack(truth).astype(np.uint8),
                 "pred": np.stack(pred).astype(np.uint8)}
 

@@ -72,15 +72,18 @@ def refine(probs: np.ndarray, image: np.ndarray, params: dict | None = None) -> 
     return q / np.maximum(q.sum(0, keepdims=True), 1e-12)
 
 
-def refine_at(probs: np.ndarray, image: np.ndarray, params: dict, max_size: int | None) -> np.ndarray:
-    """:func:`refine` at the out-of-fold resolution (longer side ``max_size``), back to the input size."""
+def refine_at(probs: np.ndarray, image: np.ndarray, params: dict, max_size: int | None,
+              refine_fn=None) -> np.ndarray:
+    """:func:`refine` at the out-of-fold resolution (longer side ``max_size``), back to the input size.
+    ``refine_fn(probs, image, params)``: the refinement to run there (default :func:`refine`)."""
+    refine_fn = refine_fn or refine
     h, w = probs.shape[1:]
     if not max_size or max(h, w) <= max_size:
-        return refine(probs, image, params)
+        return refine_fn(probs, image, params)
     scale = max_size / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     small = np.stack([cv2.resize(ch, size, interpolation=cv2.INTER_AREA) for ch in probs])
-    q = refine(small / small.sum(0, keepdims=True), cv2.resize(image, size, interpolation=cv2.INTER_AREA), params)
+    q = refine_fn(small / small.sum(0, keepdims=True), cv2.resize(image, size, interpolation=cv2.INTER_AREA), params)
     up = np.stack([cv2.resize(ch, (w, h), interpolation=cv2.INTER_LINEAR) for ch in q])
     return up / np.maximum(up.sum(0, keepdims=True), 1e-12)
 
@@ -210,11 +213,3 @@ def crf_step(result: dict, any_ensemble, data, max_size: int | None, out_dir: Pa
     return fit_crf(load, result["images"], result["image_folds"], lambda: make_tuner(data, tune_min_area, 1000),
                    any_ensemble.decide, baseline, out_dir, data.class_names, tune_images)
 
-
-def crf_refiner(post: dict | None, max_size: int | None):
-    """``refine(probs, image)`` applying the fitted CRF, or None when there is none or it was not kept."""
-    crf = (post or {}).get("crf")
-    if not crf or not crf["kept"]:
-        return None
-    params = crf["params"]
-    return lambda probs, image: refine_at(probs, image, params, max_size)

@@ -98,6 +98,26 @@ def kept_rule(fitted: dict | None, steps: dict) -> dict | None:
     return fitted if area is None or area["kept"] else without_min_area(fitted)
 
 
+def applied_thresholds(fitted: dict | None, post: dict) -> dict | None:
+    """The thresholds prediction applies: the CRF's (fitted on refined probabilities) when it was kept,
+    else those fitted on all OOF predictions less the steps not kept (:func:`kept_rule`); None
+    (argmax / 0.5) when the thresholds were not kept."""
+    crf = post.get("crf")
+    if crf and crf["kept"]:
+        return crf["thresholds"]
+    return kept_rule(fitted, post.get("steps", {}))
+
+
+def prediction_rule(fitted: dict | None, post: dict, max_size: int | None) -> dict:
+    """The decision rule prediction applies, as the bundle records it: ``{"thresholds", "crf",
+    "max_size"}`` (``max_size``: data.max_size, the resolution the pixel areas and the CRF were fitted
+    at). :func:`ensemble.bundle.rule_thresholds` and :func:`~ensemble.bundle.rule_refiner` turn it
+    into the decision; the bundle and the holdout both score it through them."""
+    crf = post.get("crf")
+    return {"thresholds": applied_thresholds(fitted, post), "crf": crf["params"] if crf and crf["kept"] else None,
+            "max_size": max_size}
+
+
 def optimism_summary(steps: dict) -> str:
     """One line per step for the console: cross-fitted and in-sample gain, kept or not."""
     lines = []

@@ -39,10 +39,17 @@ def fit_cross(tuners: dict[int, object]) -> tuple[dict, dict[int, dict]]:
     return everything, without
 
 
+DECISION_KEYS = ("thresholds", "fallback", "min_area", "empty_area", "metric", "empty")
+
+
 def default_rule(rule: dict) -> dict:
-    """``rule`` with the default decisions: thresholds 0 (argmax) for multiclass, 0.5 for multilabel."""
-    out = without_min_area(rule)
+    """The default decisions in ``rule``'s form: thresholds 0 (argmax) for multiclass, 0.5 for
+    multilabel, no minimum area and no empty area; none of the fit's (in-sample) numbers."""
+    out = {k: copy.copy(v) for k, v in rule.items() if k in DECISION_KEYS}
     out["thresholds"] = [0.0 if "fallback" in rule else 0.5] * len(rule["thresholds"])
+    for key in ("min_area", "empty_area"):
+        if key in out:
+            out[key] = [0] * len(out[key])
     return out
 
 

@@ -190,7 +190,8 @@ def main(argv=None) -> None:
         from ensemble.crf import crf_step
 
         report["crf"], report["crf_in_sample"], crf = crf_step(result, next(iter(ensembles.values())), data,
-                                                               d["max_size"], out_dir, args.min_area)
+                                                               d["max_size"], out_dir, args.min_area,
+                                                               metric=metric, empty=empty)
         post.update(crf)
         report["steps"] = post["steps"] = {**result["steps"], "crf": crf["crf"]["step"]}
         report["postprocessing"] = {k: v for k, v in crf["crf"].items() if k not in ("thresholds", "step")}
@@ -282,9 +283,9 @@ def print_table(report: dict, class_names: list[str]) -> None:
 def print_extras(report: dict) -> None:
     """The CRF decision and the --compare table, under the out-of-fold table."""
     if report.get("postprocessing"):
-        p = report["postprocessing"]
-        print(f"CRF {'kept' if p['kept'] else 'not kept'}: mIoU {p['miou_without']:.4f} without, "
-              f"{p['miou_with']:.4f} with, cross-fitted ({p['params']})")
+        p, step = report["postprocessing"], report["steps"]["crf"]
+        print(f"CRF {'kept' if p['kept'] else 'not kept'}: {step['metric']} {step['cross_fitted'] - step['gain']:.4f} "
+              f"without, {step['cross_fitted']:.4f} with, cross-fitted ({p['params']})")
     if report.get("compare"):
         from ensemble.rows import ROWS
 

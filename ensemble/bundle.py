@@ -134,6 +134,28 @@ def verify(root: Path) -> dict:
     return info
 
 
+def rule_thresholds(rule: dict) -> dict | None:
+    """The thresholds of a decision rule (``bundle.json``'s ``rule``: ``{"thresholds", "crf",
+    "max_size"}``) as :meth:`ensemble.predictor.Ensemble.decide` applies them: None = argmax / 0.5;
+    else with the resolution their pixel areas were tuned at (the rule's ``max_size``), so the areas
+    are scaled to each image's size (:func:`ensemble.thresholds.areas_at`). Prediction and every
+    score of "what prediction applies" (the holdout) go through here."""
+    if not rule.get("thresholds"):
+        return None
+    return {**rule["thresholds"], "max_size": rule.get("max_size")}
+
+
+def rule_refiner(rule: dict, refine=None):
+    """``refine(probs, image)`` of the rule's CRF (its parameters at the rule's ``max_size``), or None
+    without one. ``refine(probs, image, params)``: the CRF itself (default :func:`ensemble.crf.refine`)."""
+    if not rule.get("crf"):
+        return None
+    from ensemble.crf import refine_at
+
+    params, max_size = rule["crf"], rule.get("max_size")
+    return lambda probs, image: refine_at(probs, image, params, max_size, refine)
+
+
 @dataclass
 class Bundle:
     path: Path
@@ -150,23 +172,12 @@ class Bundle:
 
     @property
     def thresholds(self) -> dict | None:
-        """What :meth:`ensemble.predictor.Ensemble.decide` takes: None = argmax / 0.5. With the
-        resolution its pixel areas were tuned at (the rule's ``max_size``), so they are scaled to each
-        image's size (:func:`ensemble.thresholds.areas_at`)."""
-        rule = self.info["rule"]
-        if not rule.get("thresholds"):
-            return None
-        return {**rule["thresholds"], "max_size": rule.get("max_size")}
+        """What :meth:`ensemble.predictor.Ensemble.decide` takes (:func:`rule_thresholds`)."""
+        return rule_thresholds(self.info["rule"])
 
     def refiner(self):
-        """``refine(probs, image)`` of the kept CRF, or None."""
-        rule = self.info["rule"]
-        if not rule.get("crf"):
-            return None
-        from ensemble.crf import refine_at
-
-        params, max_size = rule["crf"], rule.get("max_size")
-        return lambda probs, image: refine_at(probs, image, params, max_size)
+        """``refine(probs, image)`` of the kept CRF, or None (:func:`rule_refiner`)."""
+        return rule_refiner(self.info["rule"])
 
     def best_member(self) -> int:
         """Index of the member with the best validation score (the search's mode)."""

@@ -72,15 +72,18 @@ def refine(probs: np.ndarray, image: np.ndarray, params: dict | None = None) -> 
     return q / np.maximum(q.sum(0, keepdims=True), 1e-12)
 
 
-def refine_at(probs: np.ndarray, image: np.ndarray, params: dict, max_size: int | None) -> np.ndarray:
-    """:func:`refine` at the out-of-fold resolution (longer side ``max_size``), back to the input size."""
+def refine_at(probs: np.ndarray, image: np.ndarray, params: dict, max_size: int | None,
+              refine_fn=None) -> np.ndarray:
+    """:func:`refine` at the out-of-fold resolution (longer side ``max_size``), back to the input size.
+    ``refine_fn(probs, image, params)``: the refinement to run there (default :func:`refine`)."""
+    refine_fn = refine_fn or refine
     h, w = probs.shape[1:]
     if not max_size or max(h, w) <= max_size:
-        return refine(probs, image, params)
+        return refine_fn(probs, image, params)
     scale = max_size / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     small = np.stack([cv2.resize(ch, size, interpolation=cv2.INTER_AREA) for ch in probs])
-    q = refine(small / small.sum(0, keepdims=True), cv2.resize(image, size, interpolation=cv2.INTER_AREA), params)
+    q = refine_fn(small / small.sum(0, keepdims=True), cv2.resize(image, size, interpolation=cv2.INTER_AREA), params)
     up = np.stack([cv2.resize(ch, (w, h), interpolation=cv2.INTER_LINEAR) for ch in q])
     return up / np.maximum(up.sum(0, keepdims=True), 1e-12)
 
@@ -112,21 +115,21 @@ class OOFImages:
         return image, p, mask
 
 
-def _grid_confusions(pairs, grid: list[dict], num_classes: int, ignore: int) -> np.ndarray:
+def _grid_confusions(pairs, grid: list[dict], num_classes: int, ignore: int, refine_fn) -> np.ndarray:
     """(1 + len(grid), images, C, C) argmax confusion of each image: unrefined, then each grid entry."""
     out = np.zeros((len(grid) + 1, len(pairs), num_classes, num_classes), dtype=np.int64)
     with tqdm(total=len(pairs) * (len(grid) + 1), desc="CRF grid", leave=False, disable=None) as bar:
         for j, (image, probs, mask) in enumerate(pairs):
             for g, params in enumerate([None, *grid]):
-                q = probs if params is None else refine(probs, image, params)
+                q = probs if params is None else refine_fn(probs, image, params)
                 out[g, j] = _confusion(q.argmax(0), mask, num_classes, ignore)
                 bar.update()
     return out
 
 
 def fit_crf(load: OOFImages, images: list[int], image_folds: dict[int, int], make_tuner, decide, baseline: dict,
-            out_dir: Path, class_names: list[str], tune_images: int = 24,
-            grid: list[dict] | None = None) -> tuple[dict, dict, dict]:
+            out_dir: Path, class_names: list[str], tune_images: int = 24, grid: list[dict] | None = None, *,
+            key: str = "miou", new_metrics=None, refine_fn=None) -> tuple[dict, dict, dict]:
     """Fit the CRF on the out-of-fold ``images``, cross-fitted; returns (row (d) cross-fitted, row (d)
     in-sample, the ``postprocessing.json`` content).
 
@@ -136,25 +139,39 @@ def fit_crf(load: OOFImages, images: list[int], image_folds: dict[int, int], mak
     on every image. ``make_tuner()`` gives a fresh threshold tuner, ``decide(probs, thresholds)`` is
     the ensemble's decision rule and ``baseline`` ({"cross_fitted": ..., "in_sample": ..., "name": ...})
     the metrics of the best rule kept before the CRF, which it must beat cross-fitted to be kept.
+
+    ``key``: the score a step must improve (:func:`ensemble.crossfit.score_key`: mIoU, or the per-image
+    score the search optimised), ``new_metrics()`` a fresh ``SegMetrics`` that computes it (default:
+    dataset-level). ``refine_fn(probs, image, params)``: the refinement (default :func:`refine`, the
+    CRF). With the images of one fold nothing is cross-fitted: row (d) cross-fitted is the rule
+    before it and the CRF is not kept.
     """
     data = load.data
-    problem = missing()
-    if problem:
-        raise ConfigError("command line", "--crf", problem)
+    if refine_fn is None:
+        problem = missing()
+        if problem:
+            raise ConfigError("command line", "--crf", problem)
+        refine_fn = refine
     if data.task != "multiclass":
         raise ConfigError("command line", "--crf", "the CRF refines softmax probabilities: multiclass tasks only")
     grid = grid or GRID
     pick = [images[k] for k in np.linspace(0, len(images) - 1, min(tune_images, len(images))).round().astype(int)]
     pick = list(dict.fromkeys(pick))
     n, ignore = data.num_classes, data.ignore_index
-    confusions = _grid_confusions([load(i) for i in pick], grid, n, ignore)
+    new_metrics = new_metrics or (lambda: SegMetrics(n, "multiclass", ignore))
+    confusions = _grid_confusions([load(i) for i in pick], grid, n, ignore, refine_fn)
     folds = sorted(set(image_folds[i] for i in images))
+    cross_fit = len(folds) > 1
+    if not cross_fit:
+        logger.warning("only fold %s has out-of-fold images: the CRF cannot be cross-fitted, so it is scored as "
+                       "the rule before it and not kept", folds)
 
     def choose(exclude: int | None) -> int:
         rows = [j for j, i in enumerate(pick) if image_folds[i] != exclude] or list(range(len(pick)))
         return int(np.argmax([_miou(confusions[g + 1, rows].sum(0)) for g in range(len(grid))]))
 
-    best, best_without = choose(None), {f: choose(f) for f in folds}
+    best = choose(None)
+    best_without = {f: choose(f) for f in folds} if cross_fit else {}
     logger.info("CRF grid on %d images: argmax mIoU %.4f without, best %.4f with %s", len(pick),
                 _miou(confusions[0].sum(0)), _miou(confusions[best + 1].sum(0)), grid[best])
     # every image refined with every parameter set some fold chose, into one tuner per (set, fold)
@@ -165,7 +182,7 @@ def fit_crf(load: OOFImages, images: list[int], image_folds: dict[int, int], mak
         for g in chosen:
             for i in images:
                 image, probs, mask = load(i)
-                q = refine(probs, image, grid[g]).astype(np.float16).astype(np.float32)  # as stored, see oof.py
+                q = refine_fn(probs, image, grid[g]).astype(np.float16).astype(np.float32)  # as stored, see oof.py
                 tuners[g][image_folds[i]].update(q.astype(np.float64), mask.astype(np.int64), ignore_index=ignore)
                 path = crf_dir / ("" if g == best else f"grid{g}") / f"{i}.npy"
                 with atomic_path(path) as tmp:
@@ -173,19 +190,20 @@ def fit_crf(load: OOFImages, images: list[int], image_folds: dict[int, int], mak
                         np.save(fh, q.astype(np.float16))
                 bar.update()
     thresholds = merge_tuners(tuners[best].values()).fit()
-    per_fold = {f: merge_tuners(tuners[best_without[f]][h] for h in folds if h != f).fit() for f in folds}
-    in_sample, cross = (SegMetrics(n, "multiclass", ignore) for _ in range(2))
+    per_fold = {f: merge_tuners(tuners[best_without[f]][h] for h in folds if h != f).fit() for f in best_without}
+    in_sample, cross = new_metrics(), new_metrics()
     for i in images:
         f, mask = image_folds[i], load(i, probs=False)[2]
         target = torch.from_numpy(mask.astype(np.int64))[None]
-        for metrics, g, rule in ((in_sample, best, thresholds), (cross, best_without[f], per_fold[f])):
+        scored = [(in_sample, best, thresholds)] + ([(cross, best_without[f], per_fold[f])] if cross_fit else [])
+        for metrics, g, rule in scored:
             q = np.load(crf_dir / ("" if g == best else f"grid{g}") / f"{i}.npy").astype(np.float32)
             metrics.update(torch.from_numpy(decide(q, rule).astype(np.int64))[None], target)
-    with_cf, with_in = cross.compute(), in_sample.compute()
-    record = step_record("crf", "miou", baseline["cross_fitted"], with_cf, baseline["in_sample"], with_in,
-                         class_names)
+    with_cf, with_in = (cross.compute() if cross_fit else dict(baseline["cross_fitted"])), in_sample.compute()
+    record = step_record("crf", key, baseline["cross_fitted"], with_cf, baseline["in_sample"], with_in,
+                         class_names, allowed=cross_fit)
     record["compared_with"] = baseline["name"]
-    post = {"crf": {"kept": record["kept"], "params": grid[best], "thresholds": thresholds,
+    post = {"crf": {"kept": record["kept"], "params": grid[best], "thresholds": thresholds, "metric": key,
                     "params_per_fold": {str(f): grid[g] for f, g in best_without.items()},
                     "miou_without": baseline["cross_fitted"]["miou"], "miou_with": with_cf["miou"],
                     "miou_with_in_sample": with_in["miou"], "grid_images": len(pick), "step": record,
@@ -194,27 +212,34 @@ def fit_crf(load: OOFImages, images: list[int], image_folds: dict[int, int], mak
     return with_cf, with_in, post
 
 
+def crf_baseline(result: dict) -> dict:
+    """The best rule kept before the CRF, which it must beat cross-fitted: the tuned thresholds (with
+    the minimum areas when those were kept too) when they were kept, else row (b), the default decisions."""
+    steps = result["steps"]
+    if steps["thresholds"]["kept"]:
+        name = "tuned" if steps.get("min_area", {"kept": True})["kept"] else "thresholds_only"
+        return {"name": name, "cross_fitted": result[name], "in_sample": result[f"{name}_in_sample"]}
+    return {"name": "ensemble", "cross_fitted": result["ensemble"], "in_sample": result["ensemble"]}
+
+
 def crf_step(result: dict, any_ensemble, data, max_size: int | None, out_dir: Path, tune_min_area: bool = False,
-             tune_images: int = 24) -> tuple[dict, dict, dict]:
+             tune_images: int = 24, *, metric: str = "val_miou", empty: float | None = 1.0,
+             refine_fn=None) -> tuple[dict, dict, dict]:
     """After :func:`ensemble.oof.oof_evaluate`: fit the CRF on its stored probabilities; returns
     (row (d) cross-fitted, row (d) in-sample, the ``postprocessing.json`` content). The CRF competes
-    with the best rule kept before it: the tuned thresholds when they were kept, else row (b)."""
-    from ensemble.oof import make_tuner
+    with the best rule kept before it (:func:`crf_baseline`) on what the search optimised (``metric``:
+    with a per-image score, its thresholds are the per-image tuner's, as the out-of-fold step's)."""
+    from ensemble.crossfit import score_key
+    from ensemble.oof import image_metric, make_tuner
 
     load = OOFImages(data, max_size, EnsembleFiles(out_dir).oof_probs_dir)
-    if result["steps"]["thresholds"]["kept"]:
-        name = "tuned" if result["steps"].get("min_area", {"kept": True})["kept"] else "thresholds_only"
-        baseline = {"name": name, "cross_fitted": result[name], "in_sample": result[f"{name}_in_sample"]}
-    else:
-        baseline = {"name": "ensemble", "cross_fitted": result["ensemble"], "in_sample": result["ensemble"]}
-    return fit_crf(load, result["images"], result["image_folds"], lambda: make_tuner(data, tune_min_area, 1000),
-                   any_ensemble.decide, baseline, out_dir, data.class_names, tune_images)
+    per_image = image_metric(metric)
 
+    def new_metrics() -> SegMetrics:
+        return SegMetrics(data.num_classes, "multiclass", data.ignore_index, per_image=per_image,
+                          empty=1.0 if empty is None else empty)
 
-def crf_refiner(post: dict | None, max_size: int | None):
-    """``refine(probs, image)`` applying the fitted CRF, or None when there is none or it was not kept."""
-    crf = (post or {}).get("crf")
-    if not crf or not crf["kept"]:
-        return None
-    params = crf["params"]
-    return lambda probs, image: refine_at(probs, image, params, max_size)
+    return fit_crf(load, result["images"], result["image_folds"],
+                   lambda: make_tuner(data, tune_min_area, 1000, metric, empty), any_ensemble.decide,
+                   crf_baseline(result), out_dir, data.class_names, tune_images, key=score_key(data.task, metric),
+                   new_metrics=new_metrics, refine_fn=refine_fn)

@@ -39,10 +39,17 @@ def fit_cross(tuners: dict[int, object]) -> tuple[dict, dict[int, dict]]:
     return everything, without
 
 
+DECISION_KEYS = ("thresholds", "fallback", "min_area", "empty_area", "metric", "empty")
+
+
 def default_rule(rule: dict) -> dict:
-    """``rule`` with the default decisions: thresholds 0 (argmax) for multiclass, 0.5 for multilabel."""
-    out = without_min_area(rule)
+    """The default decisions in ``rule``'s form: thresholds 0 (argmax) for multiclass, 0.5 for
+    multilabel, no minimum area and no empty area; none of the fit's (in-sample) numbers."""
+    out = {k: copy.copy(v) for k, v in rule.items() if k in DECISION_KEYS}
     out["thresholds"] = [0.0 if "fallback" in rule else 0.5] * len(rule["thresholds"])
+    for key in ("min_area", "empty_area"):
+        if key in out:
+            out[key] = [0] * len(out[key])
     return out
 
 
@@ -96,6 +103,26 @@ def kept_rule(fitted: dict | None, steps: dict) -> dict | None:
         return None
     area = steps.get("min_area")
     return fitted if area is None or area["kept"] else without_min_area(fitted)
+
+
+def applied_thresholds(fitted: dict | None, post: dict) -> dict | None:
+    """The thresholds prediction applies: the CRF's (fitted on refined probabilities) when it was kept,
+    else those fitted on all OOF predictions less the steps not kept (:func:`kept_rule`); None
+    (argmax / 0.5) when the thresholds were not kept."""
+    crf = post.get("crf")
+    if crf and crf["kept"]:
+        return crf["thresholds"]
+    return kept_rule(fitted, post.get("steps", {}))
+
+
+def prediction_rule(fitted: dict | None, post: dict, max_size: int | None) -> dict:
+    """The decision rule prediction applies, as the bundle records it: ``{"thresholds", "crf",
+    "max_size"}`` (``max_size``: data.max_size, the resolution the pixel areas and the CRF were fitted
+    at). :func:`ensemble.bundle.rule_thresholds` and :func:`~ensemble.bundle.rule_refiner` turn it
+    into the decision; the bundle and the holdout both score it through them."""
+    crf = post.get("crf")
+    return {"thresholds": applied_thresholds(fitted, post), "crf": crf["params"] if crf and crf["kept"] else None,
+            "max_size": max_size}
 
 
 def optimism_summary(steps: dict) -> str:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 
-from ensemble.crossfit import kept_rule
+from ensemble.bundle import rule_refiner, rule_thresholds
+from ensemble.crossfit import kept_rule, prediction_rule
 from ensemble.infer import score_rows
 from ensemble.predictor import Ensemble, best_member_index
 from trainables.data import SegData
@@ -31,25 +32,36 @@ def applied_row(post: dict, steps: dict) -> str:
     return "tuned" if steps.get("thresholds", {}).get("kept") else "ensemble"
 
 
-def holdout_step(ensembles: dict[int, Ensemble], data: SegData, holdout: list[str], thresholds: dict, post: dict,
-                 steps: dict, mode: str, max_size: int | None, batch_size: int = 8) -> dict:
-    """Score the holdout images with every fold's members: rows (a)-(d) and the row prediction applies."""
-    from ensemble.crf import refine_at
-
-    first = next(iter(ensembles.values()))
-    everyone = Ensemble([m for e in ensembles.values() for m in e.members], first.tta, first.voting, first.device)
-    # (c): the thresholds as prediction applies them when kept; when not kept, as fitted (to show why)
-    rules = {"tuned": (kept_rule(thresholds, steps) or thresholds, None)}
+def holdout_rules(thresholds: dict, post: dict, steps: dict, max_size: int | None) -> dict:
+    """Row key -> decision rule (``{"thresholds", "crf", "max_size"}``, as the bundle records one) of rows
+    (c) and (d). The row prediction applies gets exactly the bundle's rule
+    (:func:`ensemble.crossfit.prediction_rule`); a step not kept is scored as fitted, to show why."""
+    applied = applied_row(post, steps)
+    rules = {"tuned": {"thresholds": kept_rule(thresholds, steps) or thresholds, "crf": None, "max_size": max_size}}
     crf = post.get("crf")
     if crf:
-        params = crf["params"]
-        rules["crf"] = (crf["thresholds"], lambda probs, image: refine_at(probs, image, params, max_size))
+        rules["crf"] = {"thresholds": crf["thresholds"], "crf": crf["params"], "max_size": max_size}
+    if applied != "ensemble":
+        rules[applied] = prediction_rule(thresholds, {**post, "steps": steps}, max_size)
+    return rules
+
+
+def holdout_step(ensembles: dict[int, Ensemble], data: SegData, holdout: list[str], thresholds: dict, post: dict,
+                 steps: dict, mode: str, max_size: int | None, batch_size: int = 8, refine=None) -> dict:
+    """Score the holdout images with every fold's members: rows (a)-(d) and the row prediction applies.
+    Each rule is applied as prediction applies it (:func:`ensemble.bundle.rule_thresholds`, areas
+    scaled from ``max_size`` to each image). ``refine(probs, image, params)``: the CRF (default
+    :func:`ensemble.crf.refine`)."""
+    first = next(iter(ensembles.values()))
+    everyone = Ensemble([m for e in ensembles.values() for m in e.members], first.tta, first.voting, first.device)
+    rules = holdout_rules(thresholds, post, steps, max_size)
     aside = set(holdout)
     index = [i for i, image_id in enumerate(data.ids) if image_id in aside]
     best = best_member_index(everyone.members, mode)
-    rows = score_rows(everyone, data, index, rules["tuned"][0], None, best, batch_size)
+    rows = score_rows(everyone, data, index, rule_thresholds(rules["tuned"]), None, best, batch_size)
     if "crf" in rules:
-        rows["crf"] = score_rows(everyone, data, index, *rules["crf"], None, batch_size)["tuned"]
+        rows["crf"] = score_rows(everyone, data, index, rule_thresholds(rules["crf"]),
+                                 rule_refiner(rules["crf"], refine), None, batch_size)["tuned"]
     rows["images"] = len(index)
     rows["single_member"] = everyone.members[best].name
     rows["applied"] = applied_row(post, steps)

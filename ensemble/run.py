@@ -190,7 +190,8 @@ def main(argv=None) -> None:
         from ensemble.crf import crf_step
 
         report["crf"], report["crf_in_sample"], crf = crf_step(result, next(iter(ensembles.values())), data,
-                                                               d["max_size"], out_dir, args.min_area)
+                                                               d["max_size"], out_dir, args.min_area,
+                                                               metric=metric, empty=empty)
         post.update(crf)
         report["steps"] = post["steps"] = {**result["steps"], "crf": crf["crf"]["step"]}
         report["postprocessing"] = {k: v for k, v in crf["crf"].items() if k not in ("thresholds", "step")}
@@ -206,13 +207,11 @@ def main(argv=None) -> None:
     report["optimism"] = {k: report[f"{k}_in_sample"][key] - report[k][key] for k in ("tuned", "crf") if k in report}
     atomic_write_json(out.postprocessing_json, post)
     from ensemble.bundle import write_bundle
+    from ensemble.crossfit import prediction_rule
     from trainables.data import dataset_options
 
-    kept_crf = post.get("crf") if post.get("crf") and post["crf"]["kept"] else None
     bundle_dir = write_bundle(out.bundle_dir, [m for e in ensembles.values() for m in e.members], args.tta,
-                              args.voting, {"thresholds": post_thresholds(post, thresholds),
-                                            "crf": kept_crf["params"] if kept_crf else None, "max_size": d["max_size"]},
-                              metric, mode, {"experiment": str(run_dir.resolve())},
+                              args.voting, prediction_rule(thresholds, post, d["max_size"]), metric, mode, {"experiment": str(run_dir.resolve())},
                               {"unannotated": d["unannotated"], **dataset_options(d), "has_background": data.has_background})
     if args.compare:
         from ensemble.pseudo import compare_oof
@@ -284,9 +283,9 @@ def print_table(report: dict, class_names: list[str]) -> None:
 def print_extras(report: dict) -> None:
     """The CRF decision and the --compare table, under the out-of-fold table."""
     if report.get("postprocessing"):
-        p = report["postprocessing"]
-        print(f"CRF {'kept' if p['kept'] else 'not kept'}: mIoU {p['miou_without']:.4f} without, "
-              f"{p['miou_with']:.4f} with, cross-fitted ({p['params']})")
+        p, step = report["postprocessing"], report["steps"]["crf"]
+        print(f"CRF {'kept' if p['kept'] else 'not kept'}: {step['metric']} {step['cross_fitted'] - step['gain']:.4f} "
+              f"without, {step['cross_fitted']:.4f} with, cross-fitted ({p['params']})")
     if report.get("compare"):
         from ensemble.rows import ROWS
 
@@ -298,32 +297,17 @@ def print_extras(report: dict) -> None:
                   + f"  {r['extra_train'] or '-'}")
 
 
-def post_thresholds(post: dict, thresholds: dict, max_size: int | None = None) -> dict | None:
-    """The thresholds prediction applies: the CRF's (fitted on refined probabilities) when it was kept,
-    else those fitted on all out-of-fold predictions less the steps not kept; None (argmax / 0.5)
-    when the thresholds were not kept. ``max_size``: the resolution their pixel areas were tuned at
-    (data.max_size), for a decision at another size (the bundle records it beside the rule)."""
-    from ensemble.crossfit import kept_rule
-
-    crf = post.get("crf")
-    rule = crf["thresholds"] if crf and crf["kept"] else kept_rule(thresholds, post.get("steps", {}))
-    return {**rule, "max_size": max_size} if rule and max_size else rule
-
-
-def crf_refiner(post: dict, max_size):
-    from ensemble.crf import crf_refiner as refiner
-
-    return refiner(post, max_size) if post.get("crf") else None
-
-
 def write_pseudo(args, ensembles: dict, post: dict, thresholds: dict, data, d: dict, run_dir: Path, tta,
                  device, bundle_dir: Path) -> None:
     """Pseudo-labels of every member (or each fold's, ``--pseudo-per-fold``); on Ray, the actors load
     the same members from the bundle just written (its members are every fold's, in this order)."""
+    from ensemble.bundle import rule_refiner, rule_thresholds
+    from ensemble.crossfit import prediction_rule
     from ensemble.predictor import Ensemble
     from ensemble.pseudo import write_pseudo_labels
 
     out = args.pseudo_out or RunFiles(run_dir).pseudo_dir
+    rule = prediction_rule(thresholds, post, d["max_size"])  # what the bundle applies
     everyone = [m for e in ensembles.values() for m in e.members]
     sets = ({f"fold{f}": e.members for f, e in ensembles.items()} if args.pseudo_per_fold else {"": everyone})
     for sub, members in sets.items():
@@ -338,9 +322,8 @@ def write_pseudo(args, ensembles: dict, post: dict, thresholds: dict, data, d: d
             summary.pop("actors")
         else:
             summary = write_pseudo_labels(
-                Ensemble(members, tta, args.voting, device), post_thresholds(post, thresholds, d["max_size"]),
-                args.pseudo_label,
-                out / sub if sub else out, data.class_names, args.pseudo_confidence, crf_refiner(post, d["max_size"]),
+                Ensemble(members, tta, args.voting, device), rule_thresholds(rule), args.pseudo_label,
+                out / sub if sub else out, data.class_names, args.pseudo_confidence, rule_refiner(rule),
                 args.batch_size, provenance, d["cache_dir"])
         print(f"pseudo-labels: {summary['images']} images, {100 * summary['kept_share']:.0f}% of pixels kept "
               f"-> {out / sub if sub else out}")

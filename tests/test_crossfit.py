@@ -279,3 +279,33 @@ def test_void_masks_are_scored_as_misses_at_prediction(no_background, tmp_path):
                    exp.data.class_names, cache_dir=exp.cache, has_background=False)
     assert any((np.asarray(Image.open(p)) == 255).any() for p in (out / "masks").glob("*.png"))
     _check_test_metrics(out, exp.cache)
+
+
+def test_one_fold_per_image_rule_scores_as_the_default_decisions(caplog):
+    """One fold with members and a per-image metric: the in-sample empty areas must not be scored as
+    cross-fitted, so (c) is (b) on every image and the step is not kept."""
+    from ensemble.image_thresholds import MulticlassImageTuner
+    from ensemble.thresholds import decide
+
+    images = []
+    for k in range(6):  # class 2: a true 8x8 block on half the images, a false 2x2 speck on the others
+        truth = np.zeros((16, 16), dtype=np.int64)
+        truth[8:, 8:] = 1
+        if k % 2:
+            truth[:8, :8] = 2
+        probs = np.full((C, 16, 16), 0.1 / (C - 1))
+        probs[truth, np.arange(16)[:, None], np.arange(16)] = 0.9
+        if not k % 2:
+            probs[:, :2, :2] = 0.1 / (C - 1)
+            probs[2, :2, :2] = 0.9
+        images.append((probs, truth))
+    tuner = MulticlassImageTuner(C, fallback=0, bins=20, empty_areas=(0, 2, 8, 32))
+    for probs, truth in images:
+        tuner.update(probs, truth)
+    fitted, per_fold = fit_cross({0: tuner})
+    assert any(a > 0 for a in fitted["empty_area"])  # in-sample, an empty area was tuned
+    rule = per_fold[0]
+    assert rule["empty_area"] == [0] * C and rule["thresholds"] == [0.0] * C
+    assert "cannot be cross-fitted" in caplog.text
+    for probs, _ in images:  # the "cross-fitted" rule decides as argmax
+        np.testing.assert_array_equal(decide(probs, rule, "multiclass"), probs.argmax(0))

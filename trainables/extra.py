@@ -78,6 +78,8 @@ def concat(data: SegData, extras: list[SegData]) -> SegData:
         image_paths=[p for s in parts for p in s.image_paths], mask_paths=[p for s in parts for p in s.mask_paths],
         sizes=[z for s in parts for z in s.sizes], presence=np.concatenate([s.presence for s in parts]),
         pixel_counts=np.sum([s.pixel_counts for s in parts], axis=0),
+        image_pixel_counts=None if any(s.image_pixel_counts is None for s in parts) else
+        np.concatenate([s.image_pixel_counts for s in parts]),
         fingerprint=fingerprint(data.fingerprint, "extra", [e.fingerprint for e in extras]),
         meta={**data.meta, "extra_train": [str(e.source) for e in extras], "labelled_images": len(data)})
 

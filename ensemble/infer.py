@@ -34,7 +34,7 @@ from ensemble.predictor import Ensemble
 from ensemble.rows import ROWS
 from ensemble.submission import Submission
 from trainables.data import IMAGE_SUFFIXES, load_dataset, read_image
-from trainables.errors import InputError
+from trainables.errors import ConfigError, InputError
 from trainables.io import atomic_path, atomic_write_json
 from trainables.metrics import SegMetrics
 from trainables.runfiles import TEST_METRICS_JSON
@@ -60,6 +60,43 @@ def list_inputs(path: Path, task: str, unannotated: str, cache_dir,
         return images, [p.name for p in images], None
     data = load_dataset(path, None, task, unannotated, cache_dir, **(options or {}))
     return data.image_paths, data.ids, data if _annotated(data) else None
+
+
+def check_stems(ids: list[str], inputs: Path) -> None:
+    """Outputs are named by the image's file stem: two inputs with one stem (``a.png``, ``a.jpg``)
+    would write one mask. Refused, naming both."""
+    seen: dict[str, str] = {}
+    for image_id in ids:
+        stem = Path(image_id).stem
+        if stem in seen:
+            raise InputError(inputs, f"two images share the file stem {stem!r} ({seen[stem]}, {image_id}): "
+                                     "their masks would collide")
+        seen[stem] = image_id
+
+
+def check_out(out: Path) -> None:
+    """``out`` is a folder, or nothing yet below a folder (never a file, nor under one)."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise InputError(path, "exists and is not a folder: predictions go into a folder (--out)")
+            return
+
+
+def check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise ConfigError("command line", "--batch-size", f"must be at least 1, got {batch_size}")
+
+
+def check_prediction(inputs: Path, ids: list[str], out: Path, batch_size: int,
+                     submission: Submission | None = None) -> None:
+    """Everything about a prediction's input that can be refused before the first image is predicted
+    (the local and the Ray path both): batch size, ``out``, unique stems, the sample submission."""
+    check_batch_size(batch_size)
+    check_out(Path(out))
+    check_stems(ids, inputs)
+    if submission is not None:
+        submission.check(ids, inputs)
 
 
 def _save_png(path: Path, array: np.ndarray) -> None:
@@ -180,8 +217,9 @@ def predict_folder(ens: Ensemble, thresholds: dict | None, inputs: Path, out: Pa
     paths, ids, data = list_inputs(inputs, task, unannotated, cache_dir, options)
     if data is not None and data.class_names != class_names:
         raise InputError(inputs, f"classes {data.class_names} differ from the experiment's {class_names}")
-    scorer = RowScorer(len(class_names), task, 255, boundary=boundary) if data is not None else None
     submission = submission or Submission(class_names, task, submission_skip(thresholds, has_background), rle_order)
+    check_prediction(inputs, ids, out, batch_size, submission)  # nothing predicted or written before
+    scorer = RowScorer(len(class_names), task, 255, boundary=boundary) if data is not None else None
     keep = (best or 0) if scorer is not None else None
     for i, image, probs, member in iterate(ens, lambda i: read_image(paths[i]), list(range(len(paths))), batch_size,
                                            keep):

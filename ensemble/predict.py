@@ -101,12 +101,16 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from ensemble.bundle import load_bundle
+    from ensemble.infer import check_batch_size, check_out
     from ensemble.tiling import parse_tile
 
     try:
         tile = parse_tile(args.tile)
     except ValueError as exc:
         raise ConfigError("command line", "--tile", str(exc)) from None
+    if args.images is not None:  # the rest (stems, sample submission) once the inputs are listed
+        check_batch_size(args.batch_size)
+        check_out(args.out)
     if args.export == "onnx":
         from ensemble.onnx_export import export_bundle
 

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from ensemble.infer import list_inputs
+from ensemble.infer import check_stems, list_inputs
 from ensemble.predictor import Ensemble
 from trainables.data import read_image
 from trainables.errors import ConfigError, InputError
@@ -58,10 +58,7 @@ def pseudo_inputs(ens_task: str, inputs: Path, confidence: float, cache_dir=None
     if not 0.0 <= confidence <= 1.0:
         raise ConfigError("command line", "--pseudo-confidence", f"must lie in [0, 1], got {confidence=}")
     paths, ids, _ = list_inputs(inputs, "multiclass", "background", cache_dir)
-    stems = [Path(i).stem for i in ids]
-    if len(set(stems)) != len(stems):
-        dup = next(s for s in stems if stems.count(s) > 1)
-        raise InputError(inputs, f"two images share the file stem {dup!r}: mask names would collide")
+    check_stems(ids, inputs)
     return paths, ids
 
 

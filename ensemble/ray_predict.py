@@ -242,7 +242,7 @@ def predict_on_ray(bundle_dir: Path, images: Path, out: Path, *, address: str | 
     """:func:`ensemble.predict.predict_with_bundle` on a Ray actor pool: the same files, the same
     ``submission.csv`` and ``test_metrics.json``; the result adds ``actors``."""
     from ensemble.bundle import verify
-    from ensemble.infer import RowScorer, list_inputs, submission_skip
+    from ensemble.infer import RowScorer, check_prediction, list_inputs, submission_skip
     from ensemble.predictor import best_member_index
     from ensemble.rows import ROWS
     from ensemble.submission import Submission
@@ -259,12 +259,9 @@ def predict_on_ray(bundle_dir: Path, images: Path, out: Path, *, address: str | 
     submission = Submission(class_names, task, submission_skip(thresholds, has_background), rle_order,
                             sample_submission)
     paths, ids, data = list_inputs(Path(images), task, unannotated, cache_dir, options)  # the mask cache, once
-    stems = [Path(i).stem for i in ids]
-    if len(set(stems)) != len(stems):  # actors finishing in any order would pick which one survives
-        dup = next(s for s in stems if stems.count(s) > 1)
-        raise InputError(images, f"two images share the file stem {dup!r}: their masks would collide")
     if data is not None and data.class_names != class_names:
         raise InputError(images, f"classes {data.class_names} differ from the experiment's {class_names}")
+    check_prediction(Path(images), ids, Path(out), batch_size, submission)  # before Ray starts or anything is written
     job = {"kind": "predict", "save_probs": save_probs, "boundary": boundary, "tile": tile, "rle_order": rle_order,
            "sample_submission": str(sample_submission) if sample_submission else None, "images": str(images),
            "cache_dir": str(cache_dir) if cache_dir else None, "options": options, "unannotated": unannotated,

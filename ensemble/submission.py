@@ -163,6 +163,23 @@ class Submission:
         raise InputError(self.sample_path, f"one row per image, but the bundle has {len(names)} classes {names}: "
                                            "which one is the mask?")
 
+    def check(self, image_ids: list[str], inputs: Path | str = "the inputs") -> None:
+        """Before any prediction: every row of the sample names a class of the bundle (one row per
+        image only for a bundle with one foreground class) and an image among ``image_ids``."""
+        if self.sample is None:
+            return
+        fmt = self.sample
+        keys = {image_key(i) for i in image_ids}
+        for row in fmt.rows:
+            key, c = fmt.target(row, self.class_names, self.sample_path)
+            c = self._single_class() if c is None else c
+            if not 0 <= c < len(self.class_names):
+                raise InputError(self.sample_path, f"class {c} of row {row[fmt.id_column]!r} is not one of the "
+                                                   f"bundle's {len(self.class_names)} classes")
+            if key not in keys:
+                raise InputError(self.sample_path, f"{row[fmt.id_column]!r} is in the sample submission but no image "
+                                                   f"of {inputs} is named {key!r}")
+
     def text(self) -> str:
         buf = io.StringIO()
         if self.sample is None:

@@ -94,7 +94,7 @@ def test_pseudo_labels_train_only_never_validation(experiment, extras_run, tmp_p
     data, folds = experiment.data, experiment.folds
     d = {"task": "multiclass", "unannotated": "background", "cache_dir": str(experiment.cache),
          "extra_train": [str(extras_run.pseudo / "fold{fold}")]}
-    check_extra_train(d, data, len(folds))
+    check_extra_train(d, data, folds)
     for fold in range(2):
         train_idx, val_idx = train_val_indices(folds, fold, data.ids)
         combined, train_plus = with_extra_train(data, train_idx, d, fold)

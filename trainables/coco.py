@@ -164,9 +164,10 @@ def load_coco(path: Path, images: Path | str | None, task: str, unannotated: str
         stats = _build_cache(coco, imgs, mask_paths, cat_index, task, unannotated, num_classes, path, image_root,
                              crowd)
         save_stats(cache / "stats.json", np.asarray(stats["presence"]), np.asarray(stats["pixel_counts"]),
-                   stats["skipped"])
+                   stats["skipped"], np.asarray(stats["image_pixel_counts"]))
     presence = np.asarray(stats["presence"], dtype=bool)
     pixel_counts = np.asarray(stats["pixel_counts"], dtype=np.int64)
+    per_image = np.asarray(stats["image_pixel_counts"], dtype=np.int64).reshape(len(imgs), num_classes)
     skipped = stats.get("skipped", {})
     for name, problem in skipped.items():
         logger.warning("%s: skipped, %s", image_root / name, problem)
@@ -183,6 +184,7 @@ def load_coco(path: Path, images: Path | str | None, task: str, unannotated: str
         image_paths=[image_root / imgs[i]["file_name"] for i in keep], mask_paths=[mask_paths[i] for i in keep],
         sizes=[(imgs[i]["height"], imgs[i]["width"]) for i in keep], presence=presence[keep],
         pixel_counts=pixel_counts, fingerprint=fp, has_background=bool(offset), meta={"cache": str(cache)},
+        image_pixel_counts=per_image[keep],
     )
 
 
@@ -205,7 +207,7 @@ def _build_cache(coco, imgs, mask_paths, cat_index, task, unannotated, num_class
     by_image: dict[int, list[dict]] = {}
     for ann in coco["annotations"]:
         by_image.setdefault(ann["image_id"], []).append(ann)
-    presence, counts, skipped = [], np.zeros(num_classes, dtype=np.int64), {}
+    presence, counts, skipped, per_image = [], np.zeros(num_classes, dtype=np.int64), {}, []
     for img, mask_path in zip(tqdm(imgs, desc=f"rasterising {source.name}", leave=False, disable=None), mask_paths):
         problem = image_problem(image_root / img["file_name"], img["height"], img["width"])
         if problem:
@@ -217,7 +219,9 @@ def _build_cache(coco, imgs, mask_paths, cat_index, task, unannotated, num_class
         else:
             per_class = mask[..., :num_classes].sum((0, 1))
         presence.append(per_class > 0)
+        per_image.append(per_class)
         if not problem:
             counts += per_class
         write_mask(mask_path, mask, task)
-    return {"presence": np.stack(presence).astype(int).tolist(), "pixel_counts": counts.tolist(), "skipped": skipped}
+    return {"presence": np.stack(presence).astype(int).tolist(), "pixel_counts": counts.tolist(), "skipped": skipped,
+            "image_pixel_counts": np.stack(per_image).astype(np.int64).tolist()}

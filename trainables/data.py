@@ -63,6 +63,9 @@ class SegData:
     # whether the source holds ground truth at all (an annotation, or a mask file): a COCO file
     # listing images without annotations only is unannotated even where its pixels count as background
     has_annotations: bool = True
+    # (N, C) int64 labelled pixels per class of each image (the rows sum to ``pixel_counts``);
+    # None only for a SegData made by hand: :meth:`pixel_counts_of` then counts the masks
+    image_pixel_counts: np.ndarray | None = None
 
     @property
     def num_classes(self) -> int:
@@ -78,16 +81,26 @@ class SegData:
         """(H, W) uint8 labels for multiclass; (H, W, C) uint8 {0,1} (+255 where ignored) for multilabel."""
         return read_cached_mask(self.mask_paths[i], self.task, self.num_classes)
 
-    def subset(self, indices: list[int]) -> "SegData":
-        """These images only (quick checks). Pixel counts are estimated from the dataset's by the
-        share of images containing each class; the fingerprint names the subset, so folds and
-        experiments made on it are never mistaken for ones of the whole dataset."""
+    def pixel_counts_of(self, indices) -> np.ndarray:
+        """(C,) int64 labelled pixels per class of images ``indices`` (ignored pixels count nowhere)."""
         idx = [int(i) for i in indices]
-        share = self.presence[idx].sum(0) / np.maximum(self.presence.sum(0), 1)
+        if self.image_pixel_counts is not None:
+            return self.image_pixel_counts[idx].sum(0, dtype=np.int64) if idx else \
+                np.zeros(self.num_classes, np.int64)
+        total = np.zeros(self.num_classes, np.int64)
+        for i in idx:
+            total += mask_pixel_counts(self.read_mask(i), self.task, self.num_classes)
+        return total
+
+    def subset(self, indices: list[int]) -> "SegData":
+        """These images only (quick checks), with their own pixel counts; the fingerprint names the
+        subset, so folds and experiments made on it are never mistaken for ones of the whole dataset."""
+        idx = [int(i) for i in indices]
         pick = lambda seq: [seq[i] for i in idx]  # noqa: E731
+        per_image = self.image_pixel_counts[idx] if self.image_pixel_counts is not None else None
         return replace(self, ids=pick(self.ids), image_paths=pick(self.image_paths), mask_paths=pick(self.mask_paths),
-                       sizes=pick(self.sizes), presence=self.presence[idx],
-                       pixel_counts=np.round(self.pixel_counts * share).astype(np.int64),
+                       sizes=pick(self.sizes), presence=self.presence[idx], pixel_counts=self.pixel_counts_of(idx),
+                       image_pixel_counts=per_image,
                        fingerprint=fingerprint(self.fingerprint, "subset", idx), meta={**self.meta, "subset": len(idx)})
 
 
@@ -100,6 +113,13 @@ def read_image(path: Path) -> np.ndarray:
         raise InputError(path, "image file not found") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise InputError(path, f"cannot read image ({exc})") from None
+
+
+def mask_pixel_counts(mask: np.ndarray, task: str, num_classes: int) -> np.ndarray:
+    """(C,) int64 pixels per class of one mask as :meth:`SegData.read_mask` gives it (255: ignored)."""
+    if task == "multiclass":
+        return np.bincount(mask[mask != IGNORE_INDEX].ravel(), minlength=num_classes)[:num_classes].astype(np.int64)
+    return (mask[..., :num_classes] == 1).sum((0, 1)).astype(np.int64)
 
 
 def read_cached_mask(path: Path, task: str, num_classes: int) -> np.ndarray:
@@ -195,18 +215,27 @@ def write_mask(path: Path, mask: np.ndarray, task: str) -> None:
 
 
 def load_stats(stats_path: Path) -> dict | None:
+    """The cache index, or None when it is missing, unreadable or written before it held per-image
+    pixel counts (then the caller rebuilds it: the fingerprint, and so folds, stay the same)."""
     if stats_path.exists():
         try:
-            return json.loads(stats_path.read_text())
+            stats = json.loads(stats_path.read_text())
         except json.JSONDecodeError:
             logger.warning("ignoring unreadable cache index %s", stats_path)
+            return None
+        if "image_pixel_counts" not in stats:
+            logger.info("cache index %s has no per-image pixel counts: rebuilding it", stats_path)
+            return None
+        return stats
     return None
 
 
 def save_stats(stats_path: Path, presence: np.ndarray, pixel_counts: np.ndarray, skipped: dict | None = None,
-               **extra) -> None:
+               image_pixel_counts: np.ndarray | None = None, **extra) -> None:
+    """``image_pixel_counts``: (N, C) per image, every image (skipped ones too, as ``presence``)."""
     atomic_write_json(stats_path, {"presence": presence.astype(int).tolist(), "pixel_counts": pixel_counts.tolist(),
-                                   "skipped": skipped or {}, **extra})
+                                   "skipped": skipped or {},
+                                   "image_pixel_counts": np.asarray(image_pixel_counts).astype(int).tolist(), **extra})
 
 
 def _load_folder(root: Path, cache_root: Path, background: int | None = 0) -> SegData:
@@ -231,7 +260,7 @@ def _load_folder(root: Path, cache_root: Path, background: int | None = 0) -> Se
     if stats is None:
         stats = _folder_stats(stems, images, masks, names)
         save_stats(stats_path, np.asarray(stats["presence"]), np.asarray(stats["pixel_counts"]), stats["skipped"],
-                   sizes=stats["sizes"])
+                   np.asarray(stats["image_pixel_counts"]), sizes=stats["sizes"])
     for stem, problem in stats["skipped"].items():
         logger.warning("%s: skipped, %s", images[stem], problem)
     keep = [i for i, stem in enumerate(stems) if stem not in stats["skipped"]]
@@ -240,12 +269,14 @@ def _load_folder(root: Path, cache_root: Path, background: int | None = 0) -> Se
     stems = [stems[i] for i in keep]
     presence = np.asarray(stats["presence"], dtype=bool)[keep]
     pixel_counts = np.asarray(stats["pixel_counts"], dtype=np.int64)
+    per_image = np.asarray(stats["image_pixel_counts"], dtype=np.int64)[keep]
     sizes = [tuple(stats["sizes"][i]) for i in keep]
     names, has_background = folder_classes(root, names, presence.shape[1], background)
     return SegData(
         source=root, task="multiclass", class_names=names, ids=[images[s].name for s in stems],
         image_paths=[images[s] for s in stems], mask_paths=[masks[s] for s in stems], sizes=sizes,
         presence=presence, pixel_counts=pixel_counts, fingerprint=fp, has_background=has_background,
+        image_pixel_counts=per_image,
     )
 
 
@@ -310,4 +341,4 @@ def _folder_stats(stems: list[str], images: dict[str, Path], masks: dict[str, Pa
     per_image = np.stack([np.pad(c, (0, num_classes - len(c))) for c in counts])
     ok = np.array([stem not in skipped for stem in stems])
     return {"presence": (per_image > 0).astype(int).tolist(), "pixel_counts": per_image[ok].sum(0).tolist(),
-            "sizes": sizes, "skipped": skipped}
+            "image_pixel_counts": per_image.tolist(), "sizes": sizes, "skipped": skipped}

@@ -158,11 +158,9 @@ class FoldTrainer:
         self._best_state: dict | None = None
 
     def _train_pixel_counts(self, train_idx: list[int]) -> np.ndarray:
-        """Per-class labelled pixels of the training images only (for class weights): the
-        dataset-wide counts scaled by the share of training images containing each class."""
-        presence = self.data.presence
-        share = presence[train_idx].sum(0) / np.maximum(presence.sum(0), 1)
-        return self.data.pixel_counts * share
+        """Per-class labelled pixels of the training images only (for class weights and copy-paste):
+        the sum of their masks' per-class counts, never a validation or holdout pixel."""
+        return self.data.pixel_counts_of(train_idx)
 
     def _rank_batch(self, batch: int, images: int) -> int:
         """Each rank's share of the global batch ``train.batch_size``."""

@@ -76,7 +76,7 @@ def prepare(spec: SearchSpec, run_dir: Path, clear: Callable[[], None] | None = 
     f = base["folds"]
     folds = load_or_make_folds(RunFiles(run_dir).folds_json, f["strategy"], f["k"], f["seed"], data.ids, data.presence,
                                data.fingerprint, f["group_regex"], f.get("holdout"))
-    check_extra_train(d, data, len(folds))  # folds are the labelled images' only
+    check_extra_train(d, data, folds)  # folds are the labelled images' only
     held = len(data) - sum(len(fold) for fold in folds)
     print(f"{data.source}: {len(data)} images, {data.num_classes} classes, {f['k']} folds ({f['strategy']})"
           + (f", {held} images held out" if held else ""))

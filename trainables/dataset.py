@@ -17,6 +17,7 @@ from trainables.sampling import Draw, draw_seed
 
 logger = logging.getLogger(__name__)
 
+
 def build_transforms(augment: dict, image_size, train: bool, seed: int | None = None) -> A.Compose:
     """Albumentations pipeline: resize (or crop) to ``image_size`` plus the configured augmentations.
 
@@ -27,7 +28,7 @@ def build_transforms(augment: dict, image_size, train: bool, seed: int | None = 
     """
     height, width = int(image_size[0]), int(image_size[1])
     mask_interp = cv2.INTER_NEAREST
-    if not train:  # what a member's input is at prediction: trainables.preprocess.InputSpec (validation uses it)
+    if not train:  # a plain resize; validation and prediction make inputs with trainables.preprocess.InputSpec
         return A.Compose([A.Resize(height, width, mask_interpolation=mask_interp)])
     if augment.get("albumentations"):
         try:
@@ -63,9 +64,9 @@ def build_transforms(augment: dict, image_size, train: bool, seed: int | None = 
 def downscale(image: np.ndarray, mask: np.ndarray, max_size: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Shrink so the longer side is at most ``max_size`` (area for images, nearest for masks)."""
     h, w = image.shape[:2]
-    if working_size(h, w, max_size) == (h, w):
-        return image, mask
     height, width = working_size(h, w, max_size)
+    if (height, width) == (h, w):
+        return image, mask
     size = (width, height)
     image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
     resized = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)

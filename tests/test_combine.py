@@ -94,3 +94,125 @@ def test_bundle_round_trip_of_weights(members, tmp_path):  # noqa: F811
     write_manifest(out)
     with pytest.raises(InputError, match="weight -2"):
         load_bundle(out)
+
+
+# --------------------------------------------------------------------------- fit side, synthetic probabilities
+
+C = 3
+
+
+def _data():
+    from types import SimpleNamespace
+
+    return SimpleNamespace(task="multiclass", num_classes=C, ignore_index=255)
+
+
+def synthetic(quality: np.ndarray, pixels: int = 300, seed: int = 0):
+    """Member probabilities (M, C, P) on ``quality.shape[1]`` images of ``pixels`` pixels: at a pixel of
+    image i, member m favours the true class with probability ``quality[m, i]`` and a wrong class
+    otherwise, with independent noise (so averaging good members helps)."""
+    rng = np.random.default_rng(seed)
+    m, n = quality.shape
+    owner = np.repeat(np.arange(n), pixels)
+    target = rng.integers(0, C, owner.size)
+    probs = np.empty((m, C, owner.size), np.float32)
+    for k in range(m):
+        right = rng.random(owner.size) < quality[k, owner]
+        label = np.where(right, target, (target + rng.integers(1, C, owner.size)) % C)
+        logits = rng.normal(0.0, 1.0, (C, owner.size))
+        logits[label, np.arange(owner.size)] += 1.5
+        e = np.exp(logits - logits.max(0))
+        probs[k] = e / e.sum(0)
+    return probs.astype(np.float16), target, owner
+
+
+def hand_miou(probs: np.ndarray, subset, target, rows) -> float:
+    """mIoU of the plain mean of members ``subset`` on pixels ``rows``, from a confusion matrix."""
+    pred = probs[list(subset)][:, :, rows].astype(np.float32).mean(0).argmax(0)
+    return _miou_of(pred, target[rows])
+
+
+def _miou_of(pred, truth) -> float:
+    conf = np.bincount(truth * C + pred, minlength=C * C).reshape(C, C)
+    inter = np.diag(conf)
+    return float(np.mean(inter / (conf.sum(0) + conf.sum(1) - inter)))
+
+
+def brute_force(probs, target, rows) -> tuple[int, ...]:
+    """The best non-empty keep/drop subset on ``rows``, over all 2^M - 1 of them."""
+    import itertools
+
+    m = probs.shape[0]
+    subsets = [s for r in range(1, m + 1) for s in itertools.combinations(range(m), r)]
+    return max(subsets, key=lambda s: hand_miou(probs, s, target, rows))
+
+
+def test_fitted_on_one_half_and_scored_on_the_other_as_a_brute_force_finds():
+    """Members 0 and 1 are good on the first half's images and poor on the second's, members 2 and 3
+    the reverse: each half's best subset is scored on the other half, where it is poor, so the pooled
+    cross-fitted score is far below the in-sample one."""
+    from ensemble.combine import decide_combination, split_halves
+
+    n, seed = 8, 3
+    first, second = split_halves(n, seed)
+    assert sorted([*first, *second]) == list(range(n)) and abs(len(first) - len(second)) <= 1
+    quality = np.full((4, n), 0.35)
+    quality[:2, first], quality[2:, second] = 0.8, 0.8
+    quality[0, first] = quality[2, second] = 0.9
+    probs, target, owner = synthetic(quality)
+    weights, record = decide_combination(probs, target, owner, _data(), "miou", "max", best=0,
+                                         names=["a", "b", "c", "d"], seed=seed)
+    rows = [np.flatnonzero(np.isin(owner, h)) for h in (first, second)]
+    picks = [brute_force(probs, target, r) for r in rows]
+    assert picks == [(0, 1), (2, 3)]  # the known answer: each half's two good members
+    assert record["half_weights"] == [[1.0 if k in p else 0.0 for k in range(4)] for p in picks]
+    # pooled over both halves, each half predicted by the other half's pick
+    pred = np.empty_like(target)
+    for fit, score in ((0, 1), (1, 0)):
+        pred[rows[score]] = probs[list(picks[fit])][:, :, rows[score]].astype(np.float32).mean(0).argmax(0)
+    cross = _miou_of(pred, target)
+    assert record["scores"]["fitted"] == pytest.approx(cross, abs=1e-6)
+    everything = np.arange(len(owner))
+    in_sample = brute_force(probs, target, everything)
+    assert record["fitted_weights"] == [1.0 if k in in_sample else 0.0 for k in range(4)]
+    assert record["fitted_in_sample"] == pytest.approx(hand_miou(probs, in_sample, target, everything), abs=1e-6)
+    assert record["fitted_in_sample"] > cross + 0.1  # scoring where it was fitted would look far better
+    assert record["scores"]["uniform"] == pytest.approx(hand_miou(probs, range(4), target, everything), abs=1e-6)
+    assert record["scores"]["best_member"] == pytest.approx(hand_miou(probs, [0], target, everything), abs=1e-6)
+    assert record["shipped"] != "fitted" and weights == record["weights"]
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+def test_never_ships_an_average_that_loses_to_a_member(per_image):
+    """Member 0 is right on most pixels; members 1 and 2 are mostly wrong: their average loses to member 0.
+    The shipped combination must not be the uniform average."""
+    from ensemble.combine import decide_combination
+
+    n = 10
+    quality = np.array([[0.9] * n, [0.3] * n, [0.3] * n])
+    probs, target, owner = synthetic(quality, seed=1)
+    key = "miou_image" if per_image else "miou"
+    weights, record = decide_combination(probs, target, owner, _data(), key, "max", best=0,
+                                         names=["good", "bad1", "bad2"], seed=0)
+    s = record["scores"]
+    assert s["uniform"] < s["best_member"]
+    assert record["shipped"] == "best_member" and weights == [1.0, 0.0, 0.0]
+    assert "does not beat" in record["reason"]
+    # the best member by validation score is a bad one: the fitted keep/drop (member 0) beats both
+    weights, record = decide_combination(probs, target, owner, _data(), key, "max", best=1,
+                                         names=["good", "bad1", "bad2"], seed=0)
+    s = record["scores"]
+    assert s["fitted"] > max(s["uniform"], s["best_member"])
+    assert record["shipped"] == "fitted" and weights == [1.0, 0.0, 0.0] and "beats" in record["reason"]
+
+
+def test_uniform_average_is_kept_when_nothing_beats_it():
+    from ensemble.combine import decide_combination
+
+    quality = np.full((3, 10), 0.7)
+    probs, target, owner = synthetic(quality, seed=2)
+    weights, record = decide_combination(probs, target, owner, _data(), "miou", "max", best=2,
+                                         names=["a", "b", "c"], seed=0)
+    s = record["scores"]
+    assert s["uniform"] > s["best_member"] and s["fitted"] <= s["uniform"]
+    assert record["shipped"] == "uniform" and weights == [1.0, 1.0, 1.0]

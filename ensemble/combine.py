@@ -22,6 +22,7 @@ shipped keep/drop is then fitted on the whole holdout. The result is a weight pe
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from typing import Callable
@@ -182,6 +183,15 @@ def combine_on_holdout(ens, data, indices: list[int], metric: str, mode: str, be
     record["note"] = note.replace("greedy selection", "the combination") if note else None
     record["pixels_per_image"] = pixels_per_image
     return weights, record
+
+
+def shipped_members(members: list, weights: list[float] | None) -> list:
+    """The members the bundle holds: those of positive weight, each with its weight (a member of
+    weight 1 is the same object; None: every member, weight 1)."""
+    if weights is None:
+        return list(members)
+    return [m if w == m.weight else dataclasses.replace(m, weight=float(w))
+            for m, w in zip(members, weights, strict=True) if w > 0]
 
 
 def no_holdout_record() -> dict:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.test_bundle import members  # noqa: F401 (fixture)
+from tests.test_ensemble import _one_torch_thread  # noqa: F401 (fixture)
 
 
 class Constant(torch.nn.Module):
@@ -216,3 +217,68 @@ def test_uniform_average_is_kept_when_nothing_beats_it():
     s = record["scores"]
     assert s["uniform"] > s["best_member"] and s["fitted"] <= s["uniform"]
     assert record["shipped"] == "uniform" and weights == [1.0, 1.0, 1.0]
+
+
+# --------------------------------------------------------------------------- the ensemble step, end to end
+
+
+def _biased(fold, model, data):
+    """Fold 0's member leans towards the most frequent class, fold 1's (the better validation score)
+    overwhelmingly towards the rarest: the plain average is fold 1's member, worse than fold 0's."""
+    counts = data.pixel_counts
+    with torch.no_grad():
+        bias = model.segmentation_head[0].bias
+        if fold == 0:
+            bias[int(np.argmax(counts))] += 3.0
+        else:
+            bias[int(np.argmin(counts))] += 20.0
+
+
+def test_ensemble_step_ships_the_holdouts_decision(tmp_path, monkeypatch, capsys, _one_torch_thread):  # noqa: F811
+    from ensemble.bundle import load_bundle
+    from ensemble.holdout import holdout_indices
+    from ensemble.infer import score_rows
+    from ensemble.run import main
+    from tests.test_crf_decisions import fake_experiment
+    from trainables.folds import read_holdout
+
+    exp = fake_experiment(tmp_path, "val_miou", edit=_biased)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    main(["--experiment", str(exp.run_dir), "--top-k", "1", "--batch-size", "12"])
+    printed = capsys.readouterr().out
+    out = exp.run_dir / "ensemble"
+    report = json.loads((out / "oof_metrics.json").read_text())
+    comb = report["combination"]
+    assert comb["members"] == ["t0", "t1"] and comb["best_member"] == "t1" and comb["metric"] == "miou"
+    s = comb["scores"]
+    assert s["fitted"] > max(s["uniform"], s["best_member"])
+    assert comb["shipped"] == "fitted" and comb["weights"] == [1.0, 0.0] and comb["reason"]
+    assert "shipped: fitted combination (1 of 2 members)" in printed and "rows (b)-(d): the shipped fitted" in printed
+    # the bundle holds the shipped combination, and the holdout rows (b) are what it predicts
+    info = json.loads((out / "bundle" / "bundle.json").read_text())
+    assert [(m["name"], m["weight"]) for m in info["members"]] == [("t0", 1.0)]
+    h = report["holdout"]
+    assert h["combination"] == "fitted" and h["single_member"] == "t1"
+    index = holdout_indices(exp.data, read_holdout(exp.run_dir / "folds.json"))
+    assert h["images"] == len(index) > 1
+    bundle = load_bundle(out / "bundle", "cpu")
+    rows = score_rows(bundle.ensemble("cpu"), exp.data, index, None, None, None, 12)
+    assert h["ensemble"]["miou"] == pytest.approx(rows["ensemble"]["miou"], abs=1e-12)
+    assert h["ensemble"]["miou"] > h["single"]["miou"]  # on the holdout the shipped one beats row (a)
+
+
+def test_ensemble_step_without_a_holdout_says_the_comparison_is_unknown(tmp_path, monkeypatch, capsys,
+                                                                          _one_torch_thread):  # noqa: F811
+    from ensemble.run import main
+    from tests.test_crf_decisions import fake_experiment
+
+    exp = fake_experiment(tmp_path, "val_miou", holdout=None)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    main(["--experiment", str(exp.run_dir), "--top-k", "1", "--batch-size", "12"])
+    printed = capsys.readouterr().out
+    report = json.loads((exp.run_dir / "ensemble" / "oof_metrics.json").read_text())
+    assert "holdout" not in report
+    assert report["combination"]["shipped"] == "uniform" and report["combination"]["weights"] is None
+    assert "unknown" in report["combination"]["reason"] and "--set folds.holdout=0.1" in printed
+    info = json.loads((exp.run_dir / "ensemble" / "bundle" / "bundle.json").read_text())
+    assert [(m["name"], m["weight"]) for m in info["members"]] == [("t0", 1.0), ("t1", 1.0)]

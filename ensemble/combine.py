@@ -148,8 +148,10 @@ def decide_combination(probs: np.ndarray, target: np.ndarray, owner: np.ndarray,
         shipped, reason = "uniform", "one member: nothing to combine"
     elif math.isnan(scores["fitted"]):
         shipped = "best_member" if beats("best_member", "uniform") else "uniform"
-        reason = (f"the holdout's {len(images)} image(s) cannot be split in two halves: nothing fitted; "
-                  f"{describe(shipped)} {'beats' if shipped == 'best_member' else 'is not worse than'} the other")
+        other = "uniform" if shipped == "best_member" else "best_member"
+        reason = (f"the holdout's {len(images)} image(s) cannot be split in two halves: nothing fitted; the "
+                  f"{describe(shipped)} ({scores[shipped]:.4f}) {'beats' if shipped == 'best_member' else 'is not worse than'}"
+                  f" the {describe(other)} ({scores[other]:.4f})")
     elif beats("fitted", "uniform") and beats("fitted", "best_member"):
         shipped = "fitted"
         reason = (f"cross-fitted {key} {scores['fitted']:.4f} beats the uniform average ({scores['uniform']:.4f}) "
@@ -209,7 +211,8 @@ def summary(record: dict) -> str:
     s = record["scores"]
     lines = [f"combination on the holdout ({record['images']} images, {record['metric']} on sampled pixels): "
              f"uniform average {s['uniform']:.4f}, best member {record['best_member']} {s['best_member']:.4f}, "
-             f"fitted keep/drop {s['fitted']:.4f} cross-fitted on two halves"
+             + (f"fitted keep/drop {s['fitted']:.4f} cross-fitted on two halves" if not math.isnan(s["fitted"])
+                else "fitted keep/drop not fitted")
              + (f" ({record['fitted_in_sample']:.4f} in-sample)" if "fitted_in_sample" in record else "")]
     kept = [n for n, w in zip(record["members"], record["weights"]) if w > 0]
     lines.append(f"shipped: {describe(record['shipped'])} ({len(kept)} of {len(record['members'])} members): "

@@ -2,8 +2,9 @@
 
 Fit, then apply: everything ``ensemble/predict.py`` needs, nothing of the experiment::
 
-    bundle.json     members (file, fold, validation score, input size, normalisation, whether
-                    trained on resized images or native-resolution crops, data.max_size), the
+    bundle.json     members (file, fold, validation score, weight in the average, input size,
+                    normalisation, whether trained on resized images or native-resolution crops,
+                    data.max_size), the
                     decision rule ({"thresholds": <tuner fit or null>, "crf": <params or null>,
                     "max_size": ...}), TTA, voting, class names, task, metric/mode, package versions
     members/*.pt    each member's self-describing checkpoint (trainables/checkpoint.py), copied
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -60,7 +62,7 @@ def write_manifest(root: Path) -> dict:
 def _member_entry(member, file: str) -> dict:
     cfg = member.meta.get("config") or {}
     return {"file": file, "name": member.name, "fold": member.fold, "score": member.score,
-            "epoch": member.meta.get("epoch"), "arch": cfg.get("model", {}).get("arch"),
+            "weight": float(member.weight), "epoch": member.meta.get("epoch"), "arch": cfg.get("model", {}).get("arch"),
             "encoder": cfg.get("model", {}).get("encoder"), "image_size": list(member.image_size),
             "input": member.input, "max_size": member.max_size, "mean": list(member.mean), "std": list(member.std)}
 
@@ -69,9 +71,13 @@ def write_bundle(out: Path, members: list, tta: str, voting: str, rule: dict, me
                  source: dict | None = None, data: dict | None = None) -> Path:
     """Write the bundle of ``members`` (:class:`ensemble.predictor.Member` with ``meta["path"]``,
     the checkpoint they were loaded from) to ``out``, replacing an older one only when complete.
-    ``data``: the training data's reading options and ``has_background``."""
+    Each member's ``weight`` is recorded; members of weight 0 are not written. ``data``: the training data's reading options and ``has_background``."""
+    from ensemble.predictor import check_weights
+
+    members = [m for m in members if m.weight != 0]  # a member of weight 0 is no part of the prediction
     if not members:
         raise ValueError("a bundle needs at least one member")
+    check_weights([m.weight for m in members])
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -192,6 +198,15 @@ class Bundle:
                         overlap=overlap)
 
 
+def member_weight(entry: dict, root: Path) -> float:
+    """A member's weight in ``bundle.json`` (1 in bundles written before weights): a number > 0."""
+    weight = entry.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+        raise InputError(root / "bundle.json", f"member {entry.get('name')!r} has weight {weight!r}: "
+                                               "expected a number > 0")
+    return float(weight)
+
+
 def load_bundle(root: Path, device="cpu", runtime: str = "torch") -> Bundle:
     """Verify and load a bundle; ``runtime="onnx"`` runs the members' ``onnx/*.onnx`` with
     onnxruntime instead of rebuilding the networks."""
@@ -219,6 +234,7 @@ def load_bundle(root: Path, device="cpu", runtime: str = "torch") -> Bundle:
         member.input, member.max_size = entry["input"], entry["max_size"]
         member.mean, member.std = tuple(entry["mean"]), tuple(entry["std"])
         member.score = float("nan") if entry["score"] is None else float(entry["score"])
+        member.weight = member_weight(entry, root)
         member.meta["path"] = str(root / entry["file"])
         members.append(member)
     logger.info("bundle %s: %d members, %s, python %s", root, len(members), info["task"], sys.version.split()[0])

@@ -7,14 +7,17 @@ input size, or stepped over by sliding windows of its crop size when trained on 
 crops), so a bundle predicts on the tensors every reported number was measured on.
 Probabilities are accumulated in float32 at the output size as a running sum over members, then
 divided (soft voting; nnU-Net's ``average_probabilities``), so memory does not grow with the
-number of members. Hard voting averages votes: each member-view decides at the output size
+number of members. Each member counts ``Member.weight`` times (1 by default; a bundle's weights
+are decided on the holdout by ``ensemble/combine.py``) and the sum is divided by the total
+weight. Hard voting averages votes the same way: each member-view decides at the output size
 (argmax, or p >= 0.5 per class for multilabel), and the default decision of the average is the
-plurality (multiclass) or at least half of the member-views (multilabel).
+(weighted) plurality (multiclass) or at least half of the member-views' weight (multilabel).
 """
 from __future__ import annotations
 
 import logging
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,11 +46,23 @@ class Member:
     max_size: int | None = None  # data.max_size of its training (the resolution crops were taken at)
     mean: tuple[float, ...] = MEAN  # normalisation, in 0..255 pixel units
     std: tuple[float, ...] = STD
+    weight: float = 1.0  # its share of the soft average (the holdout's combination, ensemble/combine.py); 0: left out
 
     @property
     def spec(self) -> InputSpec:
         """How an image becomes this member's input (the one definition training validated with)."""
         return InputSpec(self.image_size, self.max_size, self.input, self.mean, self.std)
+
+
+def check_weights(weights: list[float]) -> float:
+    """The total of members' weights, each finite and >= 0 with a positive total; ValueError otherwise."""
+    bad = [w for w in weights if not (isinstance(w, numbers.Real) and math.isfinite(w) and w >= 0)]
+    if bad:
+        raise ValueError(f"member weights must be finite numbers >= 0, got {bad[0]!r}")
+    total = float(sum(weights))
+    if not total > 0:
+        raise ValueError("member weights sum to 0: an ensemble needs a member of positive weight")
+    return total
 
 
 def best_member_index(members: list["Member"], mode: str) -> int:
@@ -107,6 +122,7 @@ class Ensemble:
         if not members:
             raise ValueError("an ensemble needs at least one member")
         self.members, self.tta, self.voting = members, tta or TTA(), voting
+        self.total_weight = check_weights([m.weight for m in members])
         self.device = resolve_device(str(device))
         self.amp = resolve_amp(amp, self.device)
         self.task = members[0].task
@@ -172,10 +188,11 @@ class Ensemble:
 
     @torch.no_grad()
     def _accumulate(self, images: np.ndarray, keep: int | None = None, per_member: bool = False):
-        """(mean of member probabilities, member ``keep``'s probabilities or None) of one
+        """(weighted mean of member probabilities, member ``keep``'s probabilities or None) of one
         same-size batch, as one running sum: memory is one probability map whatever the number
-        of members (nnU-Net's ``average_probabilities``). The (B, M, C, H, W) stack instead
-        when ``per_member``."""
+        of members (nnU-Net's ``average_probabilities``). Each member counts ``weight`` times
+        (default 1: the plain mean), the sum divided by the total weight. The (B, M, C, H, W)
+        stack of unweighted member probabilities instead when ``per_member``."""
         inputs: dict = {}  # one input per distinct spec and scale, shared by the members
         views = len(self.tta.views())
         if per_member:
@@ -187,14 +204,20 @@ class Ensemble:
             return torch.stack(stack, 1), None
         acc, kept = self._zeros(images), None
         for k, member in enumerate(self.members):
+            weight = member.weight
             if k == keep:  # summed over its views apart, then into the running sum
                 kept = self._zeros(images)
                 self._add_member(member, images, kept, inputs)
-                acc += kept
+                if weight > 0:
+                    acc.add_(kept, alpha=weight)
                 kept.div_(views)
-            else:
+            elif weight == 1.0:
                 self._add_member(member, images, acc, inputs)
-        return acc.div_(len(self.members) * views), kept
+            elif weight > 0:  # weighted: its own sum first (a member of weight 0 is not run)
+                part = self._zeros(images)
+                self._add_member(member, images, part, inputs)
+                acc.add_(part, alpha=weight)
+        return acc.div_(self.total_weight * views), kept
 
     def _by_size(self, images: list[np.ndarray]) -> dict[tuple[int, int], list[int]]:
         groups: dict[tuple[int, int], list[int]] = {}  # images of one size are batched together

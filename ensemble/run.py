@@ -6,8 +6,11 @@
 Writes runs/<name>/ensemble/: members.json, thresholds.json, oof_metrics.json with (a) the best
 single trial per fold, (b) the ensemble at default decisions and (c) the ensemble with tuned
 thresholds, all on the same out-of-fold pixels, and plots (iou_bars.png, threshold_curves.png,
-confusion.png, overlays.png). --predict runs every fold's members on new images (see
-ensemble/infer.py for the output format).
+confusion.png, overlays.png). With a holdout (folds.holdout), how the bundle combines the members
+(uniform average, best member, or a fitted keep/drop that must beat both, cross-fitted on the
+holdout: ensemble/combine.py) is decided there and recorded under ``combination``; without one,
+that comparison is unknown and the uniform average is shipped. --predict runs the bundle's members
+on new images (see ensemble/infer.py for the output format).
 """
 from __future__ import annotations
 
@@ -198,11 +201,26 @@ def main(argv=None) -> None:
     from trainables.folds import read_holdout
 
     holdout = read_holdout(files.folds_json)
+    weights = None  # how the bundle combines every fold's members: decided on the holdout (None: uniform)
     if holdout:
-        from ensemble.holdout import holdout_step
+        from ensemble.combine import combine_on_holdout
+        from ensemble.holdout import everyone, holdout_indices, holdout_step
+        from ensemble.predictor import best_member_index
 
+        ens = everyone(ensembles)
+        weights, report["combination"] = combine_on_holdout(
+            ens, data, holdout_indices(data, holdout), metric, mode, best_member_index(ens.members, mode),
+            empty=1.0 if empty is None else empty, seed=int(settings["fixed"].get("folds", {}).get("seed", 0)))
         report["holdout"] = holdout_step(ensembles, data, holdout, thresholds, post, report["steps"], mode,
-                                         d["max_size"], args.batch_size)
+                                         d["max_size"], args.batch_size, weights=weights,
+                                         combination=report["combination"]["shipped"])
+    else:
+        from ensemble.combine import no_holdout_record
+
+        report["combination"] = no_holdout_record()
+    from ensemble.combine import shipped_members
+
+    shipped = shipped_members([m for e in ensembles.values() for m in e.members], weights)
     key = score_key(data.task, metric)
     report["optimism"] = {k: report[f"{k}_in_sample"][key] - report[k][key] for k in ("tuned", "crf") if k in report}
     atomic_write_json(out.postprocessing_json, post)
@@ -210,7 +228,7 @@ def main(argv=None) -> None:
     from ensemble.crossfit import prediction_rule
     from trainables.data import dataset_options
 
-    bundle_dir = write_bundle(out.bundle_dir, [m for e in ensembles.values() for m in e.members], args.tta,
+    bundle_dir = write_bundle(out.bundle_dir, shipped, args.tta,
                               args.voting, prediction_rule(thresholds, post, d["max_size"]), metric, mode, {"experiment": str(run_dir.resolve())},
                               {"unannotated": d["unannotated"], **dataset_options(d), "has_background": data.has_background})
     if args.compare:
@@ -223,9 +241,14 @@ def main(argv=None) -> None:
     if "holdout" in report:
         from ensemble.rows import format_table
 
+        from ensemble.combine import describe
+
         h = report["holdout"]
         print("\n" + format_table(h, data.class_names, f"holdout ({h['images']} images)")
-              + f"\nprediction applies row {ROWS[h['applied']]}")
+              + f"\nrows (b)-(d): the shipped {describe(h['combination'])}; prediction applies row {ROWS[h['applied']]}")
+    from ensemble.combine import summary
+
+    print(summary(report["combination"]))
     print_extras(report)
     if args.predict:  # the bundle just written, as ensemble/predict.py runs it anywhere
         from ensemble.bundle import load_bundle
@@ -243,7 +266,7 @@ def main(argv=None) -> None:
                                       args.save_probs, device, cache_dir=d["cache_dir"])
             print_result(res, len(bundle.members), bundle.class_names)
     if args.pseudo_label:
-        write_pseudo(args, ensembles, post, thresholds, data, d, run_dir, tta, device, bundle_dir)
+        write_pseudo(args, ensembles, post, thresholds, data, d, run_dir, tta, device, bundle_dir, shipped)
     if args.cam:
         from ensemble.cam import cam_step
 
@@ -298,9 +321,10 @@ def print_extras(report: dict) -> None:
 
 
 def write_pseudo(args, ensembles: dict, post: dict, thresholds: dict, data, d: dict, run_dir: Path, tta,
-                 device, bundle_dir: Path) -> None:
-    """Pseudo-labels of every member (or each fold's, ``--pseudo-per-fold``); on Ray, the actors load
-    the same members from the bundle just written (its members are every fold's, in this order)."""
+                 device, bundle_dir: Path, shipped: list) -> None:
+    """Pseudo-labels of the bundle's combination of members (``shipped``), or each fold's members
+    (``--pseudo-per-fold``, their plain average); on Ray, the actors load the same members from the
+    bundle just written (``shipped``, in this order)."""
     from ensemble.bundle import rule_refiner, rule_thresholds
     from ensemble.crossfit import prediction_rule
     from ensemble.predictor import Ensemble
@@ -308,14 +332,16 @@ def write_pseudo(args, ensembles: dict, post: dict, thresholds: dict, data, d: d
 
     out = args.pseudo_out or RunFiles(run_dir).pseudo_dir
     rule = prediction_rule(thresholds, post, d["max_size"])  # what the bundle applies
-    everyone = [m for e in ensembles.values() for m in e.members]
-    sets = ({f"fold{f}": e.members for f, e in ensembles.items()} if args.pseudo_per_fold else {"": everyone})
+    sets = ({f"fold{f}": e.members for f, e in ensembles.items()} if args.pseudo_per_fold else {"": shipped})
     for sub, members in sets.items():
         provenance = {"experiment": str(run_dir), "members": [m.name for m in members]}
         if args.on_ray:
             from ensemble.ray_predict import pseudo_label_on_ray
 
-            indices = [k for k, m in enumerate(everyone) if any(m is x for x in members)]
+            indices = [k for k, m in enumerate(shipped) if any(m is x for x in members)]
+            if len(indices) != len(members):
+                raise ConfigError("command line", "--pseudo-per-fold", f"{sub}'s members are not all in the bundle "
+                                  "(the combination shipped dropped some): run it without --ray/--address")
             summary = pseudo_label_on_ray(bundle_dir, args.pseudo_label, out / sub if sub else out, indices,
                                           args.pseudo_confidence, provenance, cache_dir=d["cache_dir"],
                                           **ray_options(args))

@@ -31,9 +31,10 @@ def smooth(probs: np.ndarray, image: np.ndarray, params: dict | None) -> np.ndar
     return q / np.maximum(q.sum(0, keepdims=True), 1e-12)
 
 
-def fake_experiment(tmp: Path, metric: str) -> SimpleNamespace:
+def fake_experiment(tmp: Path, metric: str, holdout: float | None = 0.25, edit=None) -> SimpleNamespace:
     """runs/<name>/ as tune/run.py leaves it, on the sample's val images with a quarter held out, from
-    untrained tiny members (one per fold): the ensemble step runs on it in seconds."""
+    untrained tiny members (one per fold): the ensemble step runs on it in seconds. ``edit(fold,
+    model, data)``: changes a member's weights before it is saved."""
     from trainables.checkpoint import make_checkpoint, save_checkpoint
     from trainables.config import resolve
     from trainables.data import load_data
@@ -44,7 +45,7 @@ def fake_experiment(tmp: Path, metric: str) -> SimpleNamespace:
     run_dir, cache = tmp / "run", tmp / "cache"
     run_dir.mkdir()
     base = resolve({"data": {"path": str(VAL_JSON), "max_size": MAX_SIZE, "cache_dir": str(cache)},
-                    "folds": {"k": 2, "seed": 0, "holdout": 0.25}})
+                    "folds": {"k": 2, "seed": 0, "holdout": holdout}})
     data = load_data(base["data"])
     f = base["folds"]
     folds = load_or_make_folds(run_dir / "folds.json", f["strategy"], f["k"], f["seed"], data.ids, data.presence,
@@ -55,6 +56,8 @@ def fake_experiment(tmp: Path, metric: str) -> SimpleNamespace:
         torch.manual_seed(fold)
         m = cfg["model"]
         model = build_model(m["arch"], m["encoder"], data.num_classes, weights=None, kwargs=m["kwargs"])
+        if edit is not None:
+            edit(fold, model, data)
         score = 0.1 * (fold + 1)
         path = save_checkpoint(make_checkpoint(model.state_dict(), cfg, data.class_names, "multiclass", metric,
                                                score, 1, fold), run_dir / "tune" / f"t{fold}" / "model.pt")

@@ -662,3 +662,20 @@ def test_oof_pass_memory_does_not_grow_with_the_number_of_members(experiment, tm
     maps = copies * batch * NUM_CLASSES * 72 * 96 * 4  # bytes of every member's map of one batch
     grown = peaks[copies] - peaks[1]
     assert grown < maps / 4, f"peak memory grew by {grown / 1e6:.0f} MB with {copies} members ({maps / 1e6:.0f} MB of maps)"
+
+
+def test_oof_table_labels_row_b_in_sample_and_points_to_the_holdout(capsys):
+    """The printed out-of-fold table: row (b)'s members were chosen on the images it is scored on."""
+    from ensemble.run import print_table
+
+    row = {"miou": 0.5, "dice": 0.6, "biou": 0.2, "pixel_acc": 0.9, "iou_per_class": [0.5, 0.5]}
+    report = {"single": row, "ensemble": row, "tuned": row, "tuned_in_sample": row, "oof_images": 10}
+    print_table(report, ["background", "road"])
+    out = capsys.readouterr().out
+    assert "(b) ensemble (in-sample)" in out and "(a) best single" in out
+    assert ("row (b) is in-sample: its members were chosen on these same out-of-fold images (top-k by validation "
+            "score, greedy selection, latency budget), as was (a)'s trial, so both flatter; quote the holdout's rows "
+            "(folds.holdout); this search has no holdout: set folds.holdout") in out
+    print_table({**report, "holdout": {"images": 3, "single": row}}, ["background", "road"])
+    out = capsys.readouterr().out
+    assert "quote the holdout's rows (folds.holdout)\n" in out and "this search has no holdout" not in out

@@ -621,13 +621,15 @@ def test_oof_pass_is_each_members_probabilities_averaged(experiment, tmp_path):
             assert np.abs(own[0] - mean).max() > 1e-3  # member 0 alone is not the average
             firsts.append(own[0].argmax(0))
             means.append(stored.astype(np.float32).argmax(0))  # (b) decides on the stored (rounded) values
-    assert result["images"] == [i for f in range(2) for i in train_val_indices(experiment.folds, f, data.ids)[1][:per_fold]]
+    held_out = [train_val_indices(experiment.folds, f, data.ids)[1][:per_fold] for f in range(2)]
+    assert result["images"] == held_out[0] + held_out[1]
     assert math.isclose(result["single"]["miou"], _iou_of(targets, firsts), abs_tol=1e-9)
     assert math.isclose(result["ensemble"]["miou"], _iou_of(targets, means), abs_tol=1e-9)
 
 
 _PEAK_SCRIPT = """
 import json, resource, sys
+from pathlib import Path
 import torch
 torch.set_num_threads(1)
 from ensemble.oof import oof_evaluate
@@ -635,14 +637,14 @@ from ensemble.predictor import Ensemble, load_member
 from ensemble.run import load_experiment
 from trainables.data import load_data
 run_dir, copies, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-experiment, folds, rows = load_experiment(__import__("pathlib").Path(run_dir))
+experiment, folds, rows = load_experiment(Path(run_dir))
 data = load_data(experiment["settings"]["fixed"]["data"])
 first = {}
 for r in rows:
     first.setdefault(int(r["fold"]), load_member(r["checkpoint"], r["trial_id"], torch.device("cpu")))
 ensembles = {f: Ensemble([m] * copies, device="cpu") for f, m in first.items()}
 oof_evaluate(ensembles, data, folds, experiment["settings"]["fixed"]["data"]["max_size"],
-             __import__("pathlib").Path(out), batch_size=8, max_per_fold=8)
+             Path(out), batch_size=8, max_per_fold=8)
 print(json.dumps({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
 
@@ -655,13 +657,15 @@ def test_oof_pass_memory_does_not_grow_with_the_number_of_members(experiment, tm
     copies, batch = 40, 8
     peaks = {}
     for n in (1, copies):
-        proc = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(experiment.run_dir), str(n), str(tmp_path / str(n))],
-                              cwd=ROOT, env=_env(experiment.cache), capture_output=True, text=True, timeout=600)
+        proc = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(experiment.run_dir), str(n),
+                               str(tmp_path / str(n))], cwd=ROOT, env=_env(experiment.cache), capture_output=True,
+                              text=True, timeout=600)
         _check_ok(proc)
         peaks[n] = json.loads(proc.stdout.strip().splitlines()[-1])["maxrss_kb"] * 1024
     maps = copies * batch * NUM_CLASSES * 72 * 96 * 4  # bytes of every member's map of one batch
     grown = peaks[copies] - peaks[1]
-    assert grown < maps / 4, f"peak memory grew by {grown / 1e6:.0f} MB with {copies} members ({maps / 1e6:.0f} MB of maps)"
+    assert grown < maps / 4, \
+        f"peak memory grew by {grown / 1e6:.0f} MB with {copies} members ({maps / 1e6:.0f} MB of maps)"
 
 
 def test_oof_table_labels_row_b_in_sample_and_points_to_the_holdout(capsys):

@@ -111,8 +111,8 @@ def test_pseudo_labels_are_the_fold_members_decision_where_confident(experiment,
     for fold in range(2):
         root = extras_run.pseudo / f"fold{fold}"
         summary = json.loads((root / "pseudo.json").read_text())
-        expected_member = next(r for r in sorted(experiment.rows, key=lambda r: -r["best_val_miou"]) if r["fold"] == fold)
-        assert summary["members"] == [expected_member["trial_id"]]  # top-1 of that fold
+        best = max((r for r in experiment.rows if r["fold"] == fold), key=lambda r: r["best_val_miou"])
+        assert summary["members"] == [best["trial_id"]]  # top-1 of that fold
         ens = Ensemble([load_member(checkpoints[n], n, torch.device("cpu")) for n in summary["members"]],
                        TTA.parse(tta), device="cpu")
         kept = []

@@ -195,29 +195,52 @@ def sampled_probs(singles: list[list[Ensemble]], ds: SegDataset, val_idx: list[i
     return sample_pixels(predict, ds, val_idx, pixels, seed)
 
 
-def budget_members(ensembles: dict[int, Ensemble], data, folds, max_size, budget_ms: float, metric: str, mode: str,
-                   pixels_per_image: int = 4096, empty: float = 1.0, reps: int = 5,
-                   max_images: int | None = None) -> tuple[dict[int, Ensemble], str, dict]:
-    """The members and TTA within ``budget_ms`` per image (module doc): the budgeted ensembles, their TTA
-    as ``--tta`` text, and the report: cost and score of the budgeted and the unconstrained ensemble."""
-    tta = next(iter(ensembles.values())).tta
-    views = tta.views()
-    key, key_mode, note = selection_metric(metric, mode, data.task)
-    if note:
-        logger.warning(note)
+@dataclass
+class Measured:
+    """Every fold's candidates timed (``FoldPool`` costs; probabilities once sampled), the one-view
+    ensembles, images and the image timed: what :func:`budget_members` measures before choosing."""
+    pools: dict[int, FoldPool]
+    sets: dict[int, tuple]
+    image: np.ndarray
+
+
+def measure_costs(ensembles: dict[int, Ensemble], data, folds, max_size, mode: str, reps: int = 5,
+                  max_images: int | None = None) -> Measured:
+    """Each fold's (member, view) costs per image on the ensembles' device (module doc)."""
+    views = next(iter(ensembles.values())).tta.views()
     pools, sets, image = {}, {}, None
-    for fold, ens in sorted(ensembles.items()):  # costs first: a budget below the smallest ensemble fails fast
+    for fold, ens in sorted(ensembles.items()):
         _, val_idx = train_val_indices(folds, fold, data.ids)
         ds = SegDataset(data, val_idx[:max_images], transform=None, max_size=max_size, cache=False)
         image = data.read_image(val_idx[0]) if image is None else image  # as --predict sees it: full size
         sets[fold] = (single_views(ens, views), ds, val_idx[:max_images])
         pools[fold] = FoldPool([m.name for m in ens.members], np.zeros(0), np.zeros(0), np.zeros(0),
                                member_costs(sets[fold][0], views, image, reps), best_member_index(ens.members, mode))
+    return Measured(pools, sets, image)
+
+
+def budget_members(ensembles: dict[int, Ensemble], data, folds, max_size, budget_ms: float, metric: str, mode: str,
+                   pixels_per_image: int = 4096, empty: float = 1.0, reps: int = 5,
+                   max_images: int | None = None, measured: Measured | None = None
+                   ) -> tuple[dict[int, Ensemble], str, dict]:
+    """The members and TTA within ``budget_ms`` per image (module doc): the budgeted ensembles, their TTA
+    as ``--tta`` text, and the report: cost and score of the budgeted and the unconstrained ensemble.
+    ``measured``: costs (and sampled probabilities) of an earlier :func:`measure_costs` of these
+    ensembles, to choose for another budget without timing again."""
+    tta = next(iter(ensembles.values())).tta
+    views = tta.views()
+    key, key_mode, note = selection_metric(metric, mode, data.task)
+    if note:
+        logger.warning(note)
+    # costs first: a budget below the smallest ensemble fails fast
+    measured = measured or measure_costs(ensembles, data, folds, max_size, mode, reps, max_images)
+    pools, sets, image = measured.pools, measured.sets, measured.image
     base = Choice({f: [pool.first] for f, pool in pools.items()})
     check_minimum(cost(pools, base, views), budget_ms, len(pools))
     for fold, (singles, ds, val_idx) in sets.items():
-        pools[fold].probs, pools[fold].target, pools[fold].owner = sampled_probs(singles, ds, val_idx,
-                                                                                 pixels_per_image, fold)
+        if not pools[fold].probs.size:
+            pools[fold].probs, pools[fold].target, pools[fold].owner = sampled_probs(singles, ds, val_idx,
+                                                                                     pixels_per_image, fold)
     choice = greedy_budget(pools, views, tta, budget_ms, data, key, key_mode, empty)
     full = Choice({f: list(range(len(p.names))) for f, p in pools.items()}, tta.hflip, tuple(sorted(tta.scales)))
     budgeted = {f: Ensemble([ensembles[f].members[m] for m in chosen], TTA.parse(choice.tta_text()),

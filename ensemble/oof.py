@@ -90,13 +90,15 @@ def oof_evaluate(ensembles: dict[int, Ensemble], data: SegData, folds: list[list
         for start in tqdm(range(0, len(val_idx), batch_size), desc=f"out-of-fold fold {fold}", leave=False, disable=None):
             idx = val_idx[start:start + batch_size]
             pairs = [loader.load(i) for i in idx]
-            per_member = ens.predict_batch([img for img, _ in pairs], per_member=True)
-            for i, (_, mask), member_probs in zip(idx, pairs, per_member):
+            # one running sum over the members, with member 0's probabilities kept apart for (a):
+            # memory is two probability maps per image, whatever the number of members
+            outs = ens.predict_batch_and_member([img for img, _ in pairs], keep=0)
+            for i, (_, mask), (mean_probs, first) in zip(idx, pairs, outs):
                 target, valid = target_of(mask, task, ignore)
                 # Pass 2 reads these back from float16: round once here so that (b), the tuner
                 # and (c) see the same values (else (c) is not what the thresholds were tuned for).
-                probs = member_probs.mean(0).astype(np.float16).astype(np.float32)
-                score_into(single, ens.decide(member_probs[0]), target, valid, task)
+                probs = mean_probs.astype(np.float16).astype(np.float32)
+                score_into(single, ens.decide(first), target, valid, task)
                 score_into(default, ens.decide(probs), target, valid, task)
                 feed_tuner(tuners[fold], probs, mask, valid, task, ignore)
                 path = prob_dir / f"{i}.npy"

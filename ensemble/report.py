@@ -11,12 +11,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ensemble.rows import ROWS  # noqa: E402
+from ensemble.rows import OOF_ROWS  # noqa: E402
 from trainables.io import atomic_path  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-LABELS = ROWS  # row labels shared with the printed tables
+LABELS = OOF_ROWS  # the out-of-fold row labels of the printed table
 
 
 def _save(fig, path: Path) -> Path:

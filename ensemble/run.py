@@ -87,11 +87,11 @@ def log_to_wandb(run_dir: Path, out_dir: Path, report: dict, mode: str, project:
 
     run = wandb.init(project=project, group=run_dir.resolve().name, job_type="ensemble", name=f"{run_dir.name}-ensemble",
                      dir=str(run_dir), mode=mode, config={"experiment": str(run_dir)})
-    from ensemble.rows import ROWS
+    from ensemble.rows import OOF_ROWS
 
     table = wandb.Table(columns=["", "mIoU", "mean Dice", "boundary IoU", "pixel acc"])
-    rows = [(k, label + (" (cross-fitted)" if k in ("tuned", "crf") else "")) for k, label in ROWS.items()]
-    rows += [(f"{k}_in_sample", f"{ROWS[k]} (in-sample)") for k in ("tuned", "crf")]
+    rows = [(k, label + (" (cross-fitted)" if k in ("tuned", "crf") else "")) for k, label in OOF_ROWS.items()]
+    rows += [(f"{k}_in_sample", f"{OOF_ROWS[k]} (in-sample)") for k in ("tuned", "crf")]
     for key, label in rows:
         if key in report:
             table.add_data(label, *(report[key].get(f) for f in ("miou", "dice", "biou", "pixel_acc")))
@@ -281,11 +281,12 @@ def main(argv=None) -> None:
 
 
 def print_table(report: dict, class_names: list[str]) -> None:
-    """(a), (b), then (c) and (d) cross-fitted with their in-sample scores beside them."""
+    """(a), (b), then (c) and (d) cross-fitted with their in-sample scores beside them; under the
+    table, that (b)'s members were chosen on these images and the holdout is the number to quote."""
     from ensemble.crossfit import optimism_summary
-    from ensemble.rows import FIELDS, ROWS
+    from ensemble.rows import FIELDS, NO_HOLDOUT, OOF_NOTE, OOF_ROWS, ROWS
 
-    cols = [(k, ROWS[k]) for k in ("single", "ensemble") if k in report]
+    cols = [(k, OOF_ROWS[k]) for k in ("single", "ensemble") if k in report]
     for k in ("tuned", "crf"):
         if k in report:
             cols += [(k, f"{ROWS[k]} x-fit"), (f"{k}_in_sample", "in-sample")]
@@ -295,6 +296,8 @@ def print_table(report: dict, class_names: list[str]) -> None:
         print(f"{label:<28}" + "".join(f"{report[k].get(field, float('nan')):>26.4f}" for k, _ in cols))
     for c, name in enumerate(class_names):
         print(f"  IoU {name:<22}" + "".join(f"{report[k]['iou_per_class'][c]:>26.4f}" for k, _ in cols))
+    if "ensemble" in report:
+        print(OOF_NOTE + ("" if "holdout" in report else f"; {NO_HOLDOUT}"))
     if report.get("steps"):
         print(optimism_summary(report["steps"]))
     if report.get("selection"):
@@ -310,13 +313,13 @@ def print_extras(report: dict) -> None:
         print(f"CRF {'kept' if p['kept'] else 'not kept'}: {step['metric']} {step['cross_fitted'] - step['gain']:.4f} "
               f"without, {step['cross_fitted']:.4f} with, cross-fitted ({p['params']})")
     if report.get("compare"):
-        from ensemble.rows import ROWS
+        from ensemble.rows import OOF_ROWS
 
-        keys = [k for k in ROWS if all(k in report["compare"][side] for side in ("this", "other"))]
-        print("\nout-of-fold mIoU" + " " * 8 + "".join(f"{ROWS[k]:>20}" for k in keys) + "  extra_train")
+        keys = [k for k in OOF_ROWS if all(k in report["compare"][side] for side in ("this", "other"))]
+        print("\nout-of-fold mIoU" + " " * 8 + "".join(f"{OOF_ROWS[k]:>26}" for k in keys) + "  extra_train")
         for key in ("this", "other"):
             r = report["compare"][key]
-            print(f"{Path(r['experiment']).name[:24]:<24}" + "".join(f"{r[k]:>20.4f}" for k in keys)
+            print(f"{Path(r['experiment']).name[:24]:<24}" + "".join(f"{r[k]:>26.4f}" for k in keys)
                   + f"  {r['extra_train'] or '-'}")
 
 

@@ -571,3 +571,115 @@ def test_greedy_selection_follows_the_metric_and_is_cross_fitted_on_half_folds(e
         assert [m.name for m in chosen[fold].members] == (sel["chosen"] if sel["kept"] else names[:2])
     _, report = greedy_members(ensembles, data, experiment.folds, MAX_SIZE, 2, "val_biou", "max", pixels_per_image=64)
     assert report["metric"] == "miou" and "cannot be computed on sampled pixels" in report["note"]
+
+
+# --------------------------------------------------------------------------- 7. out-of-fold pass
+
+
+def _iou_of(targets: list[np.ndarray], preds: list[np.ndarray]) -> float:
+    """mIoU pooled over images, by scikit-learn's confusion matrix (classes never seen nor predicted: NaN, skipped)."""
+    from sklearn.metrics import confusion_matrix
+
+    cm = sum(confusion_matrix(t.ravel(), p.ravel(), labels=range(NUM_CLASSES)) for t, p in zip(targets, preds))
+    tp = np.diag(cm)
+    with np.errstate(invalid="ignore"):
+        return float(np.nanmean(tp / (cm.sum(0) + cm.sum(1) - tp)))
+
+
+def test_oof_pass_is_each_members_probabilities_averaged(experiment, tmp_path):
+    """Rows (a) and (b) and the stored probabilities of the out-of-fold pass, recomputed here member
+    by member (each member's own probabilities, averaged by hand over the members); hflip TTA,
+    batches of 3 (the last one short), and in fold 1 a member listed twice (it weighs twice)."""
+    import torch
+
+    from ensemble.oof import oof_evaluate
+    from ensemble.predictor import TTA, Ensemble, load_member
+    from trainables.dataset import SegDataset
+    from trainables.folds import train_val_indices
+
+    cpu, data = torch.device("cpu"), experiment.data
+    loaded = {r["trial_id"]: load_member(r["checkpoint"], r["trial_id"], cpu) for r in experiment.rows}
+    by_fold = {f: [loaded[r["trial_id"]] for r in experiment.rows if r["fold"] == f] for f in range(2)}
+    members = {0: by_fold[0], 1: [by_fold[1][1], by_fold[1][0], by_fold[1][1]]}  # member 0 of fold 1: config 1
+    ensembles = {f: Ensemble(ms, TTA.parse("hflip"), device=cpu) for f, ms in members.items()}
+    per_fold = 5
+    result = oof_evaluate(ensembles, data, experiment.folds, MAX_SIZE, tmp_path, batch_size=3,
+                          max_per_fold=per_fold)
+
+    targets, firsts, means = [], [], []
+    for fold, ens in ensembles.items():
+        val_idx = train_val_indices(experiment.folds, fold, data.ids)[1][:per_fold]
+        ds = SegDataset(data, val_idx, transform=None, max_size=MAX_SIZE, cache=False)
+        for i in val_idx:
+            image, mask = ds.load(i)
+            own = [ens.member_probs(m, image[None])[0].numpy() for m in ens.members]  # (C, H, W) each
+            mean = sum(own) / len(own)
+            stored = np.load(tmp_path / "oof_probs" / f"{i}.npy")
+            assert stored.dtype == np.float16 and stored.shape == mean.shape
+            np.testing.assert_allclose(stored.astype(np.float32), mean, atol=1e-3)  # float16 rounding
+            targets.append(mask)
+            assert np.abs(own[0] - mean).max() > 1e-3  # member 0 alone is not the average
+            firsts.append(own[0].argmax(0))
+            means.append(stored.astype(np.float32).argmax(0))  # (b) decides on the stored (rounded) values
+    held_out = [train_val_indices(experiment.folds, f, data.ids)[1][:per_fold] for f in range(2)]
+    assert result["images"] == held_out[0] + held_out[1]
+    assert math.isclose(result["single"]["miou"], _iou_of(targets, firsts), abs_tol=1e-9)
+    assert math.isclose(result["ensemble"]["miou"], _iou_of(targets, means), abs_tol=1e-9)
+
+
+_PEAK_SCRIPT = """
+import json, resource, sys
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+from ensemble.oof import oof_evaluate
+from ensemble.predictor import Ensemble, load_member
+from ensemble.run import load_experiment
+from trainables.data import load_data
+run_dir, copies, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+experiment, folds, rows = load_experiment(Path(run_dir))
+data = load_data(experiment["settings"]["fixed"]["data"])
+first = {}
+for r in rows:
+    first.setdefault(int(r["fold"]), load_member(r["checkpoint"], r["trial_id"], torch.device("cpu")))
+ensembles = {f: Ensemble([m] * copies, device="cpu") for f, m in first.items()}
+oof_evaluate(ensembles, data, folds, experiment["settings"]["fixed"]["data"]["max_size"],
+             Path(out), batch_size=8, max_per_fold=8)
+print(json.dumps({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss is in kB on Linux")
+def test_oof_pass_memory_does_not_grow_with_the_number_of_members(experiment, tmp_path):
+    """Peak memory of the out-of-fold pass with 1 and with 40 members (one member listed 40 times, so
+    the weights are the same): the 40 members' probability maps of a batch would be
+    40 x 8 x 12 x 72 x 96 x 4 bytes = 106 MB (twice that while stacked); a running sum holds two maps."""
+    copies, batch = 40, 8
+    peaks = {}
+    for n in (1, copies):
+        proc = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(experiment.run_dir), str(n),
+                               str(tmp_path / str(n))], cwd=ROOT, env=_env(experiment.cache), capture_output=True,
+                              text=True, timeout=600)
+        _check_ok(proc)
+        peaks[n] = json.loads(proc.stdout.strip().splitlines()[-1])["maxrss_kb"] * 1024
+    maps = copies * batch * NUM_CLASSES * 72 * 96 * 4  # bytes of every member's map of one batch
+    grown = peaks[copies] - peaks[1]
+    assert grown < maps / 4, \
+        f"peak memory grew by {grown / 1e6:.0f} MB with {copies} members ({maps / 1e6:.0f} MB of maps)"
+
+
+def test_oof_table_labels_row_b_in_sample_and_points_to_the_holdout(capsys):
+    """The printed out-of-fold table: row (b)'s members were chosen on the images it is scored on."""
+    from ensemble.run import print_table
+
+    row = {"miou": 0.5, "dice": 0.6, "biou": 0.2, "pixel_acc": 0.9, "iou_per_class": [0.5, 0.5]}
+    report = {"single": row, "ensemble": row, "tuned": row, "tuned_in_sample": row, "oof_images": 10}
+    print_table(report, ["background", "road"])
+    out = capsys.readouterr().out
+    assert "(b) ensemble (in-sample)" in out and "(a) best single" in out
+    assert ("row (b) is in-sample: its members were chosen on these same out-of-fold images (top-k by validation "
+            "score, greedy selection, latency budget), as was (a)'s trial, so both flatter; quote the holdout's rows "
+            "(folds.holdout); this search has no holdout: set folds.holdout") in out
+    print_table({**report, "holdout": {"images": 3, "single": row}}, ["background", "road"])
+    out = capsys.readouterr().out
+    assert "quote the holdout's rows (folds.holdout)\n" in out and "this search has no holdout" not in out

@@ -87,6 +87,54 @@ def test_pseudo_labels_round_trip_through_the_loader(experiment, extras_run):  #
         assert 0 < summary["kept_share"] < 1  # the confidence filter marked some pixels ignore, not all
 
 
+def test_pseudo_labels_are_the_fold_members_decision_where_confident(experiment, extras_run):  # noqa: F811
+    """Each fold's masks, recomputed here: that fold's member predicts the image, the decision rule of the
+    bundle is applied by hand (argmax; with kept thresholds, a pixel whose argmax probability is below its
+    class's threshold falls to the fallback class), then pixels whose probability of that label is below
+    --pseudo-confidence become 255."""
+    import csv
+
+    import torch
+
+    from ensemble.predictor import TTA, Ensemble, load_member
+    from trainables.data import read_image
+
+    with open(extras_run.run_dir / "trials.csv", newline="") as fh:
+        checkpoints = {r["trial_id"]: r["checkpoint"] for r in csv.DictReader(fh)}
+    bundle = json.loads((extras_run.report / "bundle" / "bundle.json").read_text())
+    rule = bundle["rule"]["thresholds"]  # None: argmax
+    assert bundle["rule"]["crf"] is None  # (no CRF here: its refinement is not recomputed)
+    assert rule is None or not any(rule.get("min_area") or [])
+    tta = json.loads((extras_run.report / "members.json").read_text())["tta"]
+    confidence = 0.2
+    names = sorted(p.name for p in extras_run.unlabelled.iterdir())
+    for fold in range(2):
+        root = extras_run.pseudo / f"fold{fold}"
+        summary = json.loads((root / "pseudo.json").read_text())
+        best = max((r for r in experiment.rows if r["fold"] == fold), key=lambda r: r["best_val_miou"])
+        assert summary["members"] == [best["trial_id"]]  # top-1 of that fold
+        ens = Ensemble([load_member(checkpoints[n], n, torch.device("cpu")) for n in summary["members"]],
+                       TTA.parse(tta), device="cpu")
+        kept = []
+        for name in names:
+            image = read_image(extras_run.unlabelled / name)
+            probs = ens.predict_batch([image])[0].astype(np.float64)
+            label = probs.argmax(0)
+            if rule is not None:
+                top = probs.max(0)
+                label = np.where(top < np.asarray(rule["thresholds"])[label], rule["fallback"], label)
+            chosen = np.take_along_axis(probs, label[None], 0)[0]
+            want = np.where(chosen < confidence, 255, label).astype(np.uint8)
+            with Image.open(root / "masks" / f"{Path(name).stem}.png") as im:
+                got = np.asarray(im)
+            assert got.shape == want.shape
+            assert (got != want).mean() <= 1e-4, f"fold {fold} {name}: {(got != want).mean():.2%} of pixels differ"
+            assert (root / "images" / name).read_bytes() == (extras_run.unlabelled / name).read_bytes()
+            kept.append(float((want != 255).mean()))
+        assert summary["kept_share"] == pytest.approx(np.mean(kept), abs=1e-4)
+        assert 0 < summary["kept_share"] < 1  # the confidence filter marked some pixels ignore, not all
+
+
 def test_pseudo_labels_train_only_never_validation(experiment, extras_run, tmp_path):  # noqa: F811
     from trainables.extra import check_extra_train, with_extra_train
     from trainables.folds import load_or_make_folds, train_val_indices
@@ -149,10 +197,19 @@ def test_compare_needs_the_same_folds(experiment, extras_run, tmp_path):  # noqa
     exp = json.loads((extras_run.run_dir / "experiment.json").read_text())
     report = json.loads((extras_run.report / "oof_metrics.json").read_text())
     assert report["extra_train"] is None
-    same = compare_oof(extras_run.run_dir, extras_run.run_dir, report, exp)
-    assert same["this"]["tuned"] == same["other"]["tuned"] == report["tuned"]["miou"]
+    # another experiment on the same data and folds, with its own numbers and extra training data
     other = tmp_path / "other"
     shutil.copytree(extras_run.run_dir, other)
+    their_exp = json.loads((other / "experiment.json").read_text())
+    their_exp["settings"]["fixed"]["data"]["extra_train"] = ["runs/x/pseudo/fold{fold}"]
+    (other / "experiment.json").write_text(json.dumps(their_exp))
+    theirs = {k: {**report[k], "miou": v} for k, v in (("single", 0.125), ("ensemble", 0.25), ("tuned", 0.375))}
+    (other / "ensemble" / "oof_metrics.json").write_text(json.dumps(theirs))
+    both = compare_oof(extras_run.run_dir, other, report, exp)
+    assert both["this"] == {"experiment": str(extras_run.run_dir), "extra_train": None,
+                            **{k: report[k]["miou"] for k in ("single", "ensemble", "tuned", "crf") if k in report}}
+    assert both["other"] == {"experiment": str(other), "extra_train": ["runs/x/pseudo/fold{fold}"],
+                             "single": 0.125, "ensemble": 0.25, "tuned": 0.375}
     folds = json.loads((other / "folds.json").read_text())
     folds["folds"] = folds["folds"][::-1]
     (other / "folds.json").write_text(json.dumps(folds))

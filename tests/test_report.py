@@ -141,7 +141,11 @@ def test_cross_fold_view_says_what_won_everywhere_and_what_won_one_fold(page):
 def test_ensemble_oof_holdout_and_test_rows_with_optimism(page):
     text = " ".join(visible_text(page).split())
     oof = text[text.index("Ensemble, out-of-fold (10 images)"):text.index("Holdout")]
-    assert "(a) best single 0.31" in oof and "(b) ensemble 0.36" in oof
+    assert "(a) best single 0.31" in oof and "(b) ensemble (in-sample) 0.36" in oof
+    # its members were chosen on these images: the note says so and points to the holdout
+    assert ("Row (b) is in-sample: its members were chosen on these same out-of-fold images (top-k by "
+            "validation score, greedy selection, latency budget), as was (a)'s trial, so both flatter; quote the "
+            "holdout's rows (folds.holdout) below.") in oof
     assert "(c) post-processed 0.41 0.51 0.205 0.9 0.01235" in oof  # optimism to 4 digits
     assert "in-sample (fitted and scored on the same images) 0.43" in oof
     assert "(d) CRF 0.4" in oof and "DenseCRF: not kept (no gain)" in oof
@@ -150,6 +154,16 @@ def test_ensemble_oof_holdout_and_test_rows_with_optimism(page):
     assert "(b) ensemble" not in holdout  # only the rows the file has
     test = text[text.index("Test (3 images"):text.index("Members")]
     assert "(a) best single 0.27" in test and "(b) ensemble 0.33" in test and "(c) post-processed 0.37" in test
+    assert "in-sample" not in test  # images the members were not chosen on
+
+
+def test_oof_note_without_a_holdout_says_how_to_get_one():
+    from tune.report_ensemble import oof_note
+
+    note = html.unescape(oof_note({"single": metrics(0.3), "ensemble": metrics(0.35)}))
+    assert "Row (b) is in-sample: its members were chosen on these same out-of-fold images" in note
+    assert "this search has no holdout: set folds.holdout (e.g. --set folds.holdout=0.1)" in note
+    assert oof_note({"single": metrics(0.3)}) == ""  # no row (b), nothing to say
 
 
 def test_members_and_their_cost(page):

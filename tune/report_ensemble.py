@@ -2,6 +2,9 @@
 write: the out-of-fold, holdout and test tables, the members and what they cost, and interactive
 class-wise IoU, threshold and confusion figures (PNG only for the image overlays and Grad-CAM).
 
+Out of fold, row (b) is labelled in-sample and a note under the table says why (its members
+were chosen on those images) and points to the holdout as the number to quote.
+
 The tables show whichever rows a file has (``single``, ``ensemble``, ``tuned``, ``crf``, and for
 cross-fitted post-processing ``tuned_in_sample`` with its ``optimism``), so a new row needs no
 change here.
@@ -22,10 +25,10 @@ logger = logging.getLogger(__name__)
 IMAGES = ("overlays.png",)  # pictures, not charts: kept as PNG
 
 
-def _labels() -> dict[str, str]:
-    from ensemble.rows import ROWS  # the row names of every ensemble table, in one place
+def _labels(oof: bool = False) -> dict[str, str]:
+    from ensemble.rows import OOF_ROWS, ROWS  # the row names of every ensemble table, in one place
 
-    return ROWS
+    return OOF_ROWS if oof else ROWS
 
 
 def _fields() -> tuple[tuple[str, str], ...]:
@@ -47,8 +50,9 @@ def metric_rows(result: dict) -> dict[str, dict]:
     return {k: rows[k] for k in order + [k for k in rows if k not in order]}
 
 
-def row_label(key: str) -> str:
-    labels = _labels()
+def row_label(key: str, oof: bool = False) -> str:
+    """``oof``: the out-of-fold table's label (row (b) is in-sample there)."""
+    labels = _labels(oof)
     if key in labels:
         return labels[key]
     if key.endswith("_in_sample") and key[: -len("_in_sample")] in labels:
@@ -56,7 +60,7 @@ def row_label(key: str) -> str:
     return key.replace("_", " ")
 
 
-def results_table(result: dict, optimism: dict | None = None) -> str:
+def results_table(result: dict, optimism: dict | None = None, oof: bool = False) -> str:
     rows = metric_rows(result)
     if not rows:
         return ""
@@ -67,11 +71,22 @@ def results_table(result: dict, optimism: dict | None = None) -> str:
         header.append("optimism (in-sample − cross-fitted)")
     body = []
     for key, r in rows.items():
-        line = [Text(row_label(key)), *(r.get(f, "") for _, f in fields)]
+        line = [Text(row_label(key, oof)), *(r.get(f, "") for _, f in fields)]
         if optimism:
             line.append(optimism.get(key, ""))
         body.append(line)
     return table(header, body)
+
+
+def oof_note(oof: dict) -> str:
+    """Under the out-of-fold table: row (b) is in-sample; the holdout (or how to get one) is the number to quote."""
+    from ensemble.rows import NO_HOLDOUT, OOF_NOTE
+
+    if "ensemble" not in oof:
+        return ""
+    has_holdout = isinstance(oof.get("holdout"), dict) and bool(metric_rows(oof["holdout"]))
+    text = OOF_NOTE[0].upper() + OOF_NOTE[1:] + (" below." if has_holdout else f"; {NO_HOLDOUT}.")
+    return f"<p class='note'>{html.escape(text)}</p>"
 
 
 def _size_mb(path: str) -> float | None:
@@ -114,7 +129,7 @@ def iou_figure(rows: dict[str, dict], class_names: list[str]):
     fig = go.Figure()
     for key, r in rows.items():
         if "iou_per_class" in r and not key.endswith("_in_sample"):
-            fig.add_bar(name=f"{row_label(key)}: mIoU {r['miou']:.4g}", x=class_names,
+            fig.add_bar(name=f"{row_label(key, oof=True)}: mIoU {r['miou']:.4g}", x=class_names,
                         y=[None if v is None else v for v in r["iou_per_class"]])
     fig.update_layout(barmode="group", yaxis=dict(title="IoU", range=[0, 1]),
                       legend=dict(orientation="h", y=-0.3, font=dict(size=9)))
@@ -171,7 +186,7 @@ def ensemble_section(page: Page, run_dir: Path, trials: list[dict], metric: str)
         return
     class_names = oof.get("class_names", [])
     page.add(f"<h2>Ensemble, out-of-fold ({oof.get('oof_images', '?')} images)</h2>"
-             + results_table(oof, oof.get("optimism")))
+             + results_table(oof, oof.get("optimism"), oof=True) + oof_note(oof))
     if "postprocessing" in oof and "crf" in oof:
         kept = oof["postprocessing"].get("kept")
         page.add(f"<p class='note'>DenseCRF: {'kept' if kept else 'not kept (no gain)'}.</p>")

@@ -62,15 +62,23 @@ def absolute_data_paths(base: dict) -> dict:
     return base
 
 
-def prepare(spec: SearchSpec, run_dir: Path, clear: Callable[[], None] | None = None
-            ) -> tuple[dict, SegData, list[list[str]]]:
-    """``clear``: removes an earlier run (``--overwrite``) once this one's data has loaded."""
+def trial_base(spec: SearchSpec) -> tuple[dict, SegData]:
+    """The fixed config every trial of ``spec`` gets (absolute paths, ``data.path`` filled in) and its
+    dataset: the Tune search's and the W&B sweep agent's (tune/sweep_agent.py)."""
     base = absolute_data_paths(spec.base_config())
     d = base["data"]
     data = load_data(d)
     if d["path"] is None:
         base["data"]["path"] = str(data.source)
     check_classes(spec, data.num_classes)
+    return base, data
+
+
+def prepare(spec: SearchSpec, run_dir: Path, clear: Callable[[], None] | None = None
+            ) -> tuple[dict, SegData, list[list[str]]]:
+    """``clear``: removes an earlier run (``--overwrite``) once this one's data has loaded."""
+    base, data = trial_base(spec)
+    d = base["data"]
     if clear:
         clear()
     f = base["folds"]

@@ -104,11 +104,18 @@ def init_ray(address: str | None, dashboard: bool, verbose: bool = False) -> Non
     # a driver started by `ray job submit` already ships the project through its working_dir
     inside_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
     runtime_env = None if inside_job else {"env_vars": env}
-    if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=verbose)
+    joined = address or os.environ.get("RAY_ADDRESS")
+    if joined:
+        ray.init(address=joined, runtime_env=runtime_env, log_to_driver=verbose)
+        print(f"Ray: joined the cluster at {joined} ({'--address' if address else 'RAY_ADDRESS'}), "
+              f"GCS {ray.get_runtime_context().gcs_address}")
     else:
-        ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", runtime_env=runtime_env,
+        # "local": a new Ray of this search's own; a bare ray.init() would join any Ray already running on
+        # this machine (another user's, a test cluster) and run the trials there
+        ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", runtime_env=runtime_env,
                  configure_logging=False, log_to_driver=verbose)
+        print(f"Ray: a private local Ray, GCS {ray.get_runtime_context().gcs_address} (--address auto joins a "
+              "running one)")
 
 
 def starts_local_ray(address: str | None) -> bool:

@@ -271,6 +271,9 @@ def saved_run_states(tune_dir: Path, max_failures: int, reuse_actors: bool, max_
     """Tune's saved states of a search (tests/spaces/tiny.yaml, its limiter at 1): trial a finished, b
     running. The trial and controller fields are the ones Tune restores on resume (Trial.__setstate__,
     TuneController.__setstate__): each trial's retries, reuse_actors and the pending-trial limit."""
+    import ray.cloudpickle as cloudpickle
+    from ray.tune.experiment import Experiment
+
     from tests.test_storage import snapshot
     from tests.test_tune import make_searcher
 
@@ -279,6 +282,12 @@ def saved_run_states(tune_dir: Path, max_failures: int, reuse_actors: bool, max_
     searcher.on_trial_complete("a", epochs(searcher, "a", [0.3, 0.4, 0.5]))
     b = searcher.suggest("b")
     snapshot(tune_dir, searcher, counter=2, live={"b"})
+    path = tune_dir / "search_gen_state-s.json"
+    generator = cloudpickle.loads(path.read_bytes())
+    # the experiment Tune makes the next trials from (SearchGenerator.create_trial_if_possible)
+    generator["experiment"] = Experiment("tune", run=lambda config: None, max_failures=max_failures,
+                                         storage_path=str(tune_dir.parent))
+    path.write_bytes(cloudpickle.dumps(generator))
     trials = [json.dumps({"trial_id": tid, "status": status, "config": config, "max_failures": max_failures})
               for tid, status, config in (("a", "TERMINATED", a), ("b", "RUNNING", b))]
     (tune_dir / "experiment_state-s.json").write_text(json.dumps({
@@ -326,6 +335,7 @@ def test_resume_applies_retries_concurrency_callbacks_and_verbosity_given_again(
     generator = SearchGenerator(ConcurrencyLimiter(make_searcher(tmp_path, num_samples=2), max_concurrent=3))
     generator.restore_from_dir(str(tune_dir))  # as Tune restores it
     assert generator.searcher.max_concurrent == 3 and generator.searcher.live_trials == {"b"}
+    assert generator.create_trial_if_possible(generator._experiment.spec).max_failures == 2  # a new trial's
 
     # the first run's settings again: its progress view, retries and limit
     tuner = build_tuner(spec, base, folds, data, run_dir, 0, resume=True)

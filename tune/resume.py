@@ -180,7 +180,8 @@ def apply_run_settings(location: str, trial_storage: str | None, max_failures: i
     """``--resume`` with ``--max-failures``, ``--max-concurrent`` or ``resources.reuse_actors``: Tune
     restores them from its saved states, not from the resumed call, so write the new values there:
 
-    * each trial's ``max_failures`` (the experiment state's trials: a restored trial keeps its own);
+    * each trial's ``max_failures`` (the experiment state's trials: a restored trial keeps its own) and
+      the search generator's experiment spec's (the trials created after the resume are made from it);
     * the controller's ``_reuse_actors`` and ``_max_pending_trials`` (the experiment state's
       ``runner_data``, which Tune sets over the new controller's; the pending limit is what Tune
       derives from ``max_concurrent`` for a searcher of its own, 1 without a limit);
@@ -225,6 +226,13 @@ def apply_run_settings(location: str, trial_storage: str | None, max_failures: i
         _write(fs, paths["experiment"], json.dumps({**state, "trial_data": trials, "runner_data": runner}).encode())
 
     generator = cloudpickle.loads(_read(fs, paths["generator"]))
+    experiment = generator.get("experiment")  # the spec Tune makes every new trial from
+    spec = getattr(experiment, "spec", None)
+    if isinstance(spec, dict) and spec.get("max_failures") != max_failures:
+        if not retries:
+            changes.append(f"retries of a failing trial {spec.get('max_failures')} -> {max_failures}")
+        spec["max_failures"] = max_failures
+        _write(fs, paths["generator"], cloudpickle.dumps(generator))
     limiter = generator.get("name:ConcurrencyLimiter")
     if max_concurrent and limiter is None:
         limiter = ConcurrencyLimiter(Searcher(metric=metric, mode=mode), max_concurrent=max_concurrent).get_state()

@@ -35,7 +35,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from tests.test_tune import (RUN, TINY, TRAIN_JSON, by_tune_id, camvid_cache, clean_up_ray,  # noqa: F401 (fixture)
+from tests.test_tune import (ROOT, RUN, TINY, TRAIN_JSON, by_tune_id, camvid_cache, clean_up_ray,  # noqa: F401 (fixture)
                              cli_env, needs_camvid, private_ray_dir, read_rows, scratch_dir, tail)
 from tune.localray import node_processes
 from tune.searcher import study_name
@@ -297,3 +297,26 @@ def test_search_across_nodes_survives_losing_a_worker(cluster, camvid_cache):
     assert sorted(p.parent.parent.name for p in cache.rglob("model.pt")) == sorted(
         f"fold{r['fold']}_{r['trial_id']}" for r in rows)
     shutil.rmtree(scratch, ignore_errors=True)
+
+
+def test_without_an_address_the_search_starts_its_own_ray_beside_a_running_one():
+    """``ray.init()`` joins any Ray already running on the machine (another user's, a test cluster): the
+    search must start a private one unless --address or RAY_ADDRESS names one, and say which it uses."""
+    ray_dir = private_ray_dir()
+    env = cli_env(ray_dir)  # no RAY_ADDRESS; the same Ray temp dir, where ray.init() finds the running head
+    port = _free_port()
+    try:
+        started = subprocess.run(["ray", "start", "--head", f"--port={port}", "--num-cpus=1",
+                                  "--include-dashboard=false", "--disable-usage-stats"],
+                                 env=env, capture_output=True, text=True, timeout=240)
+        assert started.returncode == 0, tail(started.stdout + started.stderr)
+        script = ("import ray\nfrom tune.search import init_ray\ninit_ray(None, False)\n"
+                  "print('gcs', ray.get_runtime_context().gcs_address)\n")
+        proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=240)
+        assert proc.returncode == 0, tail(proc.stdout + proc.stderr)
+        [gcs] = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("gcs ")]
+        assert not gcs.endswith(f":{port}"), f"joined the running Ray at {gcs}"
+        assert "Ray: a private local Ray" in proc.stdout, proc.stdout
+    finally:
+        clean_up_ray(ray_dir)

@@ -208,3 +208,36 @@ def test_jobs_api_round_trip_with_wandb_and_report(tmp_path):
     images = re.findall(r"<img src='([^']+)'>", page)
     for image in images:
         assert (run_dir / "report" / image).exists(), image
+
+
+def test_a_sweep_run_and_a_tune_trial_of_one_config_train_on_the_same_data(tmp_path):
+    """The sweep agent built its trials its own way and dropped data.extra_train: its runs trained on
+    fewer images than the Tune trials they are compared with (tune/compare.py)."""
+    from tune.search import prepare
+    from tune.space import with_overrides
+    from tune.sweep_agent import sweep_trial
+    from tune.trainable import build_trainer
+
+    coco = json.loads(SAMPLE.read_text())
+    kept = coco["images"][:5]
+    ids = {img["id"] for img in kept}
+    extra = tmp_path / "extra" / "annotations.json"
+    extra.parent.mkdir()
+    (extra.parent / "images").symlink_to(SAMPLE.parent / "images")
+    extra.write_text(json.dumps({**coco, "images": kept,
+                                 "annotations": [a for a in coco["annotations"] if a["image_id"] in ids]}))
+    spec = with_overrides(load_space(str(TINY), ROOT / "search_spaces"),
+                          {"data.path": str(SAMPLE), "data.extra_train": [str(extra)]})
+    params = {"optimizer.lr": 0.003, "loss.name": "dice"}
+
+    sweep, sampled = sweep_trial(spec, 1, SweepTrial(params))
+    base, _, folds = prepare(spec, tmp_path / "run")
+    tuned, _ = build_trainer({"fold": 1, **sampled}, base, folds)
+
+    def images(dataset) -> list[str]:
+        return [dataset.data.image_paths[i] for i in dataset.indices]
+
+    assert images(sweep.train_set) == images(tuned.train_set)
+    assert images(sweep.val_set) == images(tuned.val_set)
+    assert sum("extra" in i for i in (sweep.train_set.data.ids[j] for j in sweep.train_set.indices)) == 5
+    assert sweep.cfg == tuned.cfg

@@ -265,3 +265,110 @@ def test_resume_with_more_samples_raises_the_saved_trial_counts(tmp_path):
     assert [restored.suggest(t)["fold"] for t in ("c", "d", "e", "f")] == [0, 1, 0, 1]
     assert restored.suggest("g") == restored.FINISHED
     assert grow_samples(str(tune_dir), None, 3, 6) == []  # nothing more to raise
+
+
+def saved_run_states(tune_dir: Path, max_failures: int, reuse_actors: bool, max_pending: int) -> None:
+    """Tune's saved states of a search (tests/spaces/tiny.yaml, its limiter at 1): trial a finished, b
+    running. The trial and controller fields are the ones Tune restores on resume (Trial.__setstate__,
+    TuneController.__setstate__): each trial's retries, reuse_actors and the pending-trial limit."""
+    import ray.cloudpickle as cloudpickle
+    from ray.tune.experiment import Experiment
+
+    from tests.test_storage import snapshot
+    from tests.test_tune import make_searcher
+
+    searcher = make_searcher(tune_dir.parent, num_samples=2)
+    a = searcher.suggest("a")
+    searcher.on_trial_complete("a", epochs(searcher, "a", [0.3, 0.4, 0.5]))
+    b = searcher.suggest("b")
+    snapshot(tune_dir, searcher, counter=2, live={"b"})
+    path = tune_dir / "search_gen_state-s.json"
+    generator = cloudpickle.loads(path.read_bytes())
+    # the experiment Tune makes the next trials from (SearchGenerator.create_trial_if_possible)
+    generator["experiment"] = Experiment("tune", run=lambda config: None, max_failures=max_failures,
+                                         storage_path=str(tune_dir.parent))
+    path.write_bytes(cloudpickle.dumps(generator))
+    trials = [json.dumps({"trial_id": tid, "status": status, "config": config, "max_failures": max_failures})
+              for tid, status, config in (("a", "TERMINATED", a), ("b", "RUNNING", b))]
+    (tune_dir / "experiment_state-s.json").write_text(json.dumps({
+        "trial_data": [[t, "{}"] for t in trials],
+        "runner_data": {"_reuse_actors": reuse_actors, "_max_pending_trials": max_pending}}))
+
+
+def test_resume_applies_retries_concurrency_callbacks_and_verbosity_given_again(tmp_path):
+    """Tune.restore brings back the run config of the search's start and Tune the saved states: a
+    --max-failures, --max-concurrent, --wandb or -v given with --resume was silently ignored."""
+    import ray.cloudpickle as cloudpickle
+    from ray.tune import Callback
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.search_generator import SearchGenerator
+
+    from tests.test_tune import make_searcher
+    from tune.experiment import TrialsTable
+    from tune.progress import FoldProgress
+    from tune.search import build_tuner, prepare
+
+    spec = with_overrides(load_space(str(TINY), ROOT / "search_spaces"), {"data.path": str(SAMPLE)},
+                          resources={"max_concurrent": 1})
+    run_dir = tmp_path / "run"
+    base, data, folds = prepare(spec, run_dir)
+    build_tuner(spec, base, folds, data, run_dir, 0, resume=False)  # what the first run pickled
+    tune_dir = run_dir / "tune"
+    saved_run_states(tune_dir, max_failures=0, reuse_actors=True, max_pending=1)
+
+    class WandbLike(Callback):
+        pass
+
+    resumed = with_overrides(spec, resources={"max_concurrent": 3, "reuse_actors": False})
+    callback = WandbLike()
+    tuner = build_tuner(resumed, base, folds, data, run_dir, 2, resume=True, callbacks=[callback], verbose=True)
+    internal = tuner._local_tuner
+    args = internal._get_tune_run_arguments(internal.converted_trainable)  # what Tuner.fit gives tune.run
+    assert args["max_failures"] == 2
+    assert args["max_concurrent_trials"] == 3 and args["reuse_actors"] is False
+    assert isinstance(args["callbacks"][0], TrialsTable) and args["callbacks"][1:] == [callback]
+    assert not isinstance(args["progress_reporter"], FoldProgress)  # -v: Tune's own trial table
+
+    state = json.loads((tune_dir / "experiment_state-s.json").read_text())
+    assert [json.loads(t)["max_failures"] for t, _ in state["trial_data"]] == [2, 2]
+    assert state["runner_data"] == {"_reuse_actors": False, "_max_pending_trials": 3}
+    generator = SearchGenerator(ConcurrencyLimiter(make_searcher(tmp_path, num_samples=2), max_concurrent=3))
+    generator.restore_from_dir(str(tune_dir))  # as Tune restores it
+    assert generator.searcher.max_concurrent == 3 and generator.searcher.live_trials == {"b"}
+    assert generator.create_trial_if_possible(generator._experiment.spec).max_failures == 2  # a new trial's
+
+    # the first run's settings again: its progress view, retries and limit
+    tuner = build_tuner(spec, base, folds, data, run_dir, 0, resume=True)
+    args = tuner._local_tuner._get_tune_run_arguments(tuner._local_tuner.converted_trainable)
+    assert isinstance(args["progress_reporter"], FoldProgress) and args["max_failures"] == 0
+    assert cloudpickle.loads((tune_dir / "search_gen_state-s.json").read_bytes())[
+        "name:ConcurrencyLimiter"]["max_concurrent"] == 1
+
+
+def test_resume_with_a_limit_where_the_run_had_none_keeps_the_running_trials_told(tmp_path):
+    """A limiter passes a trial's end on to the searcher only for the trials it holds: one added on
+    --resume must hold the unfinished trials, or their results would never reach the studies."""
+    import ray.cloudpickle as cloudpickle
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.search_generator import SearchGenerator
+
+    from tests.test_tune import make_searcher
+    from tune.resume import apply_run_settings
+
+    tune_dir = tmp_path / "tune"
+    tune_dir.mkdir()
+    saved_run_states(tune_dir, max_failures=0, reuse_actors=True, max_pending=1)
+    path = tune_dir / "search_gen_state-s.json"
+    generator = cloudpickle.loads(path.read_bytes())
+    del generator["name:ConcurrencyLimiter"]  # the run began without --max-concurrent
+    path.write_bytes(cloudpickle.dumps(generator))
+
+    assert apply_run_settings(str(tune_dir), None, 0, 2, True, "val_miou", "max") == [
+        "trials at a time: no limit -> 2"]
+    restored = SearchGenerator(ConcurrencyLimiter(make_searcher(tmp_path, num_samples=2), max_concurrent=2))
+    restored.restore_from_dir(str(tune_dir))
+    limiter = restored.searcher
+    assert limiter.max_concurrent == 2 and limiter.live_trials == {"b"}
+    limiter.on_trial_complete("b", epochs(limiter.searcher, "b", [0.3, 0.4, 0.5]))
+    assert "b" not in limiter.searcher.live  # told the searcher
+    assert apply_run_settings(str(tune_dir), None, 0, 2, True, "val_miou", "max") == []  # nothing left to change

@@ -139,6 +139,11 @@ BAD = [
      "  model.encoder: {choice_by: model.arch, choices: {Unet: [resnet34], FPN: [resnet34]}}\n"
      "demo: {space: {model.arch: {choice: [Unet, DeepLabV3Plus]}}}\n",
      "demo.space.model.encoder.choices", "no list for model.arch='DeepLabV3Plus'"),
+    # the driver makes the folds and loads the data once, and the ensemble reads fixed.data: never per trial
+    ("space-folds", "space:\n" + LR + "  folds.k: {choice: [3, 5]}\n", "space.folds.k", "cannot be searched"),
+    ("space-data", "space:\n  data.max_size: {choice: [256, 512]}\n", "space.data.max_size", "fixed"),
+    ("demo-space-data", "space:\n" + LR + "demo: {space: {data.extra_train: {choice: [a.json, b.json]}}}\n",
+     "demo.space.data.extra_train", "cannot be searched"),
 ]
 
 
@@ -215,15 +220,15 @@ def test_dependency_order_puts_parents_first(tmp_path):
 def test_vectors_and_null_round_trip(tmp_path):
     spec = load_text(tmp_path, "space:\n"
                      "  loss.class_weights: {choice: [none, [1, 1, 2], [1, 2, 4]]}\n"
-                     "  data.max_size: {choice: [null, 256]}\n")
+                     "  train.max_train_batches: {choice: [null, 4]}\n")
     trials = run_study(spec, optuna.samplers.RandomSampler(seed=0), 30, num_classes=3)
     for values, params in trials:
         assert values["loss.class_weights"] in ("none", [1, 1, 2], [1, 2, 4])
         assert params["loss.class_weights"] == json.dumps(values["loss.class_weights"])
-        assert values["data.max_size"] in (None, 256)
+        assert values["train.max_train_batches"] in (None, 4)
     seen = {json.dumps(values["loss.class_weights"]) for values, _ in trials}
     assert seen == {'"none"', "[1, 1, 2]", "[1, 2, 4]"}
-    assert any(values["data.max_size"] is None for values, _ in trials)
+    assert any(values["train.max_train_batches"] is None for values, _ in trials)
 
 
 @pytest.mark.parametrize("dist", ["{loguniform: [0.25, 4.0]}", "{type: float, low: 0.5, high: 2}",

@@ -554,11 +554,17 @@ def test_resume_after_killing_the_driver(scratch, camvid_cache):
         assert ray_processes(ray_dir) == []
         assert asha_before, "the trials finished before the kill left no rung entries"
 
-        second = cli(*args, "--resume", ray_dir=ray_dir, cache=camvid_cache, timeout=900)
+        # settings a resume may change apply (Tune restores them from its saved states otherwise)
+        second = cli(*args, "--resume", "--max-concurrent", "2", "--max-failures", "1", ray_dir=ray_dir,
+                     cache=camvid_cache, timeout=900)
         assert second.returncode == 0, tail(second.stdout + second.stderr)
+        assert "--resume: trials at a time 1 -> 2" in second.stdout, tail(second.stdout)
+        assert "--resume: retries of a failing trial 0 -> 1" in second.stdout, tail(second.stdout)
         stop_ray(ray_dir)
     finally:
         clean_up_ray(ray_dir)
+    state = json.loads(max((run_dir / "tune").glob("experiment_state-*.json")).read_text())
+    assert {json.loads(trial)["max_failures"] for trial, _ in state["trial_data"]} == {1}  # restored and new ones
 
     rows = read_rows(run_dir / "trials.csv")
     assert len(rows) == 6 and len({r["trial_id"] for r in rows}) == 6, [(r["trial_id"], r["fold"]) for r in rows]

@@ -148,3 +148,32 @@ def test_trials_csv_has_a_weights_column_and_a_mixed_search_is_warned_once(tmp_p
     assert len(warnings) == 1 and "imagenet" in warnings[0] and RANDOM_INIT in warnings[0]
     rows = read_rows(tmp_path / "trials.csv")
     assert [r["weights"] for r in rows] == ["imagenet", RANDOM_INIT, RANDOM_INIT]
+
+
+def test_whether_the_hub_answers_is_asked_again_for_every_model(monkeypatch):
+    """Trials reuse worker processes (resources.reuse_actors): one hub timeout switched the whole process
+    offline for good, and every later trial there started from random init although the hub answered."""
+    import os
+    import socket
+
+    import huggingface_hub.constants as hub_constants
+
+    from trainables.models import hub_reachable
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # the tests' offline hub, off for this test
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        refused = closed.getsockname()[1]  # nothing listens there once it is closed
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{refused}")
+    assert hub_reachable() is False
+    # a trial whose hub did not answer: its weights came from the cache or random init, offline (no retries)
+    build_model("Unet", "resnet18", 3, weights="imagenet", kwargs=SMALL_UNET)
+    assert "HF_HUB_OFFLINE" not in os.environ and hub_constants.HF_HUB_OFFLINE is False  # the process is not
+
+    with socket.socket() as hub:  # the next trial in the same process: the hub answers now
+        hub.bind(("127.0.0.1", 0))
+        hub.listen()
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{hub.getsockname()[1]}")
+        assert hub_reachable() is True

@@ -13,11 +13,12 @@ weights) the model is built from its known configuration with random init and a 
 """
 from __future__ import annotations
 
-import functools
+import contextlib
 import logging
 import os
 import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 import torch.nn.functional as F
@@ -99,23 +100,55 @@ def model_problem(arch: str, encoder: str) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=1)
+def hub_address() -> tuple[str, int]:
+    """Host and port of the Hugging Face hub the libraries download from (``HF_ENDPOINT``, a mirror, or
+    huggingface.co)."""
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    return endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+
+
+def _offline_by_user() -> bool:
+    return any(os.environ.get(k, "").upper() in ("1", "ON", "YES", "TRUE") for k in ("HF_HUB_OFFLINE",
+                                                                                      "TRANSFORMERS_OFFLINE"))
+
+
 def hub_reachable(timeout: float = 1.5) -> bool:
-    """Whether huggingface.co answers; if not, switch the hub to offline mode (no slow retries)."""
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
+    """Whether the hub answers now. Asked for every pretrained model (a trial's), not once per process: a
+    worker process runs many trials (``resources.reuse_actors``), and one timeout must not make all of
+    its later trials start from random init."""
+    if _offline_by_user():
         return False
     try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        socket.create_connection(hub_address(), timeout=timeout).close()
         return True
     except OSError:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        try:
-            import huggingface_hub.constants as hub_constants
-
-            hub_constants.HF_HUB_OFFLINE = True
-        except ImportError:
-            pass
         return False
+
+
+@contextlib.contextmanager
+def hub_offline_unless_reachable():
+    """While a pretrained model is built: the hub in offline mode if it does not answer now (no slow
+    retries; weights already in the cache still load), and the process's own setting back afterwards."""
+    if hub_reachable():
+        yield
+        return
+    try:
+        import huggingface_hub.constants as hub_constants
+    except ImportError:
+        hub_constants = None
+    env, constant = os.environ.get("HF_HUB_OFFLINE"), getattr(hub_constants, "HF_HUB_OFFLINE", None)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    if hub_constants is not None:
+        hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        if env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = env
+        if hub_constants is not None:
+            hub_constants.HF_HUB_OFFLINE = constant
 
 
 class HFSegmentation(nn.Module):
@@ -145,12 +178,11 @@ def _build_segformer(encoder: str, num_classes: int, weights: str | None, kwargs
 
     local = is_local_folder(encoder)
     if weights:
-        if not local:
-            hub_reachable()
         rng = torch.get_rng_state()
         try:
-            net = SegformerForSemanticSegmentation.from_pretrained(
-                encoder, num_labels=num_classes, ignore_mismatched_sizes=True, **kwargs)
+            with contextlib.nullcontext() if local else hub_offline_unless_reachable():
+                net = SegformerForSemanticSegmentation.from_pretrained(
+                    encoder, num_labels=num_classes, ignore_mismatched_sizes=True, **kwargs)
             return _loaded(HFSegmentation(net), str(Path(encoder).expanduser().resolve()) if local else str(weights))
         except (OSError, ValueError) as exc:
             logger.warning("PRETRAINED WEIGHTS UNAVAILABLE for %s (%s); building it with RANDOM INIT",
@@ -169,11 +201,11 @@ def _build_segformer(encoder: str, num_classes: int, weights: str | None, kwargs
 def _build_smp(arch: str, encoder: str, num_classes: int, weights: str | None, kwargs: dict) -> nn.Module:
     cls = smp_archs()[arch.lower()]
     if weights:
-        hub_reachable()
         rng = torch.get_rng_state()  # a failed attempt must not change the random init that follows
         try:
-            return _loaded(cls(encoder_name=encoder, encoder_weights=weights, classes=num_classes, **kwargs),
-                           str(weights))
+            with hub_offline_unless_reachable():
+                model = cls(encoder_name=encoder, encoder_weights=weights, classes=num_classes, **kwargs)
+            return _loaded(model, str(weights))
         except Exception as exc:  # smp raises hub, HTTP, key and value errors for missing weights
             logger.warning("PRETRAINED WEIGHTS UNAVAILABLE for %s/%s=%s (%s: %s); building it with RANDOM INIT",
                            arch, encoder, weights, type(exc).__name__, str(exc).splitlines()[0][:200])

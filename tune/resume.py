@@ -173,3 +173,77 @@ def reopen_search(location: str, trial_storage: str | None) -> tuple[list[str], 
     generator["finished"] = False
     _write(fs, paths["generator"], cloudpickle.dumps(generator))
     return [f"search reopened after {generator['counter']} of {generator['total_samples']} trials"], unfinished
+
+
+def apply_run_settings(location: str, trial_storage: str | None, max_failures: int, max_concurrent: int | None,
+                       reuse_actors: bool, metric: str, mode: str) -> list[str]:
+    """``--resume`` with ``--max-failures``, ``--max-concurrent`` or ``resources.reuse_actors``: Tune
+    restores them from its saved states, not from the resumed call, so write the new values there:
+
+    * each trial's ``max_failures`` (the experiment state's trials: a restored trial keeps its own) and
+      the search generator's experiment spec's (the trials created after the resume are made from it);
+    * the controller's ``_reuse_actors`` and ``_max_pending_trials`` (the experiment state's
+      ``runner_data``, which Tune sets over the new controller's; the pending limit is what Tune
+      derives from ``max_concurrent`` for a searcher of its own, 1 without a limit);
+    * the search generator's ``ConcurrencyLimiter`` (its saved state replaces the new one's): its
+      ``max_concurrent``; with a limit where the run had none, a limiter holding the unfinished
+      trials, since a limiter passes on to the searcher only the trials it holds.
+
+    Returns what changed (nothing when the settings are the run's)."""
+    import os
+
+    from ray import cloudpickle
+    from ray.train._internal.storage import get_fs_and_path
+    from ray.tune.search import ConcurrencyLimiter, Searcher
+
+    fs, root = get_fs_and_path(location, storage_filesystem(trial_storage))
+    paths = {k: _newest(fs, root, p) for k, p in (("experiment", "experiment_state-*.json"),
+                                                   ("generator", "search_gen_state-*.json"))}
+    if not all(paths.values()):
+        return []
+    changes = []
+    state = json.loads(_read(fs, paths["experiment"]))  # plain JSON: Tune's pickled values stay as written
+    trials, unfinished, retries = [], set(), set()
+    for json_state, metadata in state["trial_data"]:
+        trial = json.loads(json_state)
+        if trial["status"] in UNFINISHED:
+            unfinished.add(trial["trial_id"])
+        if trial.get("max_failures") != max_failures:
+            retries.add(trial.get("max_failures"))
+            trial["max_failures"] = max_failures
+            json_state = json.dumps(trial, indent=2)
+        trials.append([json_state, metadata])
+    if retries:
+        changes.append(f"retries of a failing trial {', '.join(map(str, sorted(retries, key=str)))} -> {max_failures}")
+    pending = os.environ.get("TUNE_MAX_PENDING_TRIALS_PG", "auto")
+    pending = int(pending) if pending != "auto" else (max_concurrent or 1)
+    runner = state.get("runner_data", {})
+    if runner.get("_reuse_actors", reuse_actors) != reuse_actors:
+        changes.append(f"reuse_actors {runner['_reuse_actors']} -> {reuse_actors}")
+    runner_changed = runner.get("_reuse_actors") != reuse_actors or runner.get("_max_pending_trials") != pending
+    if retries or runner_changed:
+        runner.update({"_reuse_actors": reuse_actors, "_max_pending_trials": pending})
+        _write(fs, paths["experiment"], json.dumps({**state, "trial_data": trials, "runner_data": runner}).encode())
+
+    generator = cloudpickle.loads(_read(fs, paths["generator"]))
+    experiment = generator.get("experiment")  # the spec Tune makes every new trial from
+    spec = getattr(experiment, "spec", None)
+    if isinstance(spec, dict) and spec.get("max_failures") != max_failures:
+        if not retries:
+            changes.append(f"retries of a failing trial {spec.get('max_failures')} -> {max_failures}")
+        spec["max_failures"] = max_failures
+        _write(fs, paths["generator"], cloudpickle.dumps(generator))
+    limiter = generator.get("name:ConcurrencyLimiter")
+    if max_concurrent and limiter is None:
+        limiter = ConcurrencyLimiter(Searcher(metric=metric, mode=mode), max_concurrent=max_concurrent).get_state()
+        limiter["live_trials"], limiter["num_unfinished_live_trials"] = set(unfinished), len(unfinished)
+        generator["name:ConcurrencyLimiter"] = limiter
+        changes.append(f"trials at a time: no limit -> {max_concurrent}")
+        _write(fs, paths["generator"], cloudpickle.dumps(generator))
+    elif max_concurrent and limiter["max_concurrent"] != max_concurrent:
+        changes.append(f"trials at a time {limiter['max_concurrent']} -> {max_concurrent}")
+        limiter["max_concurrent"] = max_concurrent
+        _write(fs, paths["generator"], cloudpickle.dumps(generator))
+    elif not max_concurrent and limiter is not None:
+        changes.append(f"trials at a time {limiter['max_concurrent']} -> no limit")  # Tune then adds no limiter
+    return changes

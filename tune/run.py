@@ -60,7 +60,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "per worker [1]")
     p.add_argument("--max-concurrent", type=int)
     p.add_argument("--max-failures", type=int, default=0, help="retries of a failing trial [0]")
-    p.add_argument("--address", help="join a Ray cluster: auto, ray://host:10001 (default: start a local Ray)")
+    p.add_argument("--address", help="join a Ray cluster: auto, ray://host:10001 (default: the RAY_ADDRESS "
+                                     "environment variable, else start a private local Ray, never one already "
+                                     "running on this machine)")
     p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard (127.0.0.1:8265) locally")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override trial settings")
     p.add_argument("--wandb", choices=["offline", "online", "disabled"],

@@ -9,9 +9,10 @@ would be judged against another run's trials. It is refused in one line, or, wit
 so a changed space, fixed setting, metric, mode or seed would either be ignored or mix two
 searches in one study: the resumed run's ``experiment.json`` is compared with the new settings and
 a change refused with a one-line diff. What may change: more trials (``--num-samples`` only grows),
-resources, retries, the cluster address, the dashboard and W&B (``train.preview_images`` is only for
-W&B). The dataset is checked by its fingerprint and the folds by ``folds.json``, so the data's paths
-may change too (a moved dataset).
+resources, retries, the cluster address, the dashboard, W&B (``train.preview_images`` is only for
+W&B) and the verbosity; tune/search.py's ``build_tuner`` applies them to the restored run. The
+dataset is checked by its fingerprint and the folds by ``folds.json``, so the data's paths may change
+too (a moved dataset).
 """
 from __future__ import annotations
 

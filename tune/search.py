@@ -24,7 +24,7 @@ from tune.budget import (Budget, BudgetStopper, attach_budget, fold_report, mark
                          record_limits)
 from tune.experiment import TrialsTable, summary_table
 from tune.progress import FoldProgress, verbose_reporter
-from tune.resume import grow_samples, reconcile, reopen_search
+from tune.resume import apply_run_settings, grow_samples, reconcile, reopen_search
 from tune.rundir import check_resume_settings, clear_earlier_run, earlier_state, run_settings
 from tune.scheduler import PerFoldASHA
 from tune.searcher import FoldedOptunaSearch, planned_trials
@@ -62,15 +62,23 @@ def absolute_data_paths(base: dict) -> dict:
     return base
 
 
-def prepare(spec: SearchSpec, run_dir: Path, clear: Callable[[], None] | None = None
-            ) -> tuple[dict, SegData, list[list[str]]]:
-    """``clear``: removes an earlier run (``--overwrite``) once this one's data has loaded."""
+def trial_base(spec: SearchSpec) -> tuple[dict, SegData]:
+    """The fixed config every trial of ``spec`` gets (absolute paths, ``data.path`` filled in) and its
+    dataset: the Tune search's and the W&B sweep agent's (tune/sweep_agent.py)."""
     base = absolute_data_paths(spec.base_config())
     d = base["data"]
     data = load_data(d)
     if d["path"] is None:
         base["data"]["path"] = str(data.source)
     check_classes(spec, data.num_classes)
+    return base, data
+
+
+def prepare(spec: SearchSpec, run_dir: Path, clear: Callable[[], None] | None = None
+            ) -> tuple[dict, SegData, list[list[str]]]:
+    """``clear``: removes an earlier run (``--overwrite``) once this one's data has loaded."""
+    base, data = trial_base(spec)
+    d = base["data"]
     if clear:
         clear()
     f = base["folds"]
@@ -96,11 +104,18 @@ def init_ray(address: str | None, dashboard: bool, verbose: bool = False) -> Non
     # a driver started by `ray job submit` already ships the project through its working_dir
     inside_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
     runtime_env = None if inside_job else {"env_vars": env}
-    if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=verbose)
+    joined = address or os.environ.get("RAY_ADDRESS")
+    if joined:
+        ray.init(address=joined, runtime_env=runtime_env, log_to_driver=verbose)
+        print(f"Ray: joined the cluster at {joined} ({'--address' if address else 'RAY_ADDRESS'}), "
+              f"GCS {ray.get_runtime_context().gcs_address}")
     else:
-        ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", runtime_env=runtime_env,
+        # "local": a new Ray of this search's own; a bare ray.init() would join any Ray already running on
+        # this machine (another user's, a test cluster) and run the trials there
+        ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", runtime_env=runtime_env,
                  configure_logging=False, log_to_driver=verbose)
+        print(f"Ray: a private local Ray, GCS {ray.get_runtime_context().gcs_address} (--address auto joins a "
+              "running one)")
 
 
 def starts_local_ray(address: str | None) -> bool:
@@ -173,6 +188,14 @@ def max_concurrent(resources: dict) -> int | None:
     return n
 
 
+def total_trials(spec: SearchSpec, num_folds: int) -> int:
+    """The trials of the whole search (the searcher's ``total_trials``)."""
+    search = spec.search
+    search_folds = len(search["search_folds"]) if search["search_folds"] is not None else num_folds
+    return planned_trials(int(search["num_samples"]), search_folds, num_folds - search_folds,
+                          int(search["retrain_top"]))
+
+
 def trial_dirname(trial) -> str:
     return f"fold{trial.config['fold']}_{trial.trial_id}"
 
@@ -184,9 +207,27 @@ def build_tuner(spec: SearchSpec, base: dict, folds: list, data: SegData, run_di
     metric, mode, max_epochs = search["metric"], search["mode"], int(base["train"]["epochs"])
     trainable = trial_trainable(res, base, folds, run_dir, trial_storage)  # one process, or N Ray Train workers
     filesystem = storage_filesystem(trial_storage)  # whole files on a disk path (tune/storage.py)
+    table = TrialsTable(files.trials_csv, metric, max_epochs, trial_storage)
+    concurrent = max_concurrent(res)
+
+    def reporter(total: int):
+        return verbose_reporter(metric) if verbose else \
+            FoldProgress(metric, mode, max_epochs, total, base["model"].get("weights"))
+
     if resume:
-        tuner = tune.Tuner.restore(experiment_location(run_dir, trial_storage), trainable=trainable,
-                                   resume_errored=True, storage_filesystem=filesystem)
+        # what may change on --resume (tune/rundir.py) is applied here: Tuner.restore brings back the run and
+        # tune configs of the search's start and Tune the saved states (tune/resume.py: apply_run_settings)
+        location = experiment_location(run_dir, trial_storage)
+        for change in apply_run_settings(location, trial_storage, max_failures, concurrent, reuse_actors(res),
+                                         metric, mode):
+            print(f"--resume: {change}")
+        tuner = tune.Tuner.restore(location, trainable=trainable, resume_errored=True, storage_filesystem=filesystem)
+        internal = tuner._local_tuner  # Ray 2.60's, which requirements.txt pins (as tune/budget.py's attach_budget)
+        internal._run_config.failure_config = tune.FailureConfig(max_failures=max_failures)
+        internal._run_config.callbacks = [table, *(callbacks or [])]  # W&B as asked now; trials.csv as it is now
+        internal._run_config.progress_reporter = reporter(total_trials(spec, len(folds)))
+        internal._tune_config.max_concurrent_trials = concurrent
+        internal._tune_config.reuse_actors = reuse_actors(res)
         return attach_budget(tuner, budget) if budget is not None else tuner
     searcher = FoldedOptunaSearch(spec, len(folds), data.num_classes, files.studies_url,
                                   spec.name, max_epochs, budget)
@@ -196,7 +237,7 @@ def build_tuner(spec: SearchSpec, base: dict, folds: list, data: SegData, run_di
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=searcher.total_trials,
-                                    max_concurrent_trials=max_concurrent(res),
+                                    max_concurrent_trials=concurrent,
                                     trial_dirname_creator=trial_dirname, reuse_actors=reuse_actors(res)),
         run_config=tune.RunConfig(
             name=run_dir.name if trial_storage else "tune", storage_path=trial_storage or str(run_dir),
@@ -205,9 +246,8 @@ def build_tuner(spec: SearchSpec, base: dict, folds: list, data: SegData, run_di
                                                     checkpoint_score_order=mode),
             failure_config=tune.FailureConfig(max_failures=max_failures),
             stop=BudgetStopper(budget) if budget is not None else None,
-            callbacks=[TrialsTable(files.trials_csv, metric, max_epochs, trial_storage), *(callbacks or [])],
-            progress_reporter=verbose_reporter(metric) if verbose else
-            FoldProgress(metric, mode, max_epochs, searcher.total_trials, base["model"].get("weights")),
+            callbacks=[table, *(callbacks or [])],
+            progress_reporter=reporter(searcher.total_trials),
             log_to_file=True,  # each trial's stdout/stderr, copied beside its results (sync_artifacts)
             sync_config=tune.SyncConfig(sync_artifacts=True),
             verbose=1,
@@ -296,11 +336,8 @@ def run_search(spec: SearchSpec, run_dir: Path, *, resume: bool = False, address
     if resume:  # a kill during Tune's copy to storage can leave the saved states a snapshot apart
         for change in reconcile(location, trial_storage, files.studies_url, studies_name):
             print(f"--resume: {change} (made to agree with Tune's experiment state)")
-        search = spec.search
-        search_folds = len(search["search_folds"]) if search["search_folds"] is not None else len(folds)
-        total = planned_trials(int(search["num_samples"]), search_folds, len(folds) - search_folds,
-                               int(search["retrain_top"]))
-        for change in grow_samples(location, trial_storage, int(search["num_samples"]), total):
+        total = total_trials(spec, len(folds))
+        for change in grow_samples(location, trial_storage, int(spec.search["num_samples"]), total):
             print(f"--resume: {change}")
     budget = start_budget(spec, run_dir, resume, start_wall, location, trial_storage)
     tuner = build_tuner(spec, base, folds, data, run_dir, max_failures, resume, callbacks, trial_storage, verbose,

@@ -75,6 +75,11 @@ logger = logging.getLogger(__name__)
 
 TOP_KEYS = ("name", "fixed", "search", "resources", "space", "demo")
 DEMO_KEYS = ("fixed", "search", "resources", "space")
+# settings the driver uses once for the whole search, so a trial's sampled value would be ignored
+DRIVER_SECTIONS = {
+    "data": "the driver loads the data once for every trial and the ensemble reads fixed.data",
+    "folds": "the driver makes the folds once and every trial trains on them",
+}
 ASHA_DEFAULTS = {"grace_period": 2, "reduction_factor": 3, "brackets": 1}
 SEARCH_DEFAULTS = {"num_samples": 8, "metric": "val_miou", "mode": "max", "seed": 0, "n_startup_trials": 10,
                    "asha": ASHA_DEFAULTS, "search_folds": None, "retrain_top": 3,
@@ -263,6 +268,10 @@ def _parse_space(source: str, prefix: str, raw: Any) -> dict[str, Param]:
         if key in config.DEFAULTS:
             raise ConfigError(source, f"{prefix}{key}", "space keys are dotted settings such as optimizer.lr")
         _check_key(source, prefix, key)
+        section = key.partition(".")[0]
+        if section in DRIVER_SECTIONS:
+            raise ConfigError(source, f"{prefix}{key}", f"{section}.* settings cannot be searched: "
+                              f"{DRIVER_SECTIONS[section]}; set it in fixed")
         out[key] = parse_param(source, f"{prefix}{key}", key, value)
     return out
 

@@ -21,6 +21,25 @@ ROOT = Path(__file__).resolve().parents[1]
 from trainables.cli import exit_on_user_error, parse_sets  # noqa: E402
 
 
+def sweep_trial(spec, fold: int, trial):
+    """The trainer of one sweep run (``trial``: the sweep's parameters as an Optuna-like trial) and the
+    sampled settings: built by the Tune trial's own builder (tune/trainable.py) from the same fixed
+    config (tune/search.py), so a sweep run trains on a Tune trial's data, ``data.extra_train`` included."""
+    from trainables.extra import check_extra_train
+    from trainables.folds import make_split
+    from tune.search import trial_base
+    from tune.space import sample
+    from tune.trainable import build_trainer
+
+    base, data = trial_base(spec)
+    f = base["folds"]
+    folds, _ = make_split(f["strategy"], f["k"], f["seed"], data.ids, data.presence, f["group_regex"], f["holdout"])
+    check_extra_train(base["data"], data, len(folds))
+    sampled = sample(spec, trial, data.num_classes)
+    trainer, _ = build_trainer({"fold": fold, **sampled}, base, folds)
+    return trainer, sampled
+
+
 @exit_on_user_error
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,11 +56,7 @@ def main(argv=None) -> None:
 
     import wandb
 
-    from trainables.config import merge
-    from trainables.data import load_data
-    from trainables.folds import make_split, train_val_indices
-    from trainables.loop import FoldTrainer
-    from tune.space import load_space, sample, with_demo, with_overrides
+    from tune.space import load_space, with_demo, with_overrides
     from tune.wandb_logging import SweepTrial, default_mode
 
     spec = load_space(args.space, ROOT / "search_spaces")
@@ -52,16 +67,8 @@ def main(argv=None) -> None:
     args.dir.mkdir(parents=True, exist_ok=True)
     run = wandb.init(project=args.project, config=params, dir=str(args.dir), mode=default_mode(),
                      group=f"{spec.name}-sweep", tags=[f"fold{args.fold}", "wandb-sweep"])
-    base = spec.base_config()
-    d = base["data"]
-    data = load_data(d)
-    sampled = sample(spec, SweepTrial(dict(run.config)), data.num_classes)
+    trainer, sampled = sweep_trial(spec, args.fold, SweepTrial(dict(run.config)))
     run.config.update({"fold": args.fold, **{f"resolved/{k}": v for k, v in sampled.items()}}, allow_val_change=True)
-    cfg = merge(base, sampled, source="sweep")
-    f = cfg["folds"]
-    folds, _ = make_split(f["strategy"], f["k"], f["seed"], data.ids, data.presence, f["group_regex"], f["holdout"])
-    train_idx, val_idx = train_val_indices(folds, args.fold, data.ids)
-    trainer = FoldTrainer(cfg, data, train_idx, val_idx, fold=args.fold)
     for record in trainer.epochs():
         record.pop("improved")
         wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["epoch"])

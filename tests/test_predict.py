@@ -281,14 +281,7 @@ def test_hard_voting_of_multilabel_members_is_a_majority_of_their_votes():
     mean probability is 0.35), class 1 at -0.1, -0.1, +5 (one vote, mean 0.65). Hard voting decides
     by votes; soft voting by the mean probability."""
     from ensemble.predictor import Ensemble, Member
-
-    class Constant(torch.nn.Module):
-        def __init__(self, logits):
-            super().__init__()
-            self.logits = torch.tensor(logits)
-
-        def forward(self, x):
-            return self.logits[None, :, None, None].expand(x.shape[0], -1, *x.shape[2:])
+    from tests.test_combine import Constant
 
     members = [Member(f"m{k}", 0, Constant(v), (32, 32), "multilabel", ["a", "b"])
                for k, v in enumerate([[0.1, -0.1], [0.1, -0.1], [-5.0, 5.0]])]

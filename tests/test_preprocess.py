@@ -231,12 +231,9 @@ def test_a_tta_scale_of_a_tiled_member_covers_the_whole_image():
     its windows must step over the rescaled input, not the working one (which covered only the
     top-left 64% of the image)."""
     from ensemble.predictor import TTA, Ensemble, Member
+    from tests.test_combine import Constant
 
-    class Constant(torch.nn.Module):
-        def forward(self, x):
-            return torch.zeros(x.shape[0], 2, *x.shape[2:])
-
-    member = Member("c", 0, Constant(), (64, 64), "multiclass", ["a", "b"], input="tiles", max_size=512)
+    member = Member("c", 0, Constant([0.0, 0.0]), (64, 64), "multiclass", ["a", "b"], input="tiles", max_size=512)
     image = np.zeros((480, 640, 3), np.uint8)
     probs = Ensemble([member], TTA(scales=(1.0, 1.25)), device="cpu").predict_batch([image])[0]
     np.testing.assert_allclose(probs, 0.5, atol=1e-6)

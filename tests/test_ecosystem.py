@@ -218,12 +218,13 @@ def test_a_sweep_run_and_a_tune_trial_of_one_config_train_on_the_same_data(tmp_p
     from tune.sweep_agent import sweep_trial
     from tune.trainable import build_trainer
 
-    coco = json.loads(SAMPLE.read_text())
+    other = SAMPLE.parents[1] / "val" / "annotations.json"  # images that are none of the folds' (a fold's own are refused)
+    coco = json.loads(other.read_text())
     kept = coco["images"][:5]
     ids = {img["id"] for img in kept}
     extra = tmp_path / "extra" / "annotations.json"
     extra.parent.mkdir()
-    (extra.parent / "images").symlink_to(SAMPLE.parent / "images")
+    (extra.parent / "images").symlink_to(other.parent / "images")
     extra.write_text(json.dumps({**coco, "images": kept,
                                  "annotations": [a for a in coco["annotations"] if a["image_id"] in ids]}))
     spec = with_overrides(load_space(str(TINY), ROOT / "search_spaces"),

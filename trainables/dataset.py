@@ -148,14 +148,14 @@ class WorkingImages(Dataset):
 
     def __init__(self, data: SegData, indices: list[int], spec: InputSpec, cache: bool = True):
         self.images = SegDataset(data, indices, transform=None, max_size=spec.max_size, cache=cache)
-        self.spec = spec
+        self.data, self.indices, self.spec = data, self.images.indices, spec
 
     def __len__(self) -> int:
         return len(self.images)
 
     def load(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Position ``k``'s working-size image (H, W, 3) uint8 and mask."""
-        return self.images.load(self.images.indices[k])
+        return self.images.load(self.indices[k])
 
     def __getitem__(self, k: int) -> tuple[torch.Tensor, np.ndarray]:
         image, mask = self.load(k)

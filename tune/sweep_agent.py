@@ -34,7 +34,7 @@ def sweep_trial(spec, fold: int, trial):
     base, data = trial_base(spec)
     f = base["folds"]
     folds, _ = make_split(f["strategy"], f["k"], f["seed"], data.ids, data.presence, f["group_regex"], f["holdout"])
-    check_extra_train(base["data"], data, len(folds))
+    check_extra_train(base["data"], data, folds)
     sampled = sample(spec, trial, data.num_classes)
     trainer, _ = build_trainer({"fold": fold, **sampled}, base, folds)
     return trainer, sampled

@@ -122,7 +122,7 @@ def test_test_rows_against_a_bare_model_loop_and_sklearn(experiment, predicted):
     written masks: each one's per-class IoU as sklearn's confusion matrix gives it."""
     from trainables.checkpoint import load_checkpoint, model_from_checkpoint
     from trainables.data import load_dataset, read_image
-    from trainables.dataset import MEAN, STD
+    from trainables.preprocess import MEAN, STD
 
     metrics = json.loads((predicted.out / "test_metrics.json").read_text())
     info = json.loads((predicted.bundle / "bundle.json").read_text())

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from trainables.data import IGNORE_INDEX, SegData
 from trainables.errors import ConfigError, InputError
-from trainables.preprocess import MEAN, STD, InputSpec, normalise, working_size  # noqa: F401 (normalise: for callers)
+from trainables.preprocess import InputSpec, normalise, working_size
 from trainables.sampling import Draw, draw_seed
 
 logger = logging.getLogger(__name__)

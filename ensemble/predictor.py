@@ -20,6 +20,7 @@ import math
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 
 from trainables.checkpoint import load_checkpoint, model_from_checkpoint
 from trainables.loop import resolve_amp, resolve_device
-from trainables.preprocess import MEAN, STD, InputSpec, add_probs
+from trainables.preprocess import MEAN, STD, InputSpec, activate, add_probs
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ class Ensemble:
         self.tile, self.overlap = tile, overlap
 
     def _activate(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(logits) if self.task == "multilabel" else torch.softmax(logits, 1)
+        return activate(logits, self.task)
 
     def _vote(self, probs: torch.Tensor) -> torch.Tensor:
         """A member-view's vote from its probabilities at the output size: its own default decision
@@ -149,16 +150,15 @@ class Ensemble:
         probs = self._activate(logits)
         return probs.flip(-1) if flip else probs
 
-    def _inputs(self, images: np.ndarray, inputs: dict) -> "callable":
-        """``scale -> model input`` of a member, made once per batch for each distinct spec and scale."""
-        def of(spec: InputSpec):
-            def at(scale: float) -> torch.Tensor:
-                key = (spec, scale)
-                if key not in inputs:
-                    inputs[key] = spec.model_input(images, scale).to(self.device)
-                return inputs[key]
-            return at
-        return of
+    def _inputs(self, images: np.ndarray, inputs: dict, spec: InputSpec) -> Callable[[float], torch.Tensor]:
+        """``scale -> model input`` of ``spec``, made once per batch for each distinct spec and scale
+        (``inputs`` holds them)."""
+        def at(scale: float) -> torch.Tensor:
+            key = (spec, scale)
+            if key not in inputs:
+                inputs[key] = spec.model_input(images, scale).to(self.device)
+            return inputs[key]
+        return at
 
     @torch.no_grad()
     def _add_member(self, member: Member, images: np.ndarray, acc: torch.Tensor, inputs: dict) -> None:
@@ -166,7 +166,7 @@ class Ensemble:
         def forward(x: torch.Tensor, flip: bool) -> torch.Tensor:
             return self._forward(member, x, flip)
 
-        at = self._inputs(images, inputs)(member.spec)
+        at = self._inputs(images, inputs, member.spec)
         if self.voting == "soft":
             add_probs(forward, member.spec, at, acc, self.tta.views(), self.tile, self.overlap)
             return

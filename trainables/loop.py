@@ -47,7 +47,7 @@ from trainables.losses import build_loss
 from trainables.metrics import IMAGE_METRICS, SegMetrics, empty_score
 from trainables.models import build_model
 from trainables.optim import Schedule, build_optimizer
-from trainables.preprocess import InputSpec, add_probs, as_logits
+from trainables.preprocess import InputSpec, activate, add_probs, as_logits
 from trainables.sampling import build_sampler
 
 logger = logging.getLogger(__name__)
@@ -275,7 +275,7 @@ class FoldTrainer:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         logits = predict_logits(self.model, x.flip(-1) if flip else x, self.amp)
-        probs = torch.sigmoid(logits) if self.data.task == "multilabel" else torch.softmax(logits, 1)
+        probs = activate(logits, self.data.task)
         return probs.flip(-1) if flip else probs
 
     def working_probs(self, inputs: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:

@@ -163,6 +163,12 @@ def add_probs(forward: Callable[[torch.Tensor, bool], torch.Tensor], spec: Input
                                 out_size)
 
 
+def activate(logits: torch.Tensor, task: str) -> torch.Tensor:
+    """Probabilities of the logits (B, C, H, W): softmax over classes, or a sigmoid per class
+    (multilabel); what validation and the predictor both score."""
+    return torch.sigmoid(logits) if task == "multilabel" else torch.softmax(logits, 1)
+
+
 def resize_probs(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Probabilities (B, C, h, w) to ``size``, bilinearly (unchanged when already there)."""
     if tuple(probs.shape[-2:]) == tuple(size):

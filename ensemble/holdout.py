@@ -8,9 +8,9 @@ were tuned on per-fold ensembles. On the holdout every image goes through exactl
 (a) the best single member by validation score, (b) the ensemble the bundle ships (the
 combination of members decided on the holdout, :mod:`ensemble.combine`: uniform average, best
 member or fitted keep/drop) at default decisions, (c) with the tuned thresholds (and minimum
-areas) fitted on all out-of-fold predictions, (d) with the CRF when one was fitted. ``applied`` names the row prediction applies (the steps that were kept), so
-the holdout also measures whether thresholds tuned on per-fold ensembles transfer to the average
-of all folds' members.
+areas) fitted on all out-of-fold predictions, (d) with the CRF when one was fitted. ``applied``
+names the row prediction applies (the steps that were kept), so the holdout also measures whether
+thresholds tuned on per-fold ensembles transfer to the average of all folds' members.
 """
 from __future__ import annotations
 

@@ -204,7 +204,7 @@ def scratch(prefix: str) -> Iterator[Path]:
 @contextlib.contextmanager
 def private_ray() -> Iterator[dict]:
     """Start a local Ray cluster of our own (its own RAY_TMPDIR: never joins another one on this
-    machine) through the tool's ``tune.search.init_ray``; yields ``{"init_s": seconds}``. On exit
+    machine) through the tool's ``tune.cluster.init_ray``; yields ``{"init_s": seconds}``. On exit
     Ray is shut down and only the processes of this cluster that are still alive are killed."""
     ray_dir = Path(tempfile.mkdtemp(prefix="rb", dir="/tmp"))  # short: Ray's socket paths are limited
     for key in ("RAY_ADDRESS", "RAY_JOB_ID", "RAY_JOB_SUBMISSION_ID"):
@@ -213,7 +213,7 @@ def private_ray() -> Iterator[dict]:
     import ray
 
     from tune.localray import stop_ray
-    from tune.search import init_ray
+    from tune.cluster import init_ray
 
     start = time.perf_counter()
     init_ray(None, False)

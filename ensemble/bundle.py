@@ -214,7 +214,7 @@ def load_bundle(root: Path, device="cpu", runtime: str = "torch") -> Bundle:
 
     from ensemble.predictor import Member, member_from_checkpoint
     from trainables.checkpoint import load_checkpoint
-    from trainables.loop import resolve_device
+    from trainables.device import resolve_device
 
     root = Path(root)
     info = verify(root)

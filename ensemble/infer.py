@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from ensemble.oof import score_into, target_of
 from ensemble.predictor import Ensemble
-from ensemble.rows import ROWS
+from trainables.rows import ROWS
 from ensemble.submission import Submission
 from trainables.data import IMAGE_SUFFIXES, load_dataset, read_image
 from trainables.errors import ConfigError, InputError

@@ -89,7 +89,7 @@ def print_result(res: dict, n_members: int, class_names: list[str], seconds: flo
     took = f" in {seconds:.1f}s" if seconds is not None else ""
     print(f"predicted {res['images']} images with {n_members} members{took} -> {res['out']}")
     if "test_rows" in res:
-        from ensemble.rows import format_table
+        from trainables.rows import format_table
         from trainables.runfiles import TEST_METRICS_JSON
 
         print(format_table(res["test_rows"], class_names, f"test ({res['images']} images)"))

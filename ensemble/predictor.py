@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from trainables.checkpoint import load_checkpoint, model_from_checkpoint
-from trainables.loop import resolve_amp, resolve_device
+from trainables.device import resolve_amp, resolve_device
 from trainables.preprocess import MEAN, STD, InputSpec, activate, add_probs
 
 logger = logging.getLogger(__name__)

@@ -117,7 +117,7 @@ def compare_oof(run_dir: Path, other: Path, report: dict, experiment: dict) -> d
     ``ensemble/oof_metrics.json`` must exist."""
     import json
 
-    from ensemble.rows import ROWS
+    from trainables.rows import ROWS
     from trainables.runfiles import RunFiles, read_experiment, read_folds
 
     files = RunFiles(other)

@@ -152,7 +152,7 @@ class BundlePredictor:
 
 def connect(address: str | None) -> None:
     """Join the cluster at ``address`` (``auto``: the one this process runs in), or start a Ray here."""
-    from tune.search import init_ray
+    from tune.cluster import init_ray
 
     init_ray(address, False)
 
@@ -244,7 +244,7 @@ def predict_on_ray(bundle_dir: Path, images: Path, out: Path, *, address: str | 
     from ensemble.bundle import verify
     from ensemble.infer import RowScorer, check_prediction, list_inputs, submission_skip
     from ensemble.predictor import best_member_index
-    from ensemble.rows import ROWS
+    from trainables.rows import ROWS
     from ensemble.submission import Submission
     from trainables.io import atomic_write_json
     from trainables.runfiles import TEST_METRICS_JSON

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ensemble.rows import OOF_ROWS  # noqa: E402
+from trainables.rows import OOF_ROWS  # noqa: E402
 from trainables.io import atomic_path  # noqa: E402
 
 logger = logging.getLogger(__name__)

@@ -87,7 +87,7 @@ def log_to_wandb(run_dir: Path, out_dir: Path, report: dict, mode: str, project:
 
     run = wandb.init(project=project, group=run_dir.resolve().name, job_type="ensemble", name=f"{run_dir.name}-ensemble",
                      dir=str(run_dir), mode=mode, config={"experiment": str(run_dir)})
-    from ensemble.rows import OOF_ROWS
+    from trainables.rows import OOF_ROWS
 
     table = wandb.Table(columns=["", "mIoU", "mean Dice", "boundary IoU", "pixel acc"])
     rows = [(k, label + (" (cross-fitted)" if k in ("tuned", "crf") else "")) for k, label in OOF_ROWS.items()]
@@ -141,7 +141,7 @@ def main(argv=None) -> None:
     out = files.ensemble(args.debug)
     out_dir = out.root
     ensembles = {}
-    from trainables.loop import resolve_device
+    from trainables.device import resolve_device
 
     device = resolve_device(args.device)
     for fold, chosen in pool.items():
@@ -173,7 +173,7 @@ def main(argv=None) -> None:
                                          "voting": args.voting, "tta": args.tta, "members": members_json})
     from ensemble.crossfit import score_key
     from ensemble.oof import oof_evaluate
-    from ensemble.rows import ROWS
+    from trainables.rows import ROWS
 
     result = oof_evaluate(ensembles, data, folds, d["max_size"], out_dir, args.batch_size, args.min_area,
                           max_per_fold=4 if args.debug else None, metric=metric, empty=empty)
@@ -239,7 +239,7 @@ def main(argv=None) -> None:
     write_plots(out_dir, report, thresholds, data, ensembles, folds, d["max_size"])
     print_table(report, data.class_names)
     if "holdout" in report:
-        from ensemble.rows import format_table
+        from trainables.rows import format_table
 
         from ensemble.combine import describe
 
@@ -272,7 +272,7 @@ def main(argv=None) -> None:
 
         cam_step(ensembles, data, folds, d["max_size"], args.cam, args.cam_images, out_dir, d["cache_dir"])
     from tune.report import write_report
-    from tune.wandb_logging import default_mode
+    from trainables.cli import default_mode
 
     mode = args.wandb or default_mode()
     if mode != "disabled":
@@ -284,7 +284,7 @@ def print_table(report: dict, class_names: list[str]) -> None:
     """(a), (b), then (c) and (d) cross-fitted with their in-sample scores beside them; under the
     table, that (b)'s members were chosen on these images and the holdout is the number to quote."""
     from ensemble.crossfit import optimism_summary
-    from ensemble.rows import FIELDS, NO_HOLDOUT, OOF_NOTE, OOF_ROWS, ROWS
+    from trainables.rows import FIELDS, NO_HOLDOUT, OOF_NOTE, OOF_ROWS, ROWS
 
     cols = [(k, OOF_ROWS[k]) for k in ("single", "ensemble") if k in report]
     for k in ("tuned", "crf"):
@@ -313,7 +313,7 @@ def print_extras(report: dict) -> None:
         print(f"CRF {'kept' if p['kept'] else 'not kept'}: {step['metric']} {step['cross_fitted'] - step['gain']:.4f} "
               f"without, {step['cross_fitted']:.4f} with, cross-fitted ({p['params']})")
     if report.get("compare"):
-        from ensemble.rows import OOF_ROWS
+        from trainables.rows import OOF_ROWS
 
         keys = [k for k in OOF_ROWS if all(k in report["compare"][side] for side in ("this", "other"))]
         print("\nout-of-fold mIoU" + " " * 8 + "".join(f"{OOF_ROWS[k]:>26}" for k in keys) + "  extra_train")

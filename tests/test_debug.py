@@ -117,12 +117,12 @@ def test_debug_fits_trials_to_the_local_machine(monkeypatch, capsys):
     from tune.run import debug_resources
     from tune.space import load_space
 
-    monkeypatch.setattr("tune.search.local_resources", lambda: (2.0, 0.0))
-    monkeypatch.setattr("tune.search.starts_local_ray", lambda address: address is None)
+    monkeypatch.setattr("tune.cluster.local_resources", lambda: (2.0, 0.0))
+    monkeypatch.setattr("tune.cluster.starts_local_ray", lambda address: address is None)
     spec = load_space("smp.yaml", ROOT / "search_spaces")
     assert spec.resources["gpus_per_trial"] > 0 and spec.resources["cpus_per_trial"] > 2
     assert debug_resources(spec.resources, None) == {"cpus_per_trial": 1.0, "gpus_per_trial": 0.0}
     assert "a trial takes 1 CPU and 0 GPU on this machine" in capsys.readouterr().out
     assert debug_resources(spec.resources, "auto") == {}
-    monkeypatch.setattr("tune.search.local_resources", lambda: (16.0, 1.0))
+    monkeypatch.setattr("tune.cluster.local_resources", lambda: (16.0, 1.0))
     assert debug_resources(spec.resources, None) == {"cpus_per_trial": 4.0, "gpus_per_trial": 0.5}

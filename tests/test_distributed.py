@@ -310,7 +310,7 @@ def test_without_an_address_the_search_starts_its_own_ray_beside_a_running_one()
                                   "--include-dashboard=false", "--disable-usage-stats"],
                                  env=env, capture_output=True, text=True, timeout=240)
         assert started.returncode == 0, tail(started.stdout + started.stderr)
-        script = ("import ray\nfrom tune.search import init_ray\ninit_ray(None, False)\n"
+        script = ("import ray\nfrom tune.cluster import init_ray\ninit_ray(None, False)\n"
                   "print('gcs', ray.get_runtime_context().gcs_address)\n")
         proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=240)

@@ -113,8 +113,8 @@ def hostile(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     "unknown encoder", "more GPUs a trial than the local Ray has", "more CPUs a trial than the local Ray has"])
 def test_hostile_input_is_one_line_exit_2_nothing_written(case, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("SEGHPO_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr("tune.search.local_resources", lambda: (2.0, 0.0))
-    monkeypatch.setattr("tune.search.starts_local_ray", lambda address: address is None)
+    monkeypatch.setattr("tune.cluster.local_resources", lambda: (2.0, 0.0))
+    monkeypatch.setattr("tune.cluster.starts_local_ray", lambda address: address is None)
     args, expected = hostile(tmp_path)[case]
     storage = tmp_path / "runs"
     code, err = run_cli(["--space", str(TINY), "--storage", str(storage), "--name", "x", *args], capsys)
@@ -220,7 +220,7 @@ def test_security_defaults():
         for line in text.splitlines():
             assert "yaml.load(" not in line or "Loader=_ValueLoader" in line, f"{path}: {line.strip()}"
     assert calls >= 2
-    assert 'dashboard_host="127.0.0.1"' in sources[ROOT / "tune" / "search.py"]
+    assert 'dashboard_host="127.0.0.1"' in sources[ROOT / "tune" / "cluster.py"]
 
 
 def test_no_api_key_in_experiment_json(tmp_path, monkeypatch):

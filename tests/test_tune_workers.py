@@ -14,7 +14,8 @@ import pytest
 
 from tests.test_tune import TINY, clean_up_ray, cli, private_ray_dir, scratch  # noqa: F401 (a fixture)
 from trainables.errors import ConfigError
-from tune.search import check_trial_fits, local_resources
+from tune.cluster import local_resources
+from tune.search import check_trial_fits
 from tune.space import load_space, with_overrides
 from tune.train_adapter import TRAIN_DIR, check_workers, concurrent_trials, trial_demand
 

@@ -1,9 +1,10 @@
 """Shared command-line plumbing: user errors as one line + exit 2, ``--set key=value`` parsing,
-the ``--debug`` budget."""
+the ``--debug`` budget, W&B's default mode."""
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 import sys
 from typing import Callable
@@ -65,3 +66,21 @@ def parse_sets(items: list[str], source: str = "command line") -> dict:
         except yaml.YAMLError as exc:
             raise ConfigError(source, key, f"cannot read value {value!r}: {exc}") from None
     return out
+
+
+# W&B's modes (``--wandb``): offline by default, so no run ever needs the network or a prompt.
+MODES = ("offline", "online", "disabled")
+
+
+def default_mode() -> str:
+    """offline unless an API key is configured (never prompt, never need the network)."""
+    if os.environ.get("WANDB_MODE") in MODES:
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        import wandb
+
+        return "online" if wandb.api.api_key else "offline"
+    except Exception:  # an unconfigured wandb raises various errors here
+        return "offline"

@@ -41,6 +41,7 @@ from trainables.checkpoint import make_checkpoint
 from trainables.copypaste import build_copy_paste
 from trainables.data import SegData
 from trainables.dataset import SegDataset, WorkingImages, as_list, build_transforms
+from trainables.device import resolve_amp, resolve_device
 from trainables.config import check_setting, validate_config
 from trainables.errors import ConfigError
 from trainables.losses import build_loss
@@ -69,21 +70,6 @@ def process_group() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_amp(setting: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32. AMP runs on CUDA only (CPU autocast is slower here)."""
-    if device.type != "cuda" or setting == "off":
-        return None
-    if setting == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[setting]
 
 
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, amp: torch.dtype | None) -> torch.Tensor:

@@ -221,7 +221,7 @@ def compare(run_dir: Path, sweep: list[str], fold: int | None = None, out: Path 
 
 def main(argv=None) -> None:
     from trainables.cli import exit_on_user_error
-    from tune.wandb_logging import MODES, default_mode
+    from trainables.cli import MODES, default_mode
 
     @exit_on_user_error
     def run() -> None:

@@ -26,13 +26,13 @@ IMAGES = ("overlays.png",)  # pictures, not charts: kept as PNG
 
 
 def _labels(oof: bool = False) -> dict[str, str]:
-    from ensemble.rows import OOF_ROWS, ROWS  # the row names of every ensemble table, in one place
+    from trainables.rows import OOF_ROWS, ROWS  # the row names of every ensemble table, in one place
 
     return OOF_ROWS if oof else ROWS
 
 
 def _fields() -> tuple[tuple[str, str], ...]:
-    from ensemble.rows import FIELDS  # (column title, metric key) of every ensemble table
+    from trainables.rows import FIELDS  # (column title, metric key) of every ensemble table
 
     return FIELDS
 
@@ -80,7 +80,7 @@ def results_table(result: dict, optimism: dict | None = None, oof: bool = False)
 
 def oof_note(oof: dict) -> str:
     """Under the out-of-fold table: row (b) is in-sample; the holdout (or how to get one) is the number to quote."""
-    from ensemble.rows import NO_HOLDOUT, OOF_NOTE
+    from trainables.rows import NO_HOLDOUT, OOF_NOTE
 
     if "ensemble" not in oof:
         return ""

@@ -103,7 +103,7 @@ def overrides(args: argparse.Namespace, searched: Collection[str] = ()) -> tuple
 def debug_resources(asked: dict, address: str | None) -> dict:
     """``--debug`` on a local Ray: trials take what this machine has, two at a time, so a space written
     for GPUs (``smp.yaml``: 4 CPUs and half a GPU a trial) is checked on a CPU laptop too."""
-    from tune.search import local_resources, starts_local_ray
+    from tune.cluster import local_resources, starts_local_ray
 
     if not starts_local_ray(address):
         return {}
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     if demo:
         spec = with_demo(spec)
         print(f"demo: no --data given, running {spec.source.name} on the shipped CamVid sample with its demo budget")
-    from tune.wandb_logging import default_mode
+    from trainables.cli import default_mode
 
     wandb_mode = args.wandb or default_mode()
     fixed, search, resources = overrides(args, spec.space)

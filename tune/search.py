@@ -20,6 +20,7 @@ from typing import Callable
 import ray
 from ray import tune
 
+from tune import cluster
 from tune.budget import (Budget, BudgetStopper, attach_budget, fold_report, mark_budget, parse_duration,
                          record_limits)
 from tune.experiment import TrialsTable, summary_table
@@ -39,9 +40,6 @@ from trainables.models import is_local_folder, weights_file
 from trainables.runfiles import RunFiles, experiment_location, is_uri, read_trials_csv, write_experiment_json
 
 logger = logging.getLogger(__name__)
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def absolute_data_paths(base: dict) -> dict:
     """Trials run in other processes (and nodes): make every path in the config absolute."""
@@ -92,56 +90,10 @@ def prepare(spec: SearchSpec, run_dir: Path, clear: Callable[[], None] | None = 
     return base, data, folds
 
 
-def init_ray(address: str | None, dashboard: bool, verbose: bool = False) -> None:
-    """``verbose``: the workers' output (trials, W&B's logging actors) also on the driver's terminal;
-    otherwise it stays in the trial logs (tune/progress.py)."""
-    if ray.is_initialized():
-        return
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    for key in ("HF_HUB_OFFLINE", "WANDB_MODE", "WANDB_SILENT", "SEGHPO_CACHE"):
-        if key in os.environ:
-            env[key] = os.environ[key]
-    # a driver started by `ray job submit` already ships the project through its working_dir
-    inside_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
-    runtime_env = None if inside_job else {"env_vars": env}
-    joined = address or os.environ.get("RAY_ADDRESS")
-    if joined:
-        ray.init(address=joined, runtime_env=runtime_env, log_to_driver=verbose)
-        print(f"Ray: joined the cluster at {joined} ({'--address' if address else 'RAY_ADDRESS'}), "
-              f"GCS {ray.get_runtime_context().gcs_address}")
-    else:
-        # "local": a new Ray of this search's own; a bare ray.init() would join any Ray already running on
-        # this machine (another user's, a test cluster) and run the trials there
-        ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", runtime_env=runtime_env,
-                 configure_logging=False, log_to_driver=verbose)
-        print(f"Ray: a private local Ray, GCS {ray.get_runtime_context().gcs_address} (--address auto joins a "
-              "running one)")
-
-
-def starts_local_ray(address: str | None) -> bool:
-    """Whether :func:`init_ray` will start a Ray on this machine (not join one: ``--address``,
-    ``RAY_ADDRESS`` as in a Jobs API driver, or a Ray this process already runs)."""
-    return not address and not os.environ.get("RAY_ADDRESS") and not ray.is_initialized()
-
-
-def local_resources() -> tuple[float, float]:
-    """CPUs and GPUs a Ray started on this machine offers (Ray's own CPU count: affinity and cgroup
-    limits; the CUDA devices this process sees)."""
-    try:
-        from ray._private.utils import get_num_cpus
-
-        cpus = float(get_num_cpus())
-    except Exception:  # a private helper of Ray's: fall back to the CPUs this process may use
-        cpus = float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    import torch
-
-    return cpus, float(torch.cuda.device_count())  # 0 without CUDA
-
-
 def check_trial_fits(resources: dict, source) -> None:
     """A trial that asks for more than the local Ray has would wait forever (Tune only warns that no
     node can take it): say so in one line before anything is written."""
-    cpus, gpus = local_resources()
+    cpus, gpus = cluster.local_resources()
     want_cpus, want_gpus = trial_demand(resources)  # a multi-worker trial: all its workers' together
     n = workers(resources)
     trial = f"a trial of {n} workers" if n > 1 else "a trial"
@@ -316,14 +268,14 @@ def run_search(spec: SearchSpec, run_dir: Path, *, resume: bool = False, address
             raise ConfigError("command line", "--name", f"{what}; add --resume to continue it, --overwrite to "
                                                         "replace it, or choose another --name")
     check_workers(spec.resources, spec.source)
-    if starts_local_ray(address):
+    if cluster.starts_local_ray(address):
         check_trial_fits(spec.resources, spec.source)
     start, start_wall = time.perf_counter(), time.time()
     base, data, folds = prepare(spec, run_dir, clear)
     write_experiment_json(run_dir, run_settings(spec, base, trial_storage),
                           {"fingerprint": data.fingerprint, "source": str(data.source),
                            "class_names": data.class_names, "task": data.task, "images": len(data)})
-    init_ray(address, dashboard, verbose)
+    cluster.init_ray(address, dashboard, verbose)
     callbacks = []
     if wandb_mode != "disabled":
         from tune.wandb_logging import wandb_callback

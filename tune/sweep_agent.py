@@ -57,7 +57,8 @@ def main(argv=None) -> None:
     import wandb
 
     from tune.space import load_space, with_demo, with_overrides
-    from tune.wandb_logging import SweepTrial, default_mode
+    from trainables.cli import default_mode
+    from tune.wandb_logging import SweepTrial
 
     spec = load_space(args.space, ROOT / "search_spaces")
     fixed = parse_sets(args.set)

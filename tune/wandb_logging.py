@@ -27,23 +27,6 @@ from tune.space import Param, SearchSpec
 
 logger = logging.getLogger(__name__)
 
-MODES = ("offline", "online", "disabled")
-
-
-def default_mode() -> str:
-    """offline unless an API key is configured (never prompt, never need the network)."""
-    if os.environ.get("WANDB_MODE") in MODES:
-        return os.environ["WANDB_MODE"]
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    try:
-        import wandb
-
-        return "online" if wandb.api.api_key else "offline"
-    except Exception:  # an unconfigured wandb raises various errors here
-        return "offline"
-
-
 def wandb_callback(project: str, group: str, directory: str, mode: str, class_names: list[str], base: dict):
     """A WandbLoggerCallback that tags runs and logs example masks at each new best epoch.
     ``base`` (the fixed trial config) supplies the tags of settings that are not searched."""

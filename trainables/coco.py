@@ -10,7 +10,7 @@ from pycocotools import mask as mask_utils
 from PIL import Image
 from tqdm import tqdm
 
-from trainables.data import (
+from trainables.segdata import (
     IGNORE_INDEX,
     SegData,
     file_digest,

@@ -231,7 +231,7 @@ def _pair(value: Any) -> bool:
 
 
 def _empty(value: Any) -> str | None:
-    from trainables.metrics import empty_score
+    from trainables.metrics import empty_score  # lazy: metrics imports torch; checking settings needs no torch
 
     return None if empty_score(value) is not None else f"expected 1 or nan, {got(value)}"
 

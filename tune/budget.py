@@ -37,6 +37,7 @@ from ray.tune import Stopper
 
 from trainables.errors import ConfigError
 from trainables.io import atomic_write_json
+from trainables.runfiles import write_trials_csv
 
 logger = logging.getLogger(__name__)
 
@@ -296,8 +297,6 @@ def planned_per_fold(search: dict, num_folds: int) -> dict[int, int]:
 def mark_budget(rows: list[dict], budget: Budget, search: dict, num_folds: int, path: Path) -> list[dict]:
     """trials.csv after a budgeted search: a ``budget`` column (``stopped``: the budget stopped the
     trial) and a ``not_run_budget`` row for every planned trial that never started; rewritten atomically."""
-    from trainables.runfiles import write_trials_csv
-
     rows = [r for r in rows if r.get("status") != NOT_RUN]
     for row in rows:
         row["budget"] = "stopped" if row["trial_id"] in budget.budget_stopped and row["status"] == "stopped" else ""

@@ -21,6 +21,7 @@ import sys
 import time
 
 from ray import tune
+from trainables.models import RANDOM_INIT
 
 logger = logging.getLogger(__name__)
 
@@ -141,8 +142,6 @@ class FoldProgress(tune.CLIReporter):
         """Once per search: trials say (record ``weights``) that no pretrained weights were loaded."""
         if self._warned_random_init:
             return None
-        from trainables.models import RANDOM_INIT
-
         fresh = [t for t in trials if (t.last_result or {}).get("weights") == RANDOM_INIT
                  and t.config.get("model.weights", self.weights) not in (None, RANDOM_INIT)]
         if not fresh:

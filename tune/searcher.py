@@ -33,6 +33,7 @@ from ray.tune.search import Searcher
 from tune.budget import Budget, milestones
 from tune.experiment import planned_epochs
 from tune.space import SearchSpec, sample
+from trainables.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -210,8 +211,6 @@ class FoldedOptunaSearch(Searcher):
         self._fail_orphans()
 
     def save(self, checkpoint_path: str) -> None:
-        from trainables.io import atomic_write_text
-
         atomic_write_text(checkpoint_path, json.dumps(self.get_state()))
 
     def restore(self, checkpoint_path: str) -> None:

@@ -67,6 +67,9 @@ import yaml
 from trainables import config
 from trainables.errors import ConfigError, InputError
 from tune.distributions import Param, always_active, link, parse_param
+from tune.budget import parse_duration
+from trainables.metrics import IMAGE_METRICS
+from trainables.models import arch_names, model_problem
 
 if TYPE_CHECKING:
     import optuna
@@ -197,8 +200,6 @@ def _folds_problem(value: Any) -> str | None:
 
 
 def _duration_problem(value: Any) -> str | None:
-    from tune.budget import parse_duration
-
     try:
         parse_duration(value)
     except ConfigError as err:
@@ -301,9 +302,6 @@ def _model_pairs(space: Mapping[str, Param], model: Mapping[str, Any]) -> set[tu
 
 def _check_spec(spec: SearchSpec, source: str, fixed_at: str, search_at: str, space_at: str) -> None:
     """Checks that need several sections; ``*_at`` prefix the keys named in errors."""
-    from trainables.metrics import IMAGE_METRICS
-    from trainables.models import arch_names, model_problem
-
     def where(key: str) -> str:
         return f"{space_at}{key}" if key in spec.space else f"{fixed_at}{key}"
 

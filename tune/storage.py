@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+from trainables.runfiles import is_uri
 
 PARTIAL = ".partial"
 
@@ -134,8 +135,6 @@ class AtomicLocalHandler(pafs.FileSystemHandler):
 def storage_filesystem(trial_storage: str | None) -> pafs.FileSystem | None:
     """The filesystem Tune writes its storage through: atomic writes for a disk path, pyarrow's
     own for a URI (``None``: Tune infers it from the URI)."""
-    from trainables.runfiles import is_uri
-
     if trial_storage and is_uri(trial_storage):
         return None
     return pafs.PyFileSystem(AtomicLocalHandler())

@@ -43,6 +43,8 @@ from trainables.errors import ConfigError
 from trainables.io import atomic_write_text
 from trainables.runfiles import experiment_location
 from tune.experiment import node_label
+from tune.storage import storage_filesystem
+from tune.trainable import build_trainer, load_trial_state, train_trial, write_trial_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +61,6 @@ def worker_loop(config: dict) -> None:
     """One Ray Train worker of a trial (every rank runs it; see the module docstring)."""
     import ray.train
     import ray.train.torch
-
-    from tune.trainable import build_trainer, load_trial_state, write_trial_checkpoint
 
     torch.set_num_threads(max(1, int(config["cpus"])))
     device = ray.train.torch.get_device() if config["gpus"] > 0 else None
@@ -127,8 +127,6 @@ def train_trial_workers(config: dict, base: dict, folds: list[list[str]], cpus: 
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from tune.storage import storage_filesystem
-
     trial_dir = Path(tune.get_context().get_trial_dir()).name
     ref = experiment_location(Path(run_dir), trial_storage, f"{TRAIN_DIR}/{trial_dir}/{NAME}/{FILENAME}")
     resources = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
@@ -183,8 +181,6 @@ def trial_trainable(resources: dict, base: dict, folds: list, run_dir: Path, tri
     """The Tune trainable of a trial with its resources: one process (tune/trainable.py), or a driver of
     ``workers_per_trial`` Ray Train workers that reserves almost nothing itself."""
     from ray import tune
-
-    from tune.trainable import train_trial
 
     cpus, gpus = float(resources["cpus_per_trial"]), float(resources["gpus_per_trial"])
     if workers(resources) == 1:

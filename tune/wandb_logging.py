@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from tune.space import Param, SearchSpec
+from tune.trainable import PREVIEW_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +59,6 @@ def wandb_callback(project: str, group: str, directory: str, mode: str, class_na
 
 def best_epoch_media(trial, class_names: list[str]) -> dict[str, Any]:
     import wandb
-
-    from tune.trainable import PREVIEW_FILE
 
     result = trial.last_result or {}
     checkpoint = trial.checkpoint

@@ -99,13 +99,20 @@ def doc_commands() -> list[tuple[str, list[str]]]:
 
 
 def project_command(tokens: list[str]) -> tuple[str | None, str | None, list[str]]:
-    """(module, script path, arguments) of a command that runs this project's code: ``python
-    <path>.py``, ``python -m <module>``, an installed ``seghpo-*`` script, or any of them after a
-    ``--`` (``ray job submit ... -- python tune/run.py ...``); (None, None, []) otherwise."""
-    if "--" in tokens and tokens[0] not in PYTHON and tokens[0] not in SCRIPTS:
+    """(command or module, script path, arguments) of a command that runs this project's code, or
+    (None, None, []): a command of ``cli_doc.COMMANDS`` as named there (``seghpo <command>`` once listed),
+    ``python <path>.py``, ``python -m <module>``, an installed ``seghpo-*`` script, or any of them
+    after a ``--`` (``ray job submit ... -- python tune/run.py ...``)."""
+    if "--" in tokens and tokens[0] not in PYTHON | set(SCRIPTS) | {"seghpo"}:
         return project_command(tokens[tokens.index("--") + 1:])
+    for name, module, _ in sorted(cli_doc.COMMANDS, key=lambda c: -len(c[0].split())):
+        words = name.split()
+        if tokens[:len(words)] == words:
+            return name, module.replace(".", "/") + ".py", tokens[len(words):]
+    if tokens[0] == "seghpo":  # a seghpo command not (yet) in cli_doc.COMMANDS
+        return "seghpo " + (tokens[1] if len(tokens) > 1 else ""), "(not in tune/cli_doc.py COMMANDS)", tokens[2:]
     if tokens[0] in SCRIPTS:
-        return SCRIPTS[tokens[0]], None, tokens[1:]
+        return SCRIPTS[tokens[0]], SCRIPTS[tokens[0]].replace(".", "/") + ".py", tokens[1:]
     if tokens[0] in PYTHON and len(tokens) > 1:
         if tokens[1].endswith(".py"):
             return tokens[1][:-3].replace("/", "."), tokens[1], tokens[2:]
@@ -141,11 +148,12 @@ def test_the_docs_have_commands_and_project_commands():
 def test_command_exists_and_its_parser_accepts_it(where, tokens):
     for path in project_files(tokens):
         assert (ROOT / path).exists(), f"{where}: {path} does not exist"
-    module, script, args = project_command(tokens)
-    if module is None:
+    key, script, args = project_command(tokens)
+    if key is None:
         return
     assert (ROOT / script).is_file(), f"{where}: no {script}"
-    command = cli_doc.modules().get(module)
+    names = {name for name, _, _ in cli_doc.COMMANDS}
+    command = key if key in names else cli_doc.modules().get(key)
     if command is None:  # a script without an entry in COMMANDS (bench/<name>.py, data/...): exists
         return
     if "-h" in args or "--help" in args:
@@ -160,7 +168,7 @@ def test_command_exists_and_its_parser_accepts_it(where, tokens):
 
 
 def test_a_wrong_option_is_caught():
-    _, tokens = next((w, t) for w, t in ALL if project_command(t)[0] == "tune.run")
+    _, tokens = next((w, t) for w, t in ALL if project_command(t)[0] == "python tune/run.py")
     parser = cli_doc.parser_of("python tune/run.py")
     with pytest.raises(SystemExit):
         parser.parse_args(project_command(tokens)[2] + ["--no-such-option"])

@@ -91,6 +91,7 @@ def parser_of(command: str) -> argparse.ArgumentParser:
     """The parser of one of :data:`COMMANDS`, its ``prog`` the command and its help a fixed width."""
     for name, module, parser in COMMANDS:
         if name == command:
+            # lazy: start-up time (the commands' modules import torch, Ray, ...): only the one asked for
             built = parser(importlib.import_module(module))
             built.prog = name
             built.formatter_class = functools.partial(built.formatter_class, width=WIDTH)

@@ -1,4 +1,4 @@
-"""docs/settings.md's table is generated from the code and must be current (CI runs this)."""
+"""docs/reference/settings.md's table is generated from the code and must be current (CI runs this)."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +9,7 @@ from tune import settings_doc, space
 
 def test_checked_in_settings_table_is_current():
     text = settings_doc.DOC.read_text()
-    assert settings_doc.render(text) == text, "docs/settings.md is not current: run python -m tune.settings_doc"
+    assert settings_doc.render(text) == text, "docs/reference/settings.md is not current: run python -m tune.settings_doc"
 
 
 def test_table_lists_every_setting_and_space_key_with_its_meaning():

@@ -39,7 +39,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "metrics": {"average": "dataset", "empty": 1},
 }
 
-# What each setting means (the README's settings table is generated from this: tune/settings_doc.py)
+# What each setting means (docs/reference/settings.md is generated from this: tune/settings_doc.py)
 MEANINGS: dict[str, str] = {
     "data.path": "COCO json, or a folder with images/ + masks/; null: the shipped sample",
     "data.images": "image root for the COCO file names (null: <json dir>/images)",

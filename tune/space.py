@@ -89,7 +89,7 @@ SEARCH_DEFAULTS = {"num_samples": 8, "metric": "val_miou", "mode": "max", "seed"
                    "epoch_budget": None, "time_budget": None}
 RESOURCES_DEFAULTS = {"cpus_per_trial": 1, "gpus_per_trial": 0, "max_concurrent": None, "workers_per_trial": 1,
                       "reuse_actors": True}
-MEANINGS = {  # of the search.* and resources.* keys (the README's settings table: tune/settings_doc.py)
+MEANINGS = {  # of the search.* and resources.* keys (docs/reference/settings.md: tune/settings_doc.py)
     "search.num_samples": "trials per fold",
     "search.metric": "reported metric to optimise: val_miou, val_dice, val_biou, val_pixel_acc, val_loss, "
                      "val_miou_image, val_dice_image (per-image means, see metrics.*)",

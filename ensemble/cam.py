@@ -26,7 +26,7 @@ from PIL import Image
 
 from ensemble.predictor import Member
 from trainables.errors import ConfigError
-from trainables.io import atomic_path
+from trainables.io import atomic_path, atomic_save_figure
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +82,10 @@ def overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
 def write_cams(members: list[Member], samples: list[tuple[str, np.ndarray]], cls: int, class_names: list[str],
                out: Path) -> list[Path]:
     """Overlays of class ``cls`` for every member on every (image id, RGB image); returns the files."""
-    import matplotlib.pyplot as plt
+    import matplotlib
 
-    from ensemble.report import _save
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
 
     name = re.sub(r"[^\w.-]+", "_", class_names[cls])
     written: list[Path] = []
@@ -112,7 +113,7 @@ def write_cams(members: list[Member], samples: list[tuple[str, np.ndarray]], cls
             ax.set_title(f"{m.name} (fold {m.fold}): {name}", fontsize=7)
         for ax in ax_row:
             ax.axis("off")
-    written.append(_save(fig, out / f"cam_{name}.png"))
+    written.append(atomic_save_figure(fig, out / f"cam_{name}.png"))
     logger.info("Grad-CAM of %s: %d overlays -> %s", name, len(written) - 1, out / "cam" / name)
     return written
 

@@ -93,8 +93,8 @@ def log_to_wandb(run_dir: Path, out_dir: Path, report: dict, mode: str, project:
 
 
 def run(args: argparse.Namespace) -> None:
-    """The steps of ensemble/steps.py in order, the extras asked for (ensemble/extras.py), then the
-    report: plots, tables, W&B and the experiment's report page."""
+    """The steps of ensemble/steps.py in order (their tables printed), the extras asked for
+    (ensemble/extras.py), then the report: plots, W&B and the experiment's report page."""
     # lazy: start-up time (--help without torch/ray)
     from ensemble import extras, steps
 
@@ -115,6 +115,7 @@ def run(args: argparse.Namespace) -> None:
     combined = steps.combination(exp, members, oof=oof, post=post, options=options)
     bundle_dir = steps.bundle(exp, members, oof=oof, post=post, combined=combined, options=options)
     report = steps.oof_metrics(exp, members, oof=oof, post=post, combined=combined, compare=args.compare)
+    print_report(report, exp.data.class_names)
     if args.predict:
         extras.predict(exp, bundle_dir, images=args.predict, out=args.out, save_probs=args.save_probs,
                        options=options, ray=ray)
@@ -128,21 +129,26 @@ def run(args: argparse.Namespace) -> None:
     write_reports(exp, members, oof, report, args)
 
 
-def write_reports(exp, members, oof, report: dict, args: argparse.Namespace) -> None:
-    """After the steps: the plots, the tables printed, the W&B run and the experiment's report page."""
+def print_report(report: dict, class_names: list[str]) -> None:
+    """The out-of-fold table, the holdout's, the combination shipped, the CRF and --compare."""
     from ensemble.combine import describe, summary  # lazy: start-up time (--help without torch/ray)
+
+    print_table(report, class_names)
+    if "holdout" in report:
+        h = report["holdout"]
+        print("\n" + format_table(h, class_names, f"holdout ({h['images']} images)")
+              + f"\nrows (b)-(d): the shipped {describe(h['combination'])}; prediction applies row {ROWS[h['applied']]}")
+    print(summary(report["combination"]))
+    print_extras(report)
+
+
+def write_reports(exp, members, oof, report: dict, args: argparse.Namespace) -> None:
+    """After the steps: the plots, the W&B run and the experiment's report page."""
     from ensemble.report import write_plots  # lazy: start-up time (--help without torch/ray)
     from tune.report import write_report  # lazy: start-up time (--help without torch/ray)
 
     out_dir = exp.out.root
     write_plots(out_dir, report, oof.thresholds, exp.data, members.ensembles, exp.folds, exp.max_size)
-    print_table(report, exp.data.class_names)
-    if "holdout" in report:
-        h = report["holdout"]
-        print("\n" + format_table(h, exp.data.class_names, f"holdout ({h['images']} images)")
-              + f"\nrows (b)-(d): the shipped {describe(h['combination'])}; prediction applies row {ROWS[h['applied']]}")
-    print(summary(report["combination"]))
-    print_extras(report)
     mode = wandb_mode(args)
     if mode != "disabled":
         log_to_wandb(exp.run_dir, out_dir, report, mode, args.wandb_project)

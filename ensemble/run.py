@@ -11,6 +11,9 @@ confusion.png, overlays.png). With a holdout (folds.holdout), how the bundle com
 holdout: ensemble/combine.py) is decided there and recorded under ``combination``; without one,
 that comparison is unknown and the uniform average is shipped. --predict runs the bundle's members
 on new images (see ensemble/infer.py for the output format).
+
+The work is done by the named steps of ensemble/steps.py (and ensemble/extras.py for --predict,
+--pseudo-label, --cam); this module parses the flags, calls them in order, then writes the report.
 """
 from __future__ import annotations
 
@@ -25,8 +28,8 @@ from trainables.rows import FIELDS, NO_HOLDOUT, OOF_NOTE, OOF_ROWS, ROWS, format
 
 logger = logging.getLogger("ensemble")
 
-DEBUG_HELP = ("check the ensemble step in about a minute: 1 member per fold, no TTA, 4 out-of-fold images per fold, "
-              "written to runs/<name>/ensemble-debug")
+ENSEMBLE_DEBUG_HELP = ("check the ensemble step in about a minute: 1 member per fold, no TTA, 4 out-of-fold images "
+                       "per fold, written to runs/<name>/ensemble-debug")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,8 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="another experiment on the same folds (e.g. without pseudo-labels): out-of-fold mIoU side by side")
     p.add_argument("--cam", metavar="CLASS", help="Grad-CAM overlays of this class (name or index) for each fold's best member")
     p.add_argument("--cam-images", default="4", help="number of out-of-fold images, or a folder of images [4]")
-    add_debug_flag(p, DEBUG_HELP)
-    add_ray_actor_flags(p, "--predict / --pseudo-label on a Ray cluster (a Ray Data actor pool: ensemble/ray_predict.py)")
+    add_debug_flag(p, ENSEMBLE_DEBUG_HELP)
+    add_ray_actor_flags(p, "--predict / --pseudo-label on a Ray cluster (a Ray Data actor pool: "
+                           "ensemble/ray_predict.py)")
 
 
 def build_parser() -> argparse.ArgumentParser:

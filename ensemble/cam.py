@@ -24,17 +24,20 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ensemble.infer import list_inputs
 from ensemble.predictor import Member
+from trainables.data import read_image
+from trainables.dataset import SegDataset
 from trainables.errors import ConfigError
-from trainables.io import atomic_path
+from trainables.folds import train_val_indices
+from trainables.io import atomic_path, atomic_save_figure
+from trainables.models import HFSegmentation
 
 logger = logging.getLogger(__name__)
 
 
 def target_layer(model: torch.nn.Module) -> torch.nn.Module:
     """The layer whose activations and gradients make the map (see the module doc)."""
-    from trainables.models import HFSegmentation
-
     if isinstance(model, HFSegmentation):
         return model.net.decode_head.linear_fuse
     decoder = getattr(model, "decoder", None)
@@ -82,9 +85,10 @@ def overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
 def write_cams(members: list[Member], samples: list[tuple[str, np.ndarray]], cls: int, class_names: list[str],
                out: Path) -> list[Path]:
     """Overlays of class ``cls`` for every member on every (image id, RGB image); returns the files."""
-    import matplotlib.pyplot as plt
+    import matplotlib
 
-    from ensemble.report import _save
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
 
     name = re.sub(r"[^\w.-]+", "_", class_names[cls])
     written: list[Path] = []
@@ -112,7 +116,7 @@ def write_cams(members: list[Member], samples: list[tuple[str, np.ndarray]], cls
             ax.set_title(f"{m.name} (fold {m.fold}): {name}", fontsize=7)
         for ax in ax_row:
             ax.axis("off")
-    written.append(_save(fig, out / f"cam_{name}.png"))
+    written.append(atomic_save_figure(fig, out / f"cam_{name}.png"))
     logger.info("Grad-CAM of %s: %d overlays -> %s", name, len(written) - 1, out / "cam" / name)
     return written
 
@@ -121,9 +125,6 @@ def cam_step(ensembles: dict, data, folds: list[list[str]], max_size: int | None
              out: Path, cache_dir=None) -> list[Path]:
     """``--cam CLASS --cam-images N|PATH``: the best member of every fold, on ``N`` out-of-fold
     images taken in turn from each fold's validation set, or on the images of ``PATH``."""
-    from trainables.dataset import SegDataset
-    from trainables.folds import train_val_indices
-
     cls = class_index(cls_arg, data.class_names)
     members = [e.members[0] for _, e in sorted(ensembles.items())]
     if images_arg.isdigit():
@@ -132,9 +133,6 @@ def cam_step(ensembles: dict, data, folds: list[list[str]], max_size: int | None
         ds = SegDataset(data, order, transform=None, max_size=max_size, cache=False)
         samples = [(data.ids[i], ds.load(i)[0]) for i in order]
     else:
-        from ensemble.infer import list_inputs
-        from trainables.data import read_image
-
         paths, ids, _ = list_inputs(Path(images_arg), data.task, "background", cache_dir)
         samples = [(image_id, read_image(p)) for p, image_id in zip(paths, ids)]
     if not samples:

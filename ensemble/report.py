@@ -1,5 +1,6 @@
 """Plots of the out-of-fold report: class-wise IoU of (a)/(b)/(c), threshold curves, confusion
-matrix and prediction overlays, written as PNG files beside the JSON results."""
+matrix and prediction overlays, written as PNG files beside the JSON results (:func:`write_plots`,
+called by ``ensemble/run.py`` once the ensemble step's files are written)."""
 from __future__ import annotations
 
 import logging
@@ -11,19 +12,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from trainables.dataset import SegDataset  # noqa: E402
+from trainables.folds import train_val_indices  # noqa: E402
+from trainables.io import atomic_save_figure  # noqa: E402
 from trainables.rows import OOF_ROWS  # noqa: E402
-from trainables.io import atomic_path  # noqa: E402
+from trainables.runfiles import EnsembleFiles  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 LABELS = OOF_ROWS  # the out-of-fold row labels of the printed table
-
-
-def _save(fig, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
 
 
 def iou_bars(metrics: dict, class_names: list[str], path: Path) -> Path:
@@ -38,7 +35,7 @@ def iou_bars(metrics: dict, class_names: list[str], path: Path) -> Path:
     ax.set_ylabel("IoU (out-of-fold)")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return atomic_save_figure(fig, path)
 
 
 def threshold_curves(thresholds: dict, class_names: list[str], path: Path) -> Path:
@@ -55,7 +52,7 @@ def threshold_curves(thresholds: dict, class_names: list[str], path: Path) -> Pa
     ax.set_xlabel("class threshold")
     ax.set_ylabel("mIoU" if "miou" in curves else thresholds.get("metric", "score"))
     ax.legend(fontsize=7, ncol=2)
-    return _save(fig, path)
+    return atomic_save_figure(fig, path)
 
 
 def confusion_plot(confusion: list[list[int]], class_names: list[str], path: Path) -> Path:
@@ -68,7 +65,7 @@ def confusion_plot(confusion: list[list[int]], class_names: list[str], path: Pat
     ax.set_xlabel("predicted")
     ax.set_ylabel("true (row-normalised)")
     fig.colorbar(im, ax=ax, fraction=0.046)
-    return _save(fig, path)
+    return atomic_save_figure(fig, path)
 
 
 def overlays(samples: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], num_classes: int, path: Path) -> Path:
@@ -84,4 +81,25 @@ def overlays(samples: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], num_
                 ax.imshow(arr)
             ax.set_title(title, fontsize=8)
             ax.axis("off")
-    return _save(fig, path)
+    return atomic_save_figure(fig, path)
+
+
+def write_plots(out_dir: Path, report: dict, thresholds: dict, data, ensembles: dict, folds: list[list[str]],
+                max_size: int | None) -> None:
+    """iou_bars.png, threshold_curves.png, confusion.png and (multiclass) overlays.png of two
+    out-of-fold images of each fold, decided from their stored probabilities."""
+    iou_bars(report, data.class_names, out_dir / "iou_bars.png")
+    threshold_curves(thresholds, data.class_names, out_dir / "threshold_curves.png")
+    if "confusion" in report["tuned"]:
+        confusion_plot(report["tuned"]["confusion"], data.class_names, out_dir / "confusion.png")
+    if data.task != "multiclass":
+        return
+    samples = []
+    for fold, ens in sorted(ensembles.items()):
+        _, val_idx = train_val_indices(folds, fold, data.ids)
+        ds = SegDataset(data, val_idx[:2], transform=None, max_size=max_size, cache=False)
+        for i in val_idx[:2]:
+            image, mask = ds.load(i)
+            probs = np.load(EnsembleFiles(out_dir).oof_probs_dir / f"{i}.npy").astype(np.float32)
+            samples.append((data.ids[i], image, mask, ens.decide(probs, thresholds)))
+    overlays(samples[:4], data.num_classes, out_dir / "overlays.png")

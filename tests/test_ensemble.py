@@ -634,7 +634,7 @@ import torch
 torch.set_num_threads(1)
 from ensemble.oof import oof_evaluate
 from ensemble.predictor import Ensemble, load_member
-from ensemble.run import load_experiment
+from ensemble.steps import load_experiment
 from trainables.data import load_data
 run_dir, copies, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 experiment, folds, rows = load_experiment(Path(run_dir))

@@ -20,8 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 SCRIPTS = PYPROJECT["project"]["scripts"]
 # what a user runs by its path; its folder comes first on sys.path
-SCRIPT_FILES = ["tune/run.py", "tune/report.py", "tune/sweep_agent.py", "ensemble/run.py", "ensemble/predict.py",
-                "trainables/train.py", "bench/run.py", "data/make_camvid_sample.py"]
+SCRIPT_FILES = ["tune/run.py", "tune/report.py", "tune/compare.py", "tune/sweep_agent.py", "tune/commands.py",
+                "ensemble/run.py", "ensemble/predict.py", "trainables/train.py", "bench/run.py",
+                "data/make_camvid_sample.py"]
 SKIP_DIRS = {".git", "runs", "build", "dist", "__pycache__", ".venv", "venv"}
 
 
@@ -82,17 +83,29 @@ def _run(cmd: list[str], cwd: Path) -> tuple[list[str], int, str]:
     return cmd, proc.returncode, proc.stdout + proc.stderr
 
 
+def seghpo_subcommands() -> list[str]:
+    """``seghpo``'s subcommands (``predict`` once ensemble/predict.py exports add_arguments/run: the
+    predict branch)."""
+    import ensemble.predict
+    from tune.commands import COMMANDS
+
+    return [n for n in COMMANDS if n != "predict" or hasattr(ensemble.predict, "add_arguments")]
+
+
 def test_console_scripts_and_scripts_start(tmp_path):
-    """``--help`` of every console script, and of every script run by its path, from outside the checkout."""
+    """``--help`` of every console script (and of each ``seghpo`` subcommand), and of every script run
+    by its path, from outside the checkout."""
     missing = [s for s in SCRIPTS if shutil.which(s) is None]
     assert not missing, f"console scripts not installed: {missing} (pip install -e .)"
     cmds = [[shutil.which(s), "--help"] for s in SCRIPTS]
+    cmds += [[shutil.which("seghpo"), name, "--help"] for name in seghpo_subcommands()]
     cmds += [[sys.executable, str(REPO / f), "--help"] for f in SCRIPT_FILES]
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda c: _run(c, tmp_path), cmds))
     failed = [f"{' '.join(c)} -> {rc}: {out.strip().splitlines()[-1:] }" for c, rc, out in results
               if rc != 0 or "usage:" not in out]
     assert not failed, "\n".join(failed)
+    assert SCRIPTS["seghpo"] == "tune.commands:main"
 
 
 def test_no_script_folder_module_hides_another_module(tmp_path):

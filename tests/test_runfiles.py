@@ -21,7 +21,7 @@ from trainables.runfiles import (SEARCH_STATE, RunFiles, best_per_fold, experime
                                  write_experiment_json, write_trials_csv)
 
 ROOT = Path(__file__).resolve().parents[1]
-NO_RAY = ("ensemble/run.py", "ensemble/predict.py", "tune/report.py")
+NO_RAY = ("ensemble/run.py", "ensemble/steps.py", "ensemble/extras.py", "ensemble/predict.py", "tune/report.py")
 
 
 def project_imports(path: Path) -> set[str]:

@@ -1,7 +1,9 @@
 """Shared command-line plumbing: user errors as one line + exit 2, ``--set key=value`` parsing,
-the ``--debug`` budget, W&B's default mode."""
+the ``--debug`` budget, W&B's default mode, and the flag groups several commands share (declared
+once here: ``add_..._flags(parser)``)."""
 from __future__ import annotations
 
+import argparse
 import functools
 import logging
 import os
@@ -84,3 +86,69 @@ def default_mode() -> str:
         return "online" if wandb.api.api_key else "offline"
     except Exception:  # an unconfigured wandb raises various errors here
         return "offline"
+
+
+# The flag groups several commands share. Each adds its flags to ``parser`` (a parser or an
+# argument group) and returns it; the command's own words go in ``help``/``title`` where the
+# flag's effect differs between commands.
+
+WANDB_DEFAULT = "offline, or online when an API key is configured"
+SET_HELP = "override settings: section.key=value, the value read as YAML (repeatable), e.g. train.epochs=3"
+ADDRESS_HELP = ("join a Ray cluster: auto, ray://host:10001 (default: the RAY_ADDRESS environment variable, else "
+                "start a private local Ray, never one already running on this machine)")
+
+
+def add_wandb_flags(parser, help: str = "W&B logging") -> None:
+    """``--wandb MODE`` (one of :data:`MODES`; not given: :func:`wandb_mode` resolves it with
+    :func:`default_mode` when the command runs, so ``--help`` never imports wandb) and ``--wandb-project``."""
+    parser.add_argument("--wandb", choices=MODES, default=None, help=f"{help} [{WANDB_DEFAULT}]")
+    parser.add_argument("--wandb-project", default="segmentation-hpo", help="W&B project [segmentation-hpo]")
+
+
+def wandb_mode(args: argparse.Namespace) -> str:
+    """``--wandb`` as given, else :func:`default_mode`."""
+    return args.wandb or default_mode()
+
+
+def add_debug_flag(parser, help: str = DEBUG_HELP) -> None:
+    parser.add_argument("--debug", action="store_true", help=help)
+
+
+def add_set_flag(parser, help: str = SET_HELP) -> None:
+    """``--set KEY=VALUE ...``, repeatable (``--set a.b=1 --set c.d=2`` and ``--set a.b=1 c.d=2`` both
+    collect every item); read them with :func:`parse_sets`."""
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help=help)
+
+
+def add_address_flag(parser, help: str = ADDRESS_HELP) -> None:
+    """``--address``: a running Ray cluster to join."""
+    parser.add_argument("--address", help=help)
+
+
+def add_ray_actor_flags(parser, title: str = "on a Ray cluster (Ray Data actor pool; see ensemble/ray_predict.py)"):
+    """``--ray``, ``--address``, ``--actors``, ``--cpus-per-actor``, ``--gpus-per-actor``: prediction by
+    a Ray Data actor pool, as a group titled ``title``; check them with :func:`ray_actor_args`."""
+    ray = parser.add_argument_group(title)
+    ray.add_argument("--ray", action="store_true", help="predict with Ray Data on a Ray started on this machine")
+    add_address_flag(ray, "predict with Ray Data on this running cluster (auto: the one this job runs in)")
+    ray.add_argument("--actors", type=int, help="actor pool size [as many as the cluster's CPUs/GPUs hold]")
+    ray.add_argument("--cpus-per-actor", type=float, default=1.0,
+                     help="CPUs each actor reserves (and its torch threads) [1]")
+    ray.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs each actor reserves [0]")
+    return ray
+
+
+def ray_actor_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Sets ``args.on_ray`` (``--ray`` or ``--address``); the actor flags without either are a
+    :class:`ConfigError` (one line, exit 2)."""
+    args.on_ray = bool(args.ray or args.address)
+    if not args.on_ray and (args.actors is not None or args.cpus_per_actor != 1.0 or args.gpus_per_actor):
+        raise ConfigError("command line", "--actors", "--actors, --cpus-per-actor and --gpus-per-actor need --ray "
+                                                      "or --address")
+    return args
+
+
+def ray_actor_options(args: argparse.Namespace) -> dict:
+    """The actor flags as keyword arguments of ensemble/ray_predict.py's entry points."""
+    return {"address": args.address, "actors": args.actors, "cpus_per_actor": args.cpus_per_actor,
+            "gpus_per_actor": args.gpus_per_actor}

@@ -19,10 +19,11 @@ from pathlib import Path
 import yaml
 
 from trainables.checkpoint import save_checkpoint  # noqa: E402
-from trainables.cli import DEBUG_HELP, DEBUG_SETTINGS, exit_on_user_error, parse_sets  # noqa: E402
+from trainables.cli import DEBUG_SETTINGS, add_debug_flag, add_set_flag, exit_on_user_error, parse_sets  # noqa: E402
 from trainables.config import resolve, validate_config  # noqa: E402
 from trainables.data import load_data  # noqa: E402
 from trainables.errors import InputError  # noqa: E402
+from trainables.extra import with_extra_train  # noqa: E402
 from trainables.folds import coverage_table, fold_coverage, load_or_make_folds, train_val_indices  # noqa: E402
 from trainables.io import atomic_write_text  # noqa: E402
 from trainables.loop import FoldTrainer  # noqa: E402
@@ -48,16 +49,23 @@ def records_csv(records: list[dict]) -> str:
     return out.getvalue()
 
 
-@exit_on_user_error
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="COCO json or image/mask folder (default: the shipped CamVid sample)")
     parser.add_argument("--config", type=Path, help="YAML with trial-config sections")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override settings")
+    add_set_flag(parser)
     parser.add_argument("--fold", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/plain"))
-    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
-    args = parser.parse_args(argv)
+    add_debug_flag(parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    """Train fold ``args.fold`` and write its best checkpoint and per-epoch records under ``args.out``."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     overrides = {**(DEBUG_SETTINGS if args.debug else {}), **parse_sets(args.set)}
@@ -72,9 +80,7 @@ def main(argv: list[str] | None = None) -> None:
                                data.fingerprint, f["group_regex"], f.get("holdout"))
     print(coverage_table(fold_coverage(folds, data.ids, data.presence), data.class_names))
     train_idx, val_idx = train_val_indices(folds, args.fold, data.ids)
-    from trainables.extra import with_extra_train  # data.extra_train: appended to training only
-
-    labelled = len(data)
+    labelled = len(data)  # data.extra_train: appended to training only
     data, train_idx = with_extra_train(data, train_idx, d, args.fold)
     extra = f" ({len(data) - labelled} extra)" if len(data) > labelled else ""
     print(f"{data.source}: {labelled} images, {data.num_classes} classes; fold {args.fold}: "
@@ -92,6 +98,11 @@ def main(argv: list[str] | None = None) -> None:
         atomic_write_text(fold_dir / "epochs.csv", records_csv(records))
     path = save_checkpoint(trainer.best_checkpoint(), fold_dir)
     print(f"best {trainer.metric} {trainer.best_score:.4f} at epoch {trainer.best_epoch}; checkpoint {path}")
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -28,9 +28,11 @@ import logging
 import math
 from pathlib import Path
 
+from trainables.cli import add_wandb_flags, exit_on_user_error, wandb_mode
 from trainables.errors import InputError
 from trainables.io import atomic_write_text
 from trainables.runfiles import RunFiles, read_experiment, read_trial_file, read_trials_csv
+from tune.report_html import Page, tidy_figure
 from tune.wandb_runs import SearchRun, read_sweep
 
 logger = logging.getLogger(__name__)
@@ -144,8 +146,6 @@ def figure(rows: list[dict], metric: str):
     """Best so far against epochs spent, one step line per search."""
     import plotly.graph_objects as go
 
-    from tune.report_html import tidy_figure
-
     fig = go.Figure()
     for search in (TUNE, SWEEP):
         own = [r for r in rows if r["search"] == search]
@@ -190,8 +190,6 @@ def log_table(rows: list[dict], project: str, group: str, directory: Path, mode:
 def compare(run_dir: Path, sweep: list[str], fold: int | None = None, out: Path | None = None,
             wandb_mode: str = "disabled", wandb_project: str = "segmentation-hpo") -> tuple[list[dict], str]:
     """Write compare.csv and compare.html under ``out``; return the rows and the summary."""
-    from tune.report_html import Page
-
     run_dir = Path(run_dir)
     search = read_experiment(run_dir)["settings"]["search"]
     metric, mode = search["metric"], search["mode"]
@@ -219,28 +217,31 @@ def compare(run_dir: Path, sweep: list[str], fold: int | None = None, out: Path 
     return rows, text
 
 
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--experiment", type=Path, required=True, help="the Tune experiment, runs/<name>")
+    p.add_argument("--sweep", nargs="+", required=True, metavar="RUNS",
+                   help="entity/project/sweep_id, or offline run folders (wandb/offline-run-*)")
+    p.add_argument("--fold", type=int, help="the fold both searched (default: the sweep's fold)")
+    p.add_argument("--out", type=Path, help="output folder [<experiment>/compare]")
+    add_wandb_flags(p, "log the table to W&B")
+
+
+def run(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    out = args.out or args.experiment / "compare"
+    _rows, text = compare(args.experiment, args.sweep, args.fold, out, wandb_mode(args), args.wandb_project)
+    print(f"{text}\ncomparison: {out / 'compare.html'}, table: {out / 'compare.csv'}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return p
+
+
+@exit_on_user_error
 def main(argv=None) -> None:
-    from trainables.cli import exit_on_user_error
-    from trainables.cli import MODES, default_mode
-
-    @exit_on_user_error
-    def run() -> None:
-        p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--experiment", type=Path, required=True, help="the Tune experiment, runs/<name>")
-        p.add_argument("--sweep", nargs="+", required=True, metavar="RUNS",
-                       help="entity/project/sweep_id, or offline run folders (wandb/offline-run-*)")
-        p.add_argument("--fold", type=int, help="the fold both searched (default: the sweep's fold)")
-        p.add_argument("--out", type=Path, help="output folder [<experiment>/compare]")
-        p.add_argument("--wandb", choices=MODES, help="log the table to W&B (default: offline unless logged in)")
-        p.add_argument("--wandb-project", default="segmentation-hpo")
-        args = p.parse_args(argv)
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        out = args.out or args.experiment / "compare"
-        _rows, text = compare(args.experiment, args.sweep, args.fold, out, args.wandb or default_mode(),
-                              args.wandb_project)
-        print(f"{text}\ncomparison: {out / 'compare.html'}, table: {out / 'compare.csv'}")
-
-    run()
+    run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

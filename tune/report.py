@@ -22,9 +22,11 @@ from pathlib import Path
 import optuna
 from tqdm import tqdm
 
+from trainables.cli import exit_on_user_error
 from trainables.io import atomic_write_text
 from trainables.runfiles import (PARAM_PREFIX, RunFiles, best_per_fold, read_experiment, read_trial_file,
                                  read_trials_csv, score_column)
+from tune.compare import comparison_section
 from tune.report_crossfold import crossfold_html, param_columns, top_per_fold
 from tune.report_ensemble import ensemble_section
 from tune.report_html import Page, Text, table, tidy_figure
@@ -142,8 +144,6 @@ def write_report(run_dir: Path) -> Path:
                  + ", ".join(f"{n} {s}" for s, n in sorted(states.items())) + "</p>")
         page.figures(study_figures(study, fold))
     if (run_dir / "compare" / "compare.csv").exists():  # written by tune/compare.py
-        from tune.compare import comparison_section
-
         comparison_section(page, run_dir / "compare" / "compare.csv", metric, mode)
     ensemble_section(page, run_dir, rows, metric)
     page.add(f"<p class='note'>Explore the studies: <code>optuna-dashboard {html.escape(storage)}</code>; "
@@ -155,17 +155,23 @@ def write_report(run_dir: Path) -> Path:
     return path
 
 
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--experiment", type=Path, required=True, help="runs/<name> written by tune/run.py")
+
+
+def run(args: argparse.Namespace) -> None:
+    print(f"report: {write_report(args.experiment)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return p
+
+
+@exit_on_user_error
 def main(argv=None) -> None:
-    from trainables.cli import exit_on_user_error
-
-    @exit_on_user_error
-    def run() -> None:
-        p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--experiment", type=Path, required=True)
-        args = p.parse_args(argv)
-        print(f"report: {write_report(args.experiment)}")
-
-    run()
+    run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -20,12 +20,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from trainables.cli import DEBUG_HELP, DEBUG_SETTINGS, exit_on_user_error, parse_sets  # noqa: E402
+from trainables.cli import (DEBUG_HELP, DEBUG_SETTINGS, add_address_flag, add_debug_flag, add_set_flag,  # noqa: E402
+                            add_wandb_flags, exit_on_user_error, parse_sets, wandb_mode)
 from trainables.errors import ConfigError  # noqa: E402
+from trainables.io import atomic_write_text  # noqa: E402
+from tune.rundir import earlier_state  # noqa: E402
+from tune.space import load_space, with_demo, with_overrides  # noqa: E402
+from tune.wandb_logging import sweep_config  # noqa: E402
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--space", required=True, help="search_spaces/<name>.yaml, a name, or a path")
     p.add_argument("--data", help="COCO json or image/mask folder (default: the shipped sample, demo budget)")
     p.add_argument("--images", help="image root of a COCO json (default: <json dir>/images)")
@@ -60,22 +64,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "per worker [1]")
     p.add_argument("--max-concurrent", type=int)
     p.add_argument("--max-failures", type=int, default=0, help="retries of a failing trial [0]")
-    p.add_argument("--address", help="join a Ray cluster: auto, ray://host:10001 (default: the RAY_ADDRESS "
-                                     "environment variable, else start a private local Ray, never one already "
-                                     "running on this machine)")
+    add_address_flag(p)
     p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard (127.0.0.1:8265) locally")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override trial settings")
-    p.add_argument("--wandb", choices=["offline", "online", "disabled"],
-                   help="W&B logging of every trial [offline, or online when an API key is configured]")
-    p.add_argument("--wandb-project", default="segmentation-hpo")
+    add_set_flag(p)
+    add_wandb_flags(p, "W&B logging of every trial")
     p.add_argument("--export-wandb-sweep", type=Path, metavar="SWEEP_YAML",
                    help="write the space as a W&B sweep config (one fold: --sweep-fold) and exit")
     p.add_argument("--sweep-fold", type=int, default=0)
-    p.add_argument("--debug", action="store_true", help=DEBUG_HELP + ", one trial per fold (runs/<name>-debug)")
+    add_debug_flag(p, DEBUG_HELP + ", one trial per fold (runs/<name>-debug)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="also print every trial's output, W&B's and Tune's own trial table (by default they go to "
                         "the trial logs, runs/<name>/tune/<trial>/stdout|stderr, and one progress view is shown)")
-    return p.parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def overrides(args: argparse.Namespace, searched: Collection[str] = ()) -> tuple[dict, dict, dict]:
@@ -103,7 +112,7 @@ def overrides(args: argparse.Namespace, searched: Collection[str] = ()) -> tuple
 def debug_resources(asked: dict, address: str | None) -> dict:
     """``--debug`` on a local Ray: trials take what this machine has, two at a time, so a space written
     for GPUs (``smp.yaml``: 4 CPUs and half a GPU a trial) is checked on a CPU laptop too."""
-    from tune.cluster import local_resources, starts_local_ray
+    from tune.cluster import local_resources, starts_local_ray  # lazy: start-up time (--help without ray)
 
     if not starts_local_ray(address):
         return {}
@@ -120,9 +129,7 @@ def debug_resources(asked: dict, address: str | None) -> dict:
 def export_sweep(spec, args: argparse.Namespace) -> None:
     import yaml
 
-    from trainables.data import load_data
-    from trainables.io import atomic_write_text
-    from tune.wandb_logging import sweep_config
+    from trainables.data import load_data  # lazy: start-up time (--help without torch)
 
     d = spec.base_config()["data"]
     data = load_data(d)
@@ -133,9 +140,8 @@ def export_sweep(spec, args: argparse.Namespace) -> None:
           f"({len(config['parameters'])} parameters)\nnext: wandb sweep {args.export_wandb_sweep}")
 
 
-@exit_on_user_error
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> None:
+    """The search (tune/search.py), then the experiment's report page (tune/report.py)."""
     if args.overwrite and args.resume:
         raise ConfigError("command line", "--overwrite", "replaces the earlier run, --resume continues it: "
                                                          "give one of the two")
@@ -149,20 +155,16 @@ def main(argv: list[str] | None = None) -> None:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created" per fold
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    from tune.space import load_space, with_demo, with_overrides
-
     spec = load_space(args.space, ROOT / "search_spaces")
     demo = args.data is None and not spec.fixed.get("data", {}).get("path")
     if demo:
         spec = with_demo(spec)
         print(f"demo: no --data given, running {spec.source.name} on the shipped CamVid sample with its demo budget")
-    from trainables.cli import default_mode
-
-    wandb_mode = args.wandb or default_mode()
+    mode = wandb_mode(args)
     fixed, search, resources = overrides(args, spec.space)
     if args.debug:
         resources = {**debug_resources({**spec.resources, **resources}, args.address), **resources}  # flags win
-    if wandb_mode == "disabled":
+    if mode == "disabled":
         fixed.setdefault("train.preview_images", 0)  # example predictions are only for W&B
     spec = with_overrides(spec, fixed, search, resources)
     name = args.name or (f"{spec.name}-demo" if demo else spec.name)
@@ -172,9 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.export_wandb_sweep:
         export_sweep(spec, args)
         return
-    from tune.search import run_search
-
-    from tune.rundir import earlier_state
+    from tune.report import write_report  # lazy: start-up time (--help without torch/ray)
+    from tune.search import run_search  # lazy: start-up time (--help without torch/ray)
 
     run_dir = args.storage / name
     overwrite = args.overwrite or (args.debug and not args.resume)  # --debug always replaces its last run
@@ -182,8 +183,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{'debug: ' if args.debug else ''}replacing the earlier {'debug ' if args.debug else ''}run {run_dir}")
     rows = run_search(spec, run_dir, resume=args.resume, address=args.address, max_failures=args.max_failures,
                       trial_storage=args.trial_storage, overwrite=overwrite,
-                      dashboard=args.dashboard, wandb_mode=wandb_mode,
+                      dashboard=args.dashboard, wandb_mode=mode,
                       wandb_project=args.wandb_project, verbose=args.verbose)
+    print(f"report: {write_report(run_dir)}")
     ok = [r for r in rows if r["status"] in ("completed", "stopped")]
     if not ok and rows and all(r["status"] == "not_run_budget" for r in rows):
         print("the budget let no trial run: raise --epoch-budget / --time-budget", file=sys.stderr)
@@ -194,6 +196,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(1)
     print(f"\nresults: {run_dir}/trials.csv ({len(rows)} trials)\n"
           f"next: python ensemble/run.py --experiment {run_dir}")
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    run(parse_args(argv))
 
 
 if __name__ == "__main__":

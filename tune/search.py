@@ -299,9 +299,6 @@ def run_search(spec: SearchSpec, run_dir: Path, *, resume: bool = False, address
     if budget is not None:
         rows = mark_budget(rows, budget, spec.search, len(folds), files.trials_csv)
     metric, mode = spec.search["metric"], spec.search["mode"]
-    from tune.report import write_report
-
-    print(f"report: {write_report(run_dir)}")
     print(f"\nbest trial per fold ({metric}, {time.perf_counter() - start:.0f}s):")
     print(summary_table(rows, metric, mode))
     if budget is not None:

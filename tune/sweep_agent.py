@@ -18,18 +18,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from trainables.cli import exit_on_user_error, parse_sets  # noqa: E402
+from trainables.cli import add_set_flag, default_mode, exit_on_user_error, parse_sets  # noqa: E402
+from trainables.folds import make_split  # noqa: E402
+from tune.space import load_space, sample, with_demo, with_overrides  # noqa: E402
+from tune.wandb_logging import SweepTrial  # noqa: E402
 
 
 def sweep_trial(spec, fold: int, trial):
     """The trainer of one sweep run (``trial``: the sweep's parameters as an Optuna-like trial) and the
     sampled settings: built by the Tune trial's own builder (tune/trainable.py) from the same fixed
     config (tune/search.py), so a sweep run trains on a Tune trial's data, ``data.extra_train`` included."""
-    from trainables.extra import check_extra_train
-    from trainables.folds import make_split
-    from tune.search import trial_base
-    from tune.space import sample
-    from tune.trainable import build_trainer
+    from trainables.extra import check_extra_train  # lazy: start-up time (--help without torch)
+    from tune.search import trial_base  # lazy: start-up time (--help without torch/ray)
+    from tune.trainable import build_trainer  # lazy: start-up time (--help without torch/ray)
 
     base, data = trial_base(spec)
     f = base["folds"]
@@ -40,8 +41,7 @@ def sweep_trial(spec, fold: int, trial):
     return trainer, sampled
 
 
-@exit_on_user_error
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--space", required=True)
     p.add_argument("--fold", type=int, default=0)
@@ -49,16 +49,16 @@ def main(argv=None) -> None:
     p.add_argument("--params", type=Path, help="JSON of sweep parameters (instead of wandb.config)")
     p.add_argument("--project", default="segmentation-hpo")
     p.add_argument("--dir", type=Path, default=Path("runs/wandb-sweeps"))
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="override trial settings, as tune/run.py --set (e.g. train.epochs=3)")
-    args = p.parse_args(argv)
+    add_set_flag(p)
+    return p
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     import wandb
-
-    from tune.space import load_space, with_demo, with_overrides
-    from trainables.cli import default_mode
-    from tune.wandb_logging import SweepTrial
 
     spec = load_space(args.space, ROOT / "search_spaces")
     fixed = parse_sets(args.set)

@@ -248,7 +248,7 @@ class Ensemble:
 
     def decide(self, probs: np.ndarray, thresholds: dict | None = None, void_label: int = 255) -> np.ndarray:
         """Labels (H, W) for multiclass, booleans (C, H, W) for multilabel, with tuned thresholds if given
-        (:func:`ensemble.thresholds.decide`)."""
-        from ensemble.thresholds import decide
+        (:func:`ensemble.rules.decide`)."""
+        from ensemble.rules import decide
 
         return decide(probs, thresholds, self.task, void_label)

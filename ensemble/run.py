@@ -232,7 +232,7 @@ def main(argv=None) -> None:
                               args.voting, prediction_rule(thresholds, post, d["max_size"]), metric, mode, {"experiment": str(run_dir.resolve())},
                               {"unannotated": d["unannotated"], **dataset_options(d), "has_background": data.has_background})
     if args.compare:
-        from ensemble.pseudo import compare_oof
+        from ensemble.compare import compare_oof
 
         report["compare"] = compare_oof(run_dir, args.compare, report, experiment)
     atomic_write_json(out.oof_metrics_json, report)

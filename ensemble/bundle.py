@@ -237,14 +237,10 @@ def load_bundle(root: Path, device="cpu", runtime: str = "torch", threads: int |
             return _onnx_member(root, k, entry, info, files, str(device), threads)
     else:
         # lazy: torch and the networks' libraries, which the onnx runtime does without
-        from ensemble.predictor import member_from_checkpoint
-        from trainables.checkpoint import load_checkpoint
-        from trainables.device import resolve_device
-
-        torch_device = resolve_device(str(device))
+        from ensemble.predictor import load_member
 
         def make(k: int, entry: dict) -> Member:
-            return member_from_checkpoint(load_checkpoint(root / entry["file"]), entry["name"], torch_device)
+            return load_member(root / entry["file"], entry["name"], device)
     members = []
     for k, entry in enumerate(info["members"]):
         member = make(k, entry)

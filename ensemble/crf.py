@@ -27,8 +27,10 @@ import torch
 from tqdm import tqdm
 
 from ensemble.crf_apply import DEFAULT, INSTALL, missing, refine, refine_at  # noqa: F401  (ensemble/run.py, tests)
-from ensemble.crossfit import step_record
+from ensemble.crossfit import score_key, step_record
+from ensemble.oof import image_metric, make_tuner
 from ensemble.thresholds import merge_tuners
+from trainables.dataset import SegDataset
 from trainables.errors import ConfigError
 from trainables.io import atomic_path
 from trainables.metrics import SegMetrics, iou_from_counts, mean_defined
@@ -57,8 +59,6 @@ class OOFImages:
     from ``<report>/oof_probs`` as written by :func:`ensemble.oof.oof_evaluate`."""
 
     def __init__(self, data, max_size: int | None, prob_dir: Path):
-        from trainables.dataset import SegDataset
-
         self.data, self.prob_dir = data, prob_dir
         self.dataset = SegDataset(data, [], transform=None, max_size=max_size, cache=False)
 
@@ -182,9 +182,6 @@ def crf_step(result: dict, any_ensemble, data, max_size: int | None, out_dir: Pa
     (row (d) cross-fitted, row (d) in-sample, the ``postprocessing.json`` content). The CRF competes
     with the best rule kept before it (:func:`crf_baseline`) on what the search optimised (``metric``:
     with a per-image score, its thresholds are the per-image tuner's, as the out-of-fold step's)."""
-    from ensemble.crossfit import score_key
-    from ensemble.oof import image_metric, make_tuner
-
     load = OOFImages(data, max_size, EnsembleFiles(out_dir).oof_probs_dir)
     per_image = image_metric(metric)
 

@@ -27,6 +27,7 @@ DEFAULT = {"sxy_gaussian": 3, "compat_gaussian": 3, "sxy_bilateral": 60, "srgb":
 def missing() -> str | None:
     """Why the CRF cannot run here, in one line; None when it can."""
     try:
+        # lazy: optional dependency (pydensecrf2), only asked whether it is installed
         import pydensecrf.densecrf  # noqa: F401
     except ImportError:
         return f"needs the optional package pydensecrf2, which is not installed: {INSTALL}"

@@ -18,6 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ensemble.crossfit import fit_cross, score_key, step_record, without_min_area
+from ensemble.image_thresholds import make_image_tuner
 from ensemble.predictor import Ensemble
 from ensemble.scoring import score_into, target_of
 from ensemble.thresholds import MulticlassThresholdTuner, MultilabelThresholdTuner
@@ -36,8 +37,6 @@ def make_tuner(data: SegData, tune_min_area: bool, bins: int, metric: str = "val
     image``) gets the per-image tuner with its image-level empty decision (``empty_area``; minimum
     component areas are not tuned then); otherwise dataset-level mIoU / Dice."""
     if image_metric(metric):
-        from ensemble.image_thresholds import make_image_tuner
-
         return make_image_tuner(data.task, data.num_classes, 0 if data.has_background else None, metric,
                                 empty=empty, bins=min(bins, 100))
     if data.task == "multilabel":

@@ -22,14 +22,15 @@ from trainables.preprocess import InputSpec, activate, add_probs
 logger = logging.getLogger(__name__)
 
 
-def load_member(path: str | Path, name: str, device: torch.device, channels_last: bool = False) -> Member:
+def load_member(path: str | Path, name: str, device: str | torch.device, channels_last: bool = False) -> Member:
+    """The member of the checkpoint at ``path`` on ``device`` ("auto": CUDA when there is one)."""
     member = member_from_checkpoint(load_checkpoint(path), name, device, channels_last)
     member.meta["path"] = str(path)  # copied into the bundle
     return member
 
 
-def member_from_checkpoint(ckpt: dict, name: str, device: torch.device, channels_last: bool = False) -> Member:
-    model = model_from_checkpoint(ckpt).to(device).eval()
+def member_from_checkpoint(ckpt: dict, name: str, device: str | torch.device, channels_last: bool = False) -> Member:
+    model = model_from_checkpoint(ckpt).to(resolve_device(str(device))).eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     cfg = ckpt["config"]

@@ -40,6 +40,7 @@ import time
 import uuid
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from tqdm import tqdm
@@ -158,7 +159,7 @@ def connect(address: str | None) -> None:
 
 def pool_size(actors: int | None, cpus_per_actor: float, gpus_per_actor: float, batches: int) -> int:
     """``actors``, or as many as the cluster's CPUs (GPUs when actors take GPUs) hold; never more than batches."""
-    import ray
+    import ray  # lazy: Ray is imported only when asked for (--ray, --address)
 
     if actors is not None:
         if actors < 1:
@@ -178,7 +179,7 @@ def run_actor_pool(bundle_dir: Path, paths: list[Path], ids: list[str], out: Pat
                    desc: str) -> tuple[dict[int, dict], list[dict], Path]:
     """Records of every image (index -> record), the actor processes (node, pid, indices, busy seconds)
     that returned them and the staging folder."""
-    import ray
+    import ray  # lazy: Ray is imported only when asked for (--ray, --address)
     from ray.data import ActorPoolStrategy, DataContext
 
     if batch_size < 1:
@@ -272,8 +273,7 @@ def predict_on_ray(bundle_dir: Path, images: Path, out: Path, *, address: str | 
     result = {"images": len(paths), "out": str(out), "actors": used, "members": len(info["members"]),
               "class_names": class_names}
     if scorer is not None:
-        from types import SimpleNamespace
-
+    
         entries = [SimpleNamespace(score=float("nan") if e["score"] is None else float(e["score"]))
                    for e in info["members"]]
         keep = best_member_index(entries, info.get("mode", "max"))  # what Bundle.best_member picks

@@ -149,3 +149,31 @@ def test_cv2_linear_resize_of_probabilities_matches_torch_bilinear(size):
     want = F.interpolate(torch.from_numpy(many), size=(16, 20), mode="bilinear", align_corners=False).numpy()
     np.testing.assert_allclose(resize_probs_array(many, (16, 20)), want, atol=1e-5)
     assert cv2.INTER_LINEAR == 1
+
+
+def test_annotated_inputs_without_torch_are_predicted_not_scored(exported):
+    """Scoring needs torch (SegMetrics): without it an annotated mask folder is predicted as the
+    torch runtime predicts it, test_metrics.json is not written and one line says why."""
+    tmp, bundle, images = exported
+    folder = tmp / "annotated"
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    (folder / "classes.txt").write_text("background\na\nb\n")
+    for path in sorted(images.glob("*.png")):
+        (folder / "images" / path.name).write_bytes(path.read_bytes())
+        h, w = np.asarray(Image.open(path)).shape[:2]
+        Image.fromarray(np.random.default_rng(h).integers(0, 3, (h, w), dtype=np.uint8)).save(
+            folder / "masks" / path.name)
+    args = ["--bundle", bundle, "--images", folder, "--device", "cpu", "--runtime", "onnx"]
+    proc, report = _predict([*args, "--out", tmp / "annotated_onnx"], tmp, BLOCKED)
+    assert [m for m in report["modules"] if m.split(".")[0] in BLOCKED] == []
+    assert "scoring needs torch" in proc.stderr
+    assert not (tmp / "annotated_onnx" / "test_metrics.json").exists()
+    from ensemble.bundle import load_bundle
+    from ensemble.predict import predict_with_bundle
+
+    ref = predict_with_bundle(load_bundle(bundle, "cpu"), folder, tmp / "annotated_torch", device="cpu")
+    assert "test_metrics" in ref  # with torch the same inputs are scored
+    for name in ("big", "mid", "small"):
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp / "annotated_onnx" / "masks" / f"{name}.png")),
+                                      np.asarray(Image.open(tmp / "annotated_torch" / "masks" / f"{name}.png")))

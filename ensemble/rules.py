@@ -173,6 +173,12 @@ class ThresholdRule:
             out["max_size"] = self.max_size
         return out
 
+    def at(self, height: int, width: int) -> "ThresholdRule":
+        """This rule with its areas for an image of ``height x width`` (:func:`areas_at`), no
+        ``max_size`` left to scale by."""
+        scaled = areas_at(self.to_dict(), height, width)
+        return ThresholdRule.from_dict({**scaled, "max_size": None})
+
     def apply(self, probs: np.ndarray, task: str, void_label: int = 255) -> np.ndarray:
         """:func:`decide` with this rule."""
         return decide(probs, self.to_dict(), task, void_label)

@@ -177,10 +177,6 @@ class NumpyEnsemble(Voting):
     """The ensemble on numpy arrays, its members' networks called as ``model(x) -> logits`` on
     (B, 3, h, w) float32 arrays (onnxruntime sessions: :class:`ensemble.onnx_runtime.OnnxModel`)."""
 
-    def __init__(self, members: list[Member], tta: TTA | None = None, voting: str = "soft",
-                 tile: tuple[int, int] | None = None, overlap: float = 0.5):
-        super().__init__(members, tta, voting, tile, overlap)
-
     def _zeros(self, images: np.ndarray) -> np.ndarray:
         return np.zeros((images.shape[0], self.num_classes, *images.shape[1:3]), dtype=np.float32)
 

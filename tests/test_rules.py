@@ -112,6 +112,9 @@ def test_areas_at_scales_by_the_pixel_ratio():
     scaled = areas_at(rule, 100, 200)  # tuned at 25 x 50: 16 times the pixels
     assert scaled["min_area"] == [0, 160] and scaled["empty_area"] == [0, 112]
     assert areas_at({k: v for k, v in rule.items() if k != "max_size"}, 100, 200)["min_area"] == [0, 10]
+    obj = ThresholdRule.from_dict(rule)
+    assert obj.at(100, 200) == ThresholdRule([0, 0.5], 0, [0, 160], [0, 112], None)
+    assert obj.at(40, 50) == ThresholdRule([0, 0.5], 0, [0, 10], [0, 7], None)
 
 
 def test_decision_rule_reads_bundle_json_as_written(tmp_path):

@@ -46,7 +46,7 @@ def bare_loop(models: list, sizes: list, images: list, batch: int) -> float:
 
 def run(quick: bool) -> dict:
     from ensemble.bundle import load_bundle, write_bundle
-    from ensemble.infer import predict_folder
+    from ensemble.infer import PredictOptions, predict_folder
 
     common.set_threads()
     reps = 3 if quick else 7
@@ -69,7 +69,9 @@ def run(quick: bool) -> dict:
                 else:
                     ours.append(images_per_s(ens, images, batch))
             start = time.perf_counter()
-            predict_folder(ens, None, VAL_IMAGES, tmp / "out", "multiclass", "background", bundle.class_names, batch)
+            predict_folder(ens, None, PredictOptions(VAL_IMAGES, tmp / "out", task="multiclass",
+                                                     unannotated="background", class_names=bundle.class_names,
+                                                     batch_size=batch))
             folder.append(len(images) / (time.perf_counter() - start))
             common.log(f"  rep {rep}: bundle {ours[-1]:.2f} img/s, bare loop {bare[-1]:.2f} img/s, "
                        f"predict_folder {folder[-1]:.2f} img/s")

@@ -13,6 +13,9 @@ Fit, then apply: everything ``ensemble/predict.py`` needs, nothing of the experi
 
 A bundle whose files do not match the manifest (damaged, incomplete, edited) is refused in one
 line (:class:`trainables.errors.InputError`).
+
+Loading with ``runtime="onnx"`` imports no torch: the members are onnxruntime sessions in a
+:class:`ensemble.voting.NumpyEnsemble`, the rule is :class:`ensemble.rules.DecisionRule`.
 """
 from __future__ import annotations
 
@@ -28,6 +31,10 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from ensemble.member import TTA, Member, best_member_index, check_weights
+from ensemble.onnx_runtime import OnnxModel, onnx_file
+from ensemble.rules import DecisionRule
+from ensemble.voting import NumpyEnsemble, Voting
 from trainables.data import file_digest
 from trainables.errors import InputError
 from trainables.io import atomic_write_json
@@ -72,8 +79,6 @@ def write_bundle(out: Path, members: list, tta: str, voting: str, rule: dict, me
     """Write the bundle of ``members`` (:class:`ensemble.predictor.Member` with ``meta["path"]``,
     the checkpoint they were loaded from) to ``out``, replacing an older one only when complete.
     Each member's ``weight`` is recorded; members of weight 0 are not written. ``data``: the training data's reading options and ``has_background``."""
-    from ensemble.predictor import check_weights
-
     members = [m for m in members if m.weight != 0]  # a member of weight 0 is no part of the prediction
     if not members:
         raise ValueError("a bundle needs at least one member")
@@ -142,9 +147,9 @@ def verify(root: Path) -> dict:
 
 def rule_thresholds(rule: dict) -> dict | None:
     """The thresholds of a decision rule (``bundle.json``'s ``rule``: ``{"thresholds", "crf",
-    "max_size"}``) as :meth:`ensemble.predictor.Ensemble.decide` applies them: None = argmax / 0.5;
+    "max_size"}``) as :meth:`ensemble.voting.Voting.decide` applies them: None = argmax / 0.5;
     else with the resolution their pixel areas were tuned at (the rule's ``max_size``), so the areas
-    are scaled to each image's size (:func:`ensemble.thresholds.areas_at`). Prediction and every
+    are scaled to each image's size (:func:`ensemble.rules.areas_at`). Prediction and every
     score of "what prediction applies" (the holdout) go through here."""
     if not rule.get("thresholds"):
         return None
@@ -153,13 +158,8 @@ def rule_thresholds(rule: dict) -> dict | None:
 
 def rule_refiner(rule: dict, refine=None):
     """``refine(probs, image)`` of the rule's CRF (its parameters at the rule's ``max_size``), or None
-    without one. ``refine(probs, image, params)``: the CRF itself (default :func:`ensemble.crf.refine`)."""
-    if not rule.get("crf"):
-        return None
-    from ensemble.crf import refine_at
-
-    params, max_size = rule["crf"], rule.get("max_size")
-    return lambda probs, image: refine_at(probs, image, params, max_size, refine)
+    without one. ``refine(probs, image, params)``: the CRF itself (default :func:`ensemble.crf_apply.refine`)."""
+    return DecisionRule.from_dict(rule).refiner(refine)
 
 
 @dataclass
@@ -167,6 +167,7 @@ class Bundle:
     path: Path
     info: dict
     members: list
+    runtime: str = "torch"
 
     @property
     def task(self) -> str:
@@ -177,8 +178,13 @@ class Bundle:
         return self.info["class_names"]
 
     @property
+    def rule(self) -> DecisionRule:
+        """The decision rule (thresholds, CRF and the resolution they were tuned at)."""
+        return DecisionRule.from_dict(self.info["rule"])
+
+    @property
     def thresholds(self) -> dict | None:
-        """What :meth:`ensemble.predictor.Ensemble.decide` takes (:func:`rule_thresholds`)."""
+        """What :meth:`ensemble.voting.Voting.decide` takes (:func:`rule_thresholds`)."""
         return rule_thresholds(self.info["rule"])
 
     def refiner(self):
@@ -187,15 +193,17 @@ class Bundle:
 
     def best_member(self) -> int:
         """Index of the member with the best validation score (the search's mode)."""
-        from ensemble.predictor import best_member_index
-
         return best_member_index(self.members, self.info.get("mode", "max"))
 
-    def ensemble(self, device="auto", tile=None, overlap: float = 0.5):
-        from ensemble.predictor import TTA, Ensemble
+    def ensemble(self, device="auto", tile=None, overlap: float = 0.5) -> Voting:
+        """The members as one predictor: :class:`ensemble.predictor.Ensemble` (PyTorch) or, for the
+        onnx runtime, :class:`ensemble.voting.NumpyEnsemble` (no torch)."""
+        tta = TTA.parse(self.info["tta"])
+        if self.runtime == "onnx":
+            return NumpyEnsemble(self.members, tta, self.info["voting"], tile=tile, overlap=overlap)
+        from ensemble.predictor import Ensemble  # lazy: torch, which the onnx runtime does without
 
-        return Ensemble(self.members, TTA.parse(self.info["tta"]), self.info["voting"], device, tile=tile,
-                        overlap=overlap)
+        return Ensemble(self.members, tta, self.info["voting"], device, tile=tile, overlap=overlap)
 
 
 def member_weight(entry: dict, root: Path) -> float:
@@ -207,35 +215,41 @@ def member_weight(entry: dict, root: Path) -> float:
     return float(weight)
 
 
-def load_bundle(root: Path, device="cpu", runtime: str = "torch") -> Bundle:
+def _onnx_member(root: Path, k: int, entry: dict, info: dict, files: dict, device: str, threads: int | None
+                 ) -> Member:
+    path = root / onnx_file(k)
+    if onnx_file(k) not in files:
+        raise InputError(path, "missing: export the members first with --export onnx")
+    return Member(entry["name"], entry["fold"], OnnxModel(path, device, threads), tuple(entry["image_size"]),
+                  info["task"], info["class_names"], entry["score"], {"epoch": entry.get("epoch")})
+
+
+def load_bundle(root: Path, device="cpu", runtime: str = "torch", threads: int | None = None) -> Bundle:
     """Verify and load a bundle; ``runtime="onnx"`` runs the members' ``onnx/*.onnx`` with
-    onnxruntime instead of rebuilding the networks."""
-    import torch
-
-    from ensemble.predictor import Member, member_from_checkpoint
-    from trainables.checkpoint import load_checkpoint
-    from trainables.device import resolve_device
-
+    onnxruntime (``threads`` intra-op threads each; None: its default) instead of rebuilding the
+    networks, and imports no torch."""
     root = Path(root)
     info = verify(root)
-    device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+    if runtime == "onnx":
+        files = json.loads((root / "manifest.json").read_text())["files"]
+
+        def make(k: int, entry: dict) -> Member:
+            return _onnx_member(root, k, entry, info, files, str(device), threads)
+    else:
+        # lazy: torch and the networks' libraries, which the onnx runtime does without
+        from ensemble.predictor import load_member
+
+        def make(k: int, entry: dict) -> Member:
+            return load_member(root / entry["file"], entry["name"], device)
     members = []
     for k, entry in enumerate(info["members"]):
-        if runtime == "onnx":
-            from ensemble.onnx_export import OnnxModel, onnx_file
-
-            path = root / onnx_file(k)
-            if onnx_file(k) not in json.loads((root / "manifest.json").read_text())["files"]:
-                raise InputError(path, "missing: export the members first with --export onnx")
-            member = Member(entry["name"], entry["fold"], OnnxModel(path, device), tuple(entry["image_size"]),
-                            info["task"], info["class_names"], entry["score"], {"epoch": entry.get("epoch")})
-        else:
-            member = member_from_checkpoint(load_checkpoint(root / entry["file"]), entry["name"], device)
+        member = make(k, entry)
         member.input, member.max_size = entry["input"], entry["max_size"]
         member.mean, member.std = tuple(entry["mean"]), tuple(entry["std"])
         member.score = float("nan") if entry["score"] is None else float(entry["score"])
         member.weight = member_weight(entry, root)
         member.meta["path"] = str(root / entry["file"])
         members.append(member)
-    logger.info("bundle %s: %d members, %s, python %s", root, len(members), info["task"], sys.version.split()[0])
-    return Bundle(root, info, members)
+    logger.info("bundle %s: %d members, %s, %s runtime, python %s", root, len(members), info["task"], runtime,
+                sys.version.split()[0])
+    return Bundle(root, info, members, runtime)

@@ -3,9 +3,8 @@
 Optional: needs ``pydensecrf2`` (``pip install pydensecrf2==1.1``; it builds from source and
 needs a C++ compiler). Without it ``--crf`` stops with one line saying so.
 
-:func:`refine` turns ensemble probabilities (C, H, W) and the image into CRF marginals of the
-same shape (each pixel sums to 1): a unary ``-log p`` plus a Gaussian smoothness kernel and a
-bilateral appearance kernel, mean-field ``iterations`` times. Multiclass only.
+:func:`ensemble.crf_apply.refine` (prediction side) turns ensemble probabilities (C, H, W) and the
+image into CRF marginals of the same shape; this module fits its parameters.
 
 Fit, then apply (as the thresholds), cross-fitted (``ensemble/crossfit.py``): :func:`fit_crf`
 scores a small grid of kernel parameters by argmax mIoU on up to ``tune_images`` out-of-fold
@@ -16,76 +15,32 @@ parameters chosen and thresholds fitted without its images. The choice, the para
 thresholds for refined probabilities and the numbers go to ``postprocessing.json``; prediction
 only reads it. The CRF runs at the resolution the
 out-of-fold probabilities had (the experiment's ``data.max_size``): spatial parameters are in
-those pixels, so inference downscales, refines and upsamples (:func:`refine_at`).
+those pixels, so inference downscales, refines and upsamples (:func:`ensemble.crf_apply.refine_at`).
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from trainables.errors import ConfigError
-from ensemble.crossfit import step_record
+from ensemble.crf_apply import DEFAULT, INSTALL, missing, refine, refine_at  # noqa: F401  (ensemble/run.py, tests)
+from ensemble.crossfit import score_key, step_record
+from ensemble.oof import image_metric, make_tuner
 from ensemble.thresholds import merge_tuners
+from trainables.dataset import SegDataset
+from trainables.errors import ConfigError
 from trainables.io import atomic_path
 from trainables.metrics import SegMetrics, iou_from_counts, mean_defined
 from trainables.runfiles import EnsembleFiles
 
 logger = logging.getLogger(__name__)
 
-INSTALL = "pip install pydensecrf2==1.1 (builds from source: needs a C++ compiler)"
-DEFAULT = {"sxy_gaussian": 3, "compat_gaussian": 3, "sxy_bilateral": 60, "srgb": 10, "compat_bilateral": 5,
-           "iterations": 5}
 # bilateral kernel width, colour range and weight: the parameters that matter most
 GRID = [{**DEFAULT, "sxy_bilateral": sxy, "srgb": srgb, "compat_bilateral": w}
         for sxy in (20, 60) for srgb in (5, 13) for w in (3, 8)]
-
-
-def missing() -> str | None:
-    """Why the CRF cannot run here, in one line; None when it can."""
-    try:
-        import pydensecrf.densecrf  # noqa: F401
-    except ImportError:
-        return f"needs the optional package pydensecrf2, which is not installed: {INSTALL}"
-    return None
-
-
-def refine(probs: np.ndarray, image: np.ndarray, params: dict | None = None) -> np.ndarray:
-    """CRF marginals (C, H, W) float32 for probabilities (C, H, W) and an RGB uint8 image (H, W, 3)."""
-    import pydensecrf.densecrf as dcrf
-
-    p = {**DEFAULT, **(params or {})}
-    c, h, w = probs.shape
-    if image.shape != (h, w, 3):
-        raise ValueError(f"image {image.shape} does not match probabilities {probs.shape}")
-    crf = dcrf.DenseCRF2D(w, h, c)
-    unary = -np.log(np.clip(probs.reshape(c, -1), 1e-8, 1.0), dtype=np.float32)
-    crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
-    crf.addPairwiseGaussian(sxy=p["sxy_gaussian"], compat=p["compat_gaussian"])
-    crf.addPairwiseBilateral(sxy=p["sxy_bilateral"], srgb=p["srgb"], rgbim=np.array(image, dtype=np.uint8, order="C"),
-                             compat=p["compat_bilateral"])
-    q = np.asarray(crf.inference(int(p["iterations"])), dtype=np.float32).reshape(c, h, w)
-    return q / np.maximum(q.sum(0, keepdims=True), 1e-12)
-
-
-def refine_at(probs: np.ndarray, image: np.ndarray, params: dict, max_size: int | None,
-              refine_fn=None) -> np.ndarray:
-    """:func:`refine` at the out-of-fold resolution (longer side ``max_size``), back to the input size.
-    ``refine_fn(probs, image, params)``: the refinement to run there (default :func:`refine`)."""
-    refine_fn = refine_fn or refine
-    h, w = probs.shape[1:]
-    if not max_size or max(h, w) <= max_size:
-        return refine_fn(probs, image, params)
-    scale = max_size / max(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    small = np.stack([cv2.resize(ch, size, interpolation=cv2.INTER_AREA) for ch in probs])
-    q = refine_fn(small / small.sum(0, keepdims=True), cv2.resize(image, size, interpolation=cv2.INTER_AREA), params)
-    up = np.stack([cv2.resize(ch, (w, h), interpolation=cv2.INTER_LINEAR) for ch in q])
-    return up / np.maximum(up.sum(0, keepdims=True), 1e-12)
 
 
 def _confusion(labels: np.ndarray, mask: np.ndarray, num_classes: int, ignore: int) -> np.ndarray:
@@ -104,8 +59,6 @@ class OOFImages:
     from ``<report>/oof_probs`` as written by :func:`ensemble.oof.oof_evaluate`."""
 
     def __init__(self, data, max_size: int | None, prob_dir: Path):
-        from trainables.dataset import SegDataset
-
         self.data, self.prob_dir = data, prob_dir
         self.dataset = SegDataset(data, [], transform=None, max_size=max_size, cache=False)
 
@@ -229,9 +182,6 @@ def crf_step(result: dict, any_ensemble, data, max_size: int | None, out_dir: Pa
     (row (d) cross-fitted, row (d) in-sample, the ``postprocessing.json`` content). The CRF competes
     with the best rule kept before it (:func:`crf_baseline`) on what the search optimised (``metric``:
     with a per-image score, its thresholds are the per-image tuner's, as the out-of-fold step's)."""
-    from ensemble.crossfit import score_key
-    from ensemble.oof import image_metric, make_tuner
-
     load = OOFImages(data, max_size, EnsembleFiles(out_dir).oof_probs_dir)
     per_image = image_metric(metric)
 

@@ -14,7 +14,8 @@ class or void; multilabel: ``p_c >= t_c``), then the **empty area**: when fewer 
 prediction of ``c`` is emptied (multiclass: those pixels fall to the fallback class, or void
 without one, as thresholded pixels do; multilabel: the channel becomes all False). The area
 counts every pixel of the image, ignored truth included, as the rule sees them at prediction
-time. :func:`apply_image_rule` applies it; :func:`apply_empty_area` is the last step alone.
+time. :func:`ensemble.rules.apply_image_rule` applies it (prediction side; this module fits it);
+:func:`ensemble.rules.apply_empty_area` is the last step alone.
 
 Streaming, exact on the grid: per image, per class and per score slot (the histograms and grid of
 ``ensemble/thresholds.py``; ``bins=100`` by default, coarser than its 1000 since the state is per
@@ -45,15 +46,13 @@ from typing import Sequence
 import numpy as np
 
 from ensemble.thresholds import (
-    _FALLBACK,
-    _OTHER,
-    _SAME,
-    _as_probabilities,
-    _floats,
-    _slot,
-    apply_multiclass,
-    apply_multilabel,
+    FALLBACK,
+    OTHER,
+    SAME,
+    as_probabilities,
+    floats,
     removal_stats,
+    score_slot,
     threshold_grid,
 )
 from trainables.metrics import IMAGE_METRICS, empty_score, image_score, mean_defined, pair_scores, ratio
@@ -184,19 +183,19 @@ class _ImageTuner:
         score_curves, area_curves = [None] * self.num_classes, [None] * self.num_classes
         for c, (j, k) in choice.items():
             thresholds[c], empty_area[c] = self.grid[k], int(self.areas[j])
-            score_curves[c], area_curves[c] = _floats(curves[c][j]), _floats(curves[c][:, k])
+            score_curves[c], area_curves[c] = floats(curves[c][j]), floats(curves[c][:, k])
         tuned, default = self._stats(data, choice), self._stats(data, start)
         result = {
-            "thresholds": _floats(thresholds),
+            "thresholds": floats(thresholds),
             "empty_area": empty_area,
             "metric": self.metric,
             "empty": "nan" if math.isnan(self.empty) else 1,
             "score": float(image_score(*tuned, self._kind, self.empty)),
             "default_score": float(image_score(*default, self._kind, self.empty)),
-            "score_per_class": _floats(mean_defined(pair_scores(*tuned, self._kind, self.empty), axis=0)),
-            "default_score_per_class": _floats(mean_defined(pair_scores(*default, self._kind, self.empty), axis=0)),
+            "score_per_class": floats(mean_defined(pair_scores(*tuned, self._kind, self.empty), axis=0)),
+            "default_score_per_class": floats(mean_defined(pair_scores(*default, self._kind, self.empty), axis=0)),
             "images": len(self.hists),
-            "curves": {"thresholds": _floats(self.grid), "score": score_curves,
+            "curves": {"thresholds": floats(self.grid), "score": score_curves,
                        "empty_area": [int(a) for a in self.areas], "score_empty_area": area_curves},
         }
         logger.debug("per-image thresholds: %s %.4f -> %.4f (in-sample)", self.metric, result["default_score"],
@@ -227,19 +226,19 @@ class MulticlassImageTuner(_ImageTuner):
 
     def update(self, probs: np.ndarray, target: np.ndarray, ignore_index: int = 255) -> None:
         """Add one image: ``probs`` ``(C, H, W)`` softmax output, ``target`` ``(H, W)`` labels."""
-        probs = _as_probabilities(probs)
+        probs = as_probabilities(probs)
         target = np.asarray(target)
         n, k = self.num_classes, len(self.grid)
         if probs.ndim != 3 or probs.shape[0] != n or target.shape != probs.shape[1:]:
             raise ValueError(f"expected probs ({n}, H, W) and target (H, W), got {probs.shape} and {target.shape}")
         pred = probs.argmax(axis=0)
-        slots = _slot(self.grid, np.take_along_axis(probs, pred[None], axis=0)[0])
+        slots = score_slot(self.grid, np.take_along_axis(probs, pred[None], axis=0)[0])
         valid = target != ignore_index
         truth = np.where(valid, target, 0).astype(np.int64)
         if truth.size and (truth.min() < 0 or truth.max() >= n):
             raise ValueError(f"target labels must be below {n} or {ignore_index}")
         fallback = -1 if self.fallback is None else self.fallback
-        category = np.where(truth == pred, _SAME, np.where(truth == fallback, _FALLBACK, _OTHER))
+        category = np.where(truth == pred, SAME, np.where(truth == fallback, FALLBACK, OTHER))
         category = np.where(valid, category, _IGNORED)
         index = (pred * 4 + category) * k + slots
         self.hists.append(np.bincount(index.ravel(), minlength=n * 4 * k).reshape(n, 4, k).astype(np.int32))
@@ -257,8 +256,8 @@ class MulticlassImageTuner(_ImageTuner):
     def _prepare(self) -> dict:
         hist = np.stack(self.hists)  # (images, C, 4, slots)
         cumulative = np.cumsum(hist, axis=-1, dtype=np.int64)
-        tp0 = cumulative[:, :, _SAME, -1]
-        fp0 = cumulative[:, :, _FALLBACK, -1] + cumulative[:, :, _OTHER, -1]
+        tp0 = cumulative[:, :, SAME, -1]
+        fp0 = cumulative[:, :, FALLBACK, -1] + cumulative[:, :, OTHER, -1]
         return {"cumulative": cumulative, "tp0": tp0, "fp0": fp0, "fn0": np.stack(self.truths) - tp0}
 
     def _removed(self, data: dict, c: int, images: slice) -> np.ndarray:
@@ -316,7 +315,7 @@ class MultilabelImageTuner(_ImageTuner):
     def update(self, probs: np.ndarray, target: np.ndarray, valid: np.ndarray | None = None) -> None:
         """Add one image ``(C, H, W)`` or a batch ``(B, C, H, W)`` of probabilities; ``target`` the
         same shape in {0, 1}; ``valid`` ``(H, W)`` or ``(B, H, W)``, False where truth is ignored."""
-        probs = _as_probabilities(probs)
+        probs = as_probabilities(probs)
         target = np.asarray(target).astype(bool)
         if probs.ndim == 3:
             probs, target = probs[None], target[None]
@@ -330,7 +329,7 @@ class MultilabelImageTuner(_ImageTuner):
         offsets = (np.arange(n) * 3)[:, None, None]
         for p, t, v in zip(probs, target, valid):
             category = np.where(v[None], np.where(t, _POS, _NEG), _ML_IGNORED)
-            index = (offsets + category) * k + _slot(self.grid, p)
+            index = (offsets + category) * k + score_slot(self.grid, p)
             self.hists.append(np.bincount(index.ravel(), minlength=n * 3 * k).reshape(n, 3, k).astype(np.int32))
 
     def _tunable(self) -> list[int]:
@@ -386,35 +385,3 @@ def make_image_tuner(task: str, num_classes: int, fallback: int | None = 0, metr
     if task == "multilabel":
         return MultilabelImageTuner(num_classes, metric, empty, bins, empty_areas, tune_empty_area)
     raise ValueError(f"task must be 'multiclass' or 'multilabel', not {task!r}")
-
-
-def apply_empty_area(decision: np.ndarray, empty_area: Sequence[int] | None, task: str,
-                     fallback: int | None = None, void_label: int = 255) -> np.ndarray:
-    """Empty each class predicted on fewer than ``empty_area[c]`` pixels of an image.
-
-    multiclass: ``decision`` ``(H, W)`` labels; those pixels become ``fallback`` (or ``void_label``).
-    multilabel: ``decision`` ``(C, H, W)`` or ``(B, C, H, W)`` booleans; the channel becomes False.
-    """
-    if not empty_area or not any(a > 0 for a in empty_area):
-        return decision
-    decision = np.array(decision, copy=True)
-    if task == "multilabel":
-        batch = decision if decision.ndim == 4 else decision[None]
-        area = batch.sum(axis=(2, 3))  # (B, C)
-        batch &= ~(area < np.asarray(empty_area))[:, :, None, None]
-        return batch if decision.ndim == 4 else batch[0]
-    fill = void_label if fallback is None else fallback
-    area = np.bincount(decision.ravel().astype(np.int64), minlength=len(empty_area))
-    for c, minimum in enumerate(empty_area):
-        if c != fallback and 0 < area[c] < minimum:
-            decision[decision == c] = fill
-    return decision
-
-
-def apply_image_rule(probs: np.ndarray, rule: dict, task: str, void_label: int = 255) -> np.ndarray:
-    """The decision of a fitted rule (either tuner's ``fit()``, or ``thresholds.py``'s) on one image's
-    probabilities ``(C, H, W)``: thresholds (and minimum areas), then empty areas when present."""
-    if task == "multilabel":
-        return apply_empty_area(apply_multilabel(probs, rule["thresholds"]), rule.get("empty_area"), task)
-    labels = apply_multiclass(probs, rule["thresholds"], rule["fallback"], rule.get("min_area"), void_label)
-    return apply_empty_area(labels, rule.get("empty_area"), task, rule["fallback"], void_label)

@@ -18,10 +18,15 @@ Output (``--out DIR``):
   too with ``boundary``); the top-level keys repeat (c), what the masks are.
 
 :func:`score_rows` computes the same rows for images of a :class:`SegData` (a holdout split).
+
+Writing masks, probabilities and ``submission.csv`` needs no torch (``--runtime onnx``). Scoring
+annotated inputs does (``SegMetrics``): without torch the predictions are written and the test
+rows left out, saying so in one line.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -29,14 +34,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from ensemble.oof import score_into, target_of
-from ensemble.predictor import Ensemble
-from trainables.rows import ROWS
 from ensemble.submission import Submission
+from ensemble.voting import Voting
 from trainables.data import IMAGE_SUFFIXES, load_dataset, read_image
 from trainables.errors import ConfigError, InputError
 from trainables.io import atomic_path, atomic_write_json
-from trainables.metrics import SegMetrics
+from trainables.rows import ROWS
 from trainables.runfiles import TEST_METRICS_JSON
 
 logger = logging.getLogger(__name__)
@@ -104,7 +107,7 @@ def _save_png(path: Path, array: np.ndarray) -> None:
         Image.fromarray(array).save(tmp, format="PNG")
 
 
-def iterate(ens: Ensemble, read: Callable[[int], np.ndarray], items: list[int], batch_size: int,
+def iterate(ens: Voting, read: Callable[[int], np.ndarray], items: list[int], batch_size: int,
             keep: int | None = None, desc: str = "predicting") -> Iterator[tuple[int, np.ndarray, np.ndarray, object]]:
     """(item, image, ensemble probabilities, member ``keep``'s probabilities or None) per item,
     predicted in batches, with a progress bar over images."""
@@ -126,12 +129,17 @@ class RowScorer:
 
     def __init__(self, num_classes: int, task: str, ignore_index: int = 255, single: bool = True,
                  boundary: bool = False):
+        # lazy: scoring needs torch (SegMetrics); predicting with --runtime onnx does not
+        from trainables.metrics import SegMetrics
+
         keys = ("single", "ensemble", "tuned") if single else ("ensemble", "tuned")
         self.task = task
         # boundary IoU at full resolution costs more than the rest of scoring together: asked for
         self.metrics = {k: SegMetrics(num_classes, task, ignore_index, boundary=boundary) for k in keys}
 
     def add(self, mask: np.ndarray, decisions: dict) -> None:
+        from ensemble.scoring import score_into, target_of  # lazy: torch, as in __init__
+
         target, valid = target_of(mask, self.task, 255)
         for key, decision in decisions.items():
             if key == "tuned" and decision is decisions["ensemble"]:  # no post-processing kept: (c) is (b)
@@ -153,7 +161,7 @@ class RowScorer:
         return {k: out[k] for k in self.metrics}
 
 
-def decisions(ens: Ensemble, probs, member_probs, image, thresholds, refine) -> dict:
+def decisions(ens: Voting, probs, member_probs, image, thresholds, refine) -> dict:
     """Row key -> decision: (a) the kept member at default decisions, (b) the ensemble at default
     decisions, (c) the ensemble with the rule (refined first when a CRF is kept)."""
     out = {"ensemble": ens.decide(probs)}
@@ -166,7 +174,7 @@ def decisions(ens: Ensemble, probs, member_probs, image, thresholds, refine) -> 
     return out
 
 
-def score_rows(ens: Ensemble, data, indices: list[int], thresholds: dict | None, refine=None, best: int | None = 0,
+def score_rows(ens: Voting, data, indices: list[int], thresholds: dict | None, refine=None, best: int | None = 0,
                batch_size: int = 8, boundary: bool = False) -> dict:
     """Rows (a)/(b)/(c) on images ``indices`` of ``data`` (a SegData) at their stored size;
     ``best`` indexes the member of row (a) (None: no row (a))."""
@@ -205,27 +213,65 @@ def write_image_outputs(out: Path, stem: str, task: str, class_names: list[str],
     return written
 
 
-def predict_folder(ens: Ensemble, thresholds: dict | None, inputs: Path, out: Path, task: str, unannotated: str,
-                   class_names: list[str], batch_size: int = 8, save_probs: bool = False, cache_dir=None,
-                   refine=None, best: int | None = None, submission: Submission | None = None,
-                   rle_order: str = "column", boundary: bool = False, options: dict | None = None,
-                   has_background: bool | None = None) -> dict:
-    """``refine(probs, image)``: post-processing of the probabilities before the decision (the CRF).
-    ``best``: the member of row (a) in the test table (None: the first). ``options``: dataset options
-    of annotated inputs (crowd, background); ``has_background``: whether class 0 is background (left
-    out of the submission; None: decided by the rule, as before)."""
-    paths, ids, data = list_inputs(inputs, task, unannotated, cache_dir, options)
+def can_score() -> bool:
+    """Whether annotated inputs can be scored here: ``SegMetrics`` needs torch."""
+    try:
+        # lazy: only asked whether torch is installed
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """What :func:`predict_folder` predicts and how: ``inputs`` (a folder of images, a COCO json or a
+    mask folder) into ``out``; the rest keyword-only. ``refine(probs, image)``: post-processing of
+    the probabilities before the decision (the CRF). ``best``: the member of row (a) in the test table
+    (None: the first). ``options``: dataset options of annotated inputs (crowd, background);
+    ``has_background``: whether class 0 is background (left out of the submission; None: decided by
+    the rule, as before). ``submission``: the writer (None: one of ``class_names`` in ``rle_order``)."""
+
+    inputs: Path
+    out: Path
+    _: KW_ONLY
+    task: str
+    unannotated: str
+    class_names: list[str]
+    batch_size: int = 8
+    save_probs: bool = False
+    cache_dir: Path | None = None
+    refine: Callable | None = None
+    best: int | None = None
+    submission: Submission | None = None
+    rle_order: str = "column"
+    boundary: bool = False
+    options: dict | None = None
+    has_background: bool | None = None
+
+
+def predict_folder(ens: Voting, thresholds: dict | None, job: PredictOptions) -> dict:
+    """Predict ``job.inputs`` with ``ens`` and the decision rule ``thresholds`` (None: argmax / 0.5)
+    into ``job.out``: masks, optional probabilities, ``submission.csv`` and, for annotated inputs
+    (when torch is here to score them), the test rows."""
+    inputs, out, task, class_names = Path(job.inputs), Path(job.out), job.task, job.class_names
+    paths, ids, data = list_inputs(inputs, task, job.unannotated, job.cache_dir, job.options)
     if data is not None and data.class_names != class_names:
         raise InputError(inputs, f"classes {data.class_names} differ from the experiment's {class_names}")
-    submission = submission or Submission(class_names, task, submission_skip(thresholds, has_background), rle_order)
-    check_prediction(inputs, ids, out, batch_size, submission)  # nothing predicted or written before
-    scorer = RowScorer(len(class_names), task, 255, boundary=boundary) if data is not None else None
-    keep = (best or 0) if scorer is not None else None
-    for i, image, probs, member in iterate(ens, lambda i: read_image(paths[i]), list(range(len(paths))), batch_size,
-                                           keep):
-        rows = decisions(ens, probs, member, image, thresholds, refine)
+    submission = job.submission or Submission(class_names, task, submission_skip(thresholds, job.has_background),
+                                              job.rle_order)
+    check_prediction(inputs, ids, out, job.batch_size, submission)  # nothing predicted or written before
+    if data is not None and not can_score():
+        logger.warning("%s is annotated, but scoring needs torch (not installed): predictions are written, "
+                       "test rows are not", inputs)
+        data = None
+    scorer = RowScorer(len(class_names), task, 255, boundary=job.boundary) if data is not None else None
+    keep = (job.best or 0) if scorer is not None else None
+    for i, image, probs, member in iterate(ens, lambda i: read_image(paths[i]), list(range(len(paths))),
+                                           job.batch_size, keep):
+        rows = decisions(ens, probs, member, image, thresholds, job.refine)
         decision = rows["tuned"]
-        write_image_outputs(out, Path(ids[i]).stem, task, class_names, decision, probs if save_probs else None)
+        write_image_outputs(out, Path(ids[i]).stem, task, class_names, decision, probs if job.save_probs else None)
         submission.add(ids[i], decision)
         if scorer is not None:
             scorer.add(data.read_mask(i), rows)

@@ -3,8 +3,8 @@
 ``export_bundle`` writes ``<bundle>/onnx/<k>.onnx`` for member k (batch, height and width
 dynamic; torch's TorchScript exporter, ``dynamo=False``, opset 17), runs each file with
 onnxruntime on a random input of the member's size and compares with the PyTorch logits, then
-adds the files to the bundle's manifest. ``--runtime onnx`` loads them as :class:`OnnxModel`, a
-drop-in for the member's network in :class:`ensemble.predictor.Ensemble`.
+adds the files to the bundle's manifest. ``--runtime onnx`` runs them without torch
+(:class:`ensemble.onnx_runtime.OnnxModel` in :class:`ensemble.voting.NumpyEnsemble`).
 """
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ensemble.bundle import load_bundle, write_manifest
+from ensemble.onnx_runtime import onnx_file
 from trainables.errors import InputError
+from trainables.io import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -22,14 +25,8 @@ OPSET = 17
 TOLERANCE = 1e-3  # max abs difference of logits accepted (float32 kernels differ in summation order)
 
 
-def onnx_file(k: int) -> str:
-    return f"onnx/{k:02d}.onnx"
-
-
 def export_model(model: torch.nn.Module, path: Path, size: tuple[int, int]) -> Path:
     """Write ``model`` (eval mode, CPU) as ONNX with dynamic batch and spatial axes."""
-    from trainables.io import atomic_path
-
     model = model.eval()
     x = torch.randn(1, 3, *size)
     with atomic_path(path) as tmp, torch.no_grad():
@@ -43,7 +40,7 @@ def export_model(model: torch.nn.Module, path: Path, size: tuple[int, int]) -> P
 def max_abs_difference(model: torch.nn.Module, path: Path, size: tuple[int, int], batch: int = 2,
                        seed: int = 0) -> float:
     """Largest |PyTorch - onnxruntime| of the logits of one random batch of ``size``."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # lazy: optional dependency, needed only to export
 
     x = torch.from_numpy(np.random.default_rng(seed).standard_normal((batch, 3, *size)).astype(np.float32))
     with torch.no_grad():
@@ -57,8 +54,6 @@ def max_abs_difference(model: torch.nn.Module, path: Path, size: tuple[int, int]
 
 def export_bundle(root: Path) -> list[str]:
     """Export every member of the bundle at ``root``; returns one summary line per member."""
-    from ensemble.bundle import load_bundle, write_manifest
-
     bundle = load_bundle(root, "cpu")
     lines = []
     for k, member in enumerate(bundle.members):
@@ -76,26 +71,3 @@ def export_bundle(root: Path) -> list[str]:
                      f"max |onnxruntime - PyTorch| {diff:.2e}")
     write_manifest(Path(root))
     return lines
-
-
-class OnnxModel:
-    """A member's network run by onnxruntime: ``model(x)`` maps a (B, 3, H, W) float tensor to
-    logits, as the PyTorch module did."""
-
-    def __init__(self, path: Path, device: torch.device | None = None):
-        import onnxruntime as ort
-
-        providers = ["CPUExecutionProvider"]
-        if device is not None and device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
-        self.path = Path(path)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {"image": x.detach().float().cpu().numpy()})[0]
-        return torch.from_numpy(out).to(x.device)
-
-    def eval(self) -> "OnnxModel":
-        return self

@@ -15,11 +15,12 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from ensemble.crossfit import fit_cross, score_key, step_record, without_min_area
+from ensemble.image_thresholds import make_image_tuner
 from ensemble.predictor import Ensemble
+from ensemble.scoring import score_into, target_of
 from ensemble.thresholds import MulticlassThresholdTuner, MultilabelThresholdTuner
 from trainables.data import SegData
 from trainables.dataset import SegDataset
@@ -31,29 +32,11 @@ from trainables.runfiles import EnsembleFiles
 logger = logging.getLogger(__name__)
 
 
-def target_of(mask: np.ndarray, task: str, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Data mask -> (target, valid) tensors with a batch axis, as SegMetrics takes them."""
-    if task == "multiclass":
-        return torch.from_numpy(mask.astype(np.int64))[None], None
-    m = mask.transpose(2, 0, 1)
-    valid = torch.from_numpy((m != ignore_index).all(0))[None]
-    return torch.from_numpy(np.minimum(m, 1).astype(np.int64))[None], valid
-
-
-def score_into(metrics: SegMetrics, decision: np.ndarray, target: torch.Tensor, valid, task: str) -> None:
-    if task == "multiclass":
-        metrics.update(torch.from_numpy(decision.astype(np.int64))[None], target)
-    else:
-        metrics.update(torch.from_numpy(decision)[None], target, valid=valid)
-
-
 def make_tuner(data: SegData, tune_min_area: bool, bins: int, metric: str = "val_miou", empty: float | None = 1.0):
     """The threshold tuner for what the search optimised: a per-image metric (``metrics.average:
     image``) gets the per-image tuner with its image-level empty decision (``empty_area``; minimum
     component areas are not tuned then); otherwise dataset-level mIoU / Dice."""
     if image_metric(metric):
-        from ensemble.image_thresholds import make_image_tuner
-
         return make_image_tuner(data.task, data.num_classes, 0 if data.has_background else None, metric,
                                 empty=empty, bins=min(bins, 100))
     if data.task == "multilabel":

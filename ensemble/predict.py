@@ -11,6 +11,9 @@ thresholds / min-areas / CRF, TTA and voting; outputs are those of ensemble/infe
 trained on native-resolution crops (``augment.random_crop``) predict by sliding windows
 (``--tile auto``: their crop size, overlap 0.5). With ``--ray`` or ``--address`` the images are
 predicted by a Ray Data actor pool (ensemble/ray_predict.py) into the same files.
+
+``--runtime onnx`` (after ``--export onnx``) imports no torch: numpy, OpenCV, Pillow and
+onnxruntime do the rest; annotated inputs are then predicted but not scored (scoring needs torch).
 """
 from __future__ import annotations
 
@@ -19,58 +22,72 @@ import logging
 import time
 from pathlib import Path
 
+from ensemble.bundle import load_bundle
+from ensemble.infer import PredictOptions, check_batch_size, check_out, predict_folder, submission_skip
+from ensemble.ray_predict import predict_on_ray
+from ensemble.submission import Submission
+from ensemble.tiling import parse_tile
 from trainables.cli import exit_on_user_error
 from trainables.errors import ConfigError
+from trainables.rows import format_table
+from trainables.runfiles import TEST_METRICS_JSON
 
 logger = logging.getLogger("ensemble.predict")
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bundle", type=Path, required=True, help="folder written by ensemble/run.py (ensemble/bundle)")
-    p.add_argument("--images", type=Path, help="folder of images, COCO json or mask folder to predict")
-    p.add_argument("--out", type=Path, help="where predictions go (required with --images)")
-    p.add_argument("--save-probs", action="store_true", help="also write float16 probabilities")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--tile", default="auto",
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the prediction flags to ``parser`` (this script's, or a subcommand's)."""
+    parser.add_argument("--bundle", type=Path, required=True, help="folder written by ensemble/run.py (ensemble/bundle)")
+    parser.add_argument("--images", type=Path, help="folder of images, COCO json or mask folder to predict")
+    parser.add_argument("--out", type=Path, help="where predictions go (required with --images)")
+    parser.add_argument("--save-probs", action="store_true", help="also write float16 probabilities")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--tile", default="auto",
                    help="sliding-window size of members trained on native-resolution crops: auto (their crop size) "
                         "or HxW [auto]")
-    p.add_argument("--sample-submission", type=Path, help="a competition's sample_submission.csv: its columns, ids, "
+    parser.add_argument("--sample-submission", type=Path, help="a competition's sample_submission.csv: its columns, ids, "
                                                            "class rows and row order")
-    p.add_argument("--rle-order", choices=["column", "row"], default="column",
+    parser.add_argument("--rle-order", choices=["column", "row"], default="column",
                    help="pixel numbering of the RLE: column-major (Kaggle default) or row-major [column]")
-    p.add_argument("--boundary-iou", action="store_true",
+    parser.add_argument("--boundary-iou", action="store_true",
                    help="also score boundary IoU on annotated inputs (at full resolution: slower than the rest)")
-    p.add_argument("--export", choices=["onnx"], help="write every member as ONNX into the bundle, checked against "
+    parser.add_argument("--export", choices=["onnx"], help="write every member as ONNX into the bundle, checked against "
                                                       "PyTorch with onnxruntime")
-    p.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
+    parser.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
                    help="run the members with PyTorch or with onnxruntime (after --export onnx) [torch]")
-    ray = p.add_argument_group("on a Ray cluster (Ray Data actor pool; see ensemble/ray_predict.py)")
+    ray = parser.add_argument_group("on a Ray cluster (Ray Data actor pool; see ensemble/ray_predict.py)")
     ray.add_argument("--ray", action="store_true", help="predict with Ray Data on a Ray started on this machine")
     ray.add_argument("--address", help="predict with Ray Data on this running cluster (auto: the one this job runs in)")
     ray.add_argument("--actors", type=int, help="actor pool size [as many as the cluster's CPUs/GPUs hold]")
     ray.add_argument("--cpus-per-actor", type=float, default=1.0,
                      help="CPUs each actor reserves (and its torch threads) [1]")
     ray.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs each actor reserves [0]")
-    args = p.parse_args(argv)
+    return parser
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """The checks across flags, as ``parser.error``; sets ``args.on_ray``."""
     args.on_ray = bool(args.ray or args.address)
     if not args.on_ray and (args.actors is not None or args.cpus_per_actor != 1.0 or args.gpus_per_actor):
-        p.error("--actors, --cpus-per-actor and --gpus-per-actor need --ray or --address")
+        parser.error("--actors, --cpus-per-actor and --gpus-per-actor need --ray or --address")
     if args.images is None and args.export is None:
-        p.error("give --images (and --out) to predict, or --export onnx")
+        parser.error("give --images (and --out) to predict, or --export onnx")
     if args.images is not None and args.out is None:
-        p.error("--images needs --out")
+        parser.error("--images needs --out")
     return args
+
+
+def parse_args(argv):
+    parser = add_arguments(argparse.ArgumentParser(description=__doc__,
+                                                   formatter_class=argparse.RawDescriptionHelpFormatter))
+    return check_args(parser, parser.parse_args(argv))
 
 
 def predict_with_bundle(bundle, images: Path, out: Path, batch_size: int = 8, save_probs: bool = False,
                         device="auto", tile=None, sample_submission: Path | None = None, rle_order: str = "column",
                         cache_dir=None, boundary: bool = False) -> dict:
     """The bundle's ensemble and decision rule on ``images``; see :func:`ensemble.infer.predict_folder`."""
-    from ensemble.infer import predict_folder, submission_skip
-    from ensemble.submission import Submission
-
     thresholds = bundle.thresholds
     ens = bundle.ensemble(device, tile=tile)
     data = bundle.info.get("data", {})  # how the training data was read, for annotated inputs
@@ -79,31 +96,25 @@ def predict_with_bundle(bundle, images: Path, out: Path, batch_size: int = 8, sa
                             sample_submission)
     unannotated = data.get("unannotated", bundle.info.get("unannotated", "background"))
     options = {k: data[k] for k in ("crowd", "background") if k in data}
-    return predict_folder(ens, thresholds, images, out, bundle.task, unannotated, bundle.class_names, batch_size,
-                          save_probs, cache_dir, refine=bundle.refiner(), best=bundle.best_member(),
-                          submission=submission, rle_order=rle_order, boundary=boundary, options=options,
-                          has_background=has_background)
+    return predict_folder(ens, thresholds, PredictOptions(
+        images, out, task=bundle.task, unannotated=unannotated, class_names=bundle.class_names,
+        batch_size=batch_size, save_probs=save_probs, cache_dir=cache_dir, refine=bundle.refiner(),
+        best=bundle.best_member(), submission=submission, rle_order=rle_order, boundary=boundary, options=options,
+        has_background=has_background))
 
 
 def print_result(res: dict, n_members: int, class_names: list[str], seconds: float | None = None) -> None:
     took = f" in {seconds:.1f}s" if seconds is not None else ""
     print(f"predicted {res['images']} images with {n_members} members{took} -> {res['out']}")
     if "test_rows" in res:
-        from trainables.rows import format_table
-        from trainables.runfiles import TEST_METRICS_JSON
-
         print(format_table(res["test_rows"], class_names, f"test ({res['images']} images)"))
         print(f"test metrics -> {Path(res['out']) / TEST_METRICS_JSON}")
 
 
-@exit_on_user_error
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from ensemble.bundle import load_bundle
-    from ensemble.infer import check_batch_size, check_out
-    from ensemble.tiling import parse_tile
-
+def run(args: argparse.Namespace) -> None:
+    """Export and/or predict as the parsed ``args`` (of :func:`add_arguments`) ask."""
+    if not hasattr(args, "on_ray"):
+        args.on_ray = bool(args.ray or args.address)
     try:
         tile = parse_tile(args.tile)
     except ValueError as exc:
@@ -112,15 +123,13 @@ def main(argv=None) -> None:
         check_batch_size(args.batch_size)
         check_out(args.out)
     if args.export == "onnx":
-        from ensemble.onnx_export import export_bundle
+        from ensemble.onnx_export import export_bundle  # lazy: exporting needs torch; predicting with onnx does not
 
         for line in export_bundle(args.bundle):
             print(line)
         if args.images is None:
             return
     if args.on_ray and args.images is not None:
-        from ensemble.ray_predict import predict_on_ray
-
         start = time.perf_counter()
         res = predict_on_ray(args.bundle, args.images, args.out, address=args.address, actors=args.actors,
                              batch_size=args.batch_size, cpus_per_actor=args.cpus_per_actor,
@@ -135,6 +144,13 @@ def main(argv=None) -> None:
     res = predict_with_bundle(bundle, args.images, args.out, args.batch_size, args.save_probs, args.device, tile,
                               args.sample_submission, args.rle_order, boundary=args.boundary_iou)
     print_result(res, len(bundle.members), bundle.class_names, time.perf_counter() - start)
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    run(args)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,10 @@ With ``--pseudo-per-fold`` the labels of ``fold<k>/`` come from fold ``k``'s mem
 through another fold's labels, from its own validation images, so the out-of-fold comparison
 with and without pseudo-labels stays fair. (The thresholds are tuned on all out-of-fold
 predictions either way.)
+
+Prediction side: it applies a bundle's ensemble and rule, locally or on Ray
+(``ensemble/ray_predict.py``). Comparing two experiments' out-of-fold results (``--compare``) is
+the report's: ``ensemble/compare.py``.
 """
 from __future__ import annotations
 
@@ -33,9 +37,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from ensemble.infer import check_stems, list_inputs
-from ensemble.predictor import Ensemble
+from ensemble.voting import Voting
 from trainables.data import read_image
-from trainables.errors import ConfigError, InputError
+from trainables.errors import ConfigError
 from trainables.io import atomic_path, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -62,7 +66,7 @@ def pseudo_inputs(ens_task: str, inputs: Path, confidence: float, cache_dir=None
     return paths, ids
 
 
-def pseudo_image(ens: Ensemble, thresholds: dict | None, out: Path, path: Path, image_id: str, image: np.ndarray,
+def pseudo_image(ens: Voting, thresholds: dict | None, out: Path, path: Path, image_id: str, image: np.ndarray,
                  probs: np.ndarray, confidence: float, refine: Callable | None, num_classes: int
                  ) -> tuple[float, np.ndarray, list[str]]:
     """Write one image's copy and label mask under ``out`` (atomically); (share of pixels kept,
@@ -79,7 +83,7 @@ def pseudo_image(ens: Ensemble, thresholds: dict | None, out: Path, path: Path, 
     return float((labels != VOID).mean()), counts, written
 
 
-def write_pseudo_labels(ens: Ensemble, thresholds: dict | None, inputs: Path, out: Path, class_names: list[str],
+def write_pseudo_labels(ens: Voting, thresholds: dict | None, inputs: Path, out: Path, class_names: list[str],
                         confidence: float = 0.9, refine: Callable | None = None, batch_size: int = 8,
                         provenance: dict | None = None, cache_dir=None) -> dict:
     """Predict ``inputs`` (folder of images or COCO json) and write the mask folder ``out``."""
@@ -109,30 +113,3 @@ def write_pseudo_summary(out: Path, class_names: list[str], inputs: Path, confid
     logger.info("pseudo-labels for %d images -> %s (%.0f%% of pixels kept at confidence %.2f)", len(kept_per_image),
                 out, 100 * summary["kept_share"], confidence)
     return summary
-
-
-def compare_oof(run_dir: Path, other: Path, report: dict, experiment: dict) -> dict:
-    """``--compare OTHER``: this experiment's out-of-fold results beside another's on the same
-    folds and data (say one trained with pseudo-labels, one without); the other experiment's
-    ``ensemble/oof_metrics.json`` must exist."""
-    import json
-
-    from trainables.rows import ROWS
-    from trainables.runfiles import RunFiles, read_experiment, read_folds
-
-    files = RunFiles(other)
-    for path in (files.experiment_json, files.folds_json, files.ensemble().oof_metrics_json):
-        if not path.exists():
-            raise InputError(path, "missing: --compare needs another experiment with its ensemble report")
-    theirs = read_experiment(other)
-    if theirs["dataset"]["fingerprint"] != experiment["dataset"]["fingerprint"]:
-        raise InputError(other, "was searched on another dataset: its out-of-fold results are not comparable")
-    if read_folds(other) != read_folds(run_dir):
-        raise InputError(files.folds_json, "other folds: its out-of-fold results are not comparable")
-    their_report = json.loads(files.ensemble().oof_metrics_json.read_text())
-
-    def row(path: Path, exp: dict, rep: dict) -> dict:
-        return {"experiment": str(path), "extra_train": exp["settings"]["fixed"]["data"].get("extra_train"),
-                **{k: rep[k]["miou"] for k in ROWS if k in rep}}
-
-    return {"this": row(run_dir, experiment, report), "other": row(other, theirs, their_report)}

@@ -40,11 +40,21 @@ import time
 import uuid
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from tqdm import tqdm
 
+from ensemble.bundle import load_bundle, verify
+from ensemble.infer import RowScorer, check_prediction, decisions, list_inputs, submission_skip, write_image_outputs
+from ensemble.member import best_member_index
+from ensemble.pseudo import pseudo_image, pseudo_inputs, write_pseudo_summary
+from ensemble.submission import Submission
+from trainables.data import read_image
 from trainables.errors import ConfigError, InputError
+from trainables.io import atomic_path, atomic_write_json
+from trainables.rows import ROWS
+from trainables.runfiles import TEST_METRICS_JSON
 
 logger = logging.getLogger(__name__)
 
@@ -64,16 +74,16 @@ class BundlePredictor:
     "confidence", "members"}`` (``members``: indices of the bundle's members to use, None = all)."""
 
     def __init__(self, bundle_dir: str, staging: str, device: str, runtime: str, threads: int, job: dict):
-        import ray
-        import torch
+        import ray  # lazy: Ray is imported only when asked for (--ray, --address)
 
-        from ensemble.bundle import load_bundle
+        if runtime != "onnx":
+            import torch  # lazy: the onnx runtime runs without torch
 
-        torch.set_num_threads(max(1, threads))
+            torch.set_num_threads(max(1, threads))
         self.node = ray.get_runtime_context().get_node_id()
         self.pid = os.getpid()
         self.staging, self.job = Path(staging), job
-        bundle = load_bundle(Path(bundle_dir), device, runtime)
+        bundle = load_bundle(Path(bundle_dir), device, runtime, threads=max(1, threads))
         if job.get("members") is not None:
             bundle.members = [bundle.members[k] for k in job["members"]]
         self.bundle = bundle
@@ -81,9 +91,6 @@ class BundlePredictor:
         self.thresholds, self.refine = bundle.thresholds, bundle.refiner()
         self.data = None
         if job["kind"] == "predict":
-            from ensemble.infer import list_inputs, submission_skip
-            from ensemble.submission import Submission
-
             self.submission = Submission(bundle.class_names, bundle.task, submission_skip(
                 self.thresholds, job["has_background"]), job["rle_order"], job["sample_submission"])
             if job["annotated"]:
@@ -101,11 +108,7 @@ class BundlePredictor:
         return self.staging / "records" / f"{index}.pkl"
 
     def _predict_one(self, index: int, path: str, image_id: str, image, probs, member) -> dict:
-        from ensemble.infer import RowScorer, decisions, write_image_outputs
-
         if self.job["kind"] == "pseudo":
-            from ensemble.pseudo import pseudo_image
-
             kept, counts, files = pseudo_image(self.ens, self.thresholds, self.staging, Path(path), image_id, image,
                                                probs, self.job["confidence"], self.refine,
                                                len(self.bundle.class_names))
@@ -120,9 +123,6 @@ class BundlePredictor:
         return {"rows": self.submission.rows_of(image_id, rows["tuned"]), "scorer": scorer, "files": files}
 
     def __call__(self, batch: dict) -> dict:
-        from trainables.data import read_image
-        from trainables.io import atomic_path
-
         start = time.perf_counter()
         indices = [int(i) for i in batch["index"]]
         self._log("begin", indices)
@@ -152,14 +152,14 @@ class BundlePredictor:
 
 def connect(address: str | None) -> None:
     """Join the cluster at ``address`` (``auto``: the one this process runs in), or start a Ray here."""
-    from tune.cluster import init_ray
+    from tune.cluster import init_ray  # lazy: the Ray connection, only when Ray is asked for
 
     init_ray(address, False)
 
 
 def pool_size(actors: int | None, cpus_per_actor: float, gpus_per_actor: float, batches: int) -> int:
     """``actors``, or as many as the cluster's CPUs (GPUs when actors take GPUs) hold; never more than batches."""
-    import ray
+    import ray  # lazy: Ray is imported only when asked for (--ray, --address)
 
     if actors is not None:
         if actors < 1:
@@ -179,7 +179,7 @@ def run_actor_pool(bundle_dir: Path, paths: list[Path], ids: list[str], out: Pat
                    desc: str) -> tuple[dict[int, dict], list[dict], Path]:
     """Records of every image (index -> record), the actor processes (node, pid, indices, busy seconds)
     that returned them and the staging folder."""
-    import ray
+    import ray  # lazy: Ray is imported only when asked for (--ray, --address)
     from ray.data import ActorPoolStrategy, DataContext
 
     if batch_size < 1:
@@ -241,14 +241,6 @@ def predict_on_ray(bundle_dir: Path, images: Path, out: Path, *, address: str | 
                    boundary: bool = False, runtime: str = "torch") -> dict:
     """:func:`ensemble.predict.predict_with_bundle` on a Ray actor pool: the same files, the same
     ``submission.csv`` and ``test_metrics.json``; the result adds ``actors``."""
-    from ensemble.bundle import verify
-    from ensemble.infer import RowScorer, check_prediction, list_inputs, submission_skip
-    from ensemble.predictor import best_member_index
-    from trainables.rows import ROWS
-    from ensemble.submission import Submission
-    from trainables.io import atomic_write_json
-    from trainables.runfiles import TEST_METRICS_JSON
-
     info = verify(Path(bundle_dir))
     task, class_names = info["task"], info["class_names"]
     thresholds = info["rule"].get("thresholds") or None
@@ -281,8 +273,7 @@ def predict_on_ray(bundle_dir: Path, images: Path, out: Path, *, address: str | 
     result = {"images": len(paths), "out": str(out), "actors": used, "members": len(info["members"]),
               "class_names": class_names}
     if scorer is not None:
-        from types import SimpleNamespace
-
+    
         entries = [SimpleNamespace(score=float("nan") if e["score"] is None else float(e["score"]))
                    for e in info["members"]]
         keep = best_member_index(entries, info.get("mode", "max"))  # what Bundle.best_member picks
@@ -300,9 +291,6 @@ def pseudo_label_on_ray(bundle_dir: Path, inputs: Path, out: Path, members: list
                         device: str = "auto", cache_dir=None) -> dict:
     """:func:`ensemble.pseudo.write_pseudo_labels` of the bundle's ``members`` on a Ray actor pool:
     the same label folder and ``pseudo.json``."""
-    from ensemble.bundle import verify
-    from ensemble.pseudo import pseudo_inputs, write_pseudo_summary
-
     info = verify(Path(bundle_dir))
     paths, ids = pseudo_inputs(info["task"], Path(inputs), confidence, cache_dir)
     connect(address)

@@ -32,7 +32,7 @@ from ensemble.latency import budget_members, summary_line
 from ensemble.members import local_checkpoint, top_k
 from ensemble.oof import oof_evaluate
 from ensemble.predictor import TTA, Ensemble, Member, best_member_index, load_member
-from ensemble.pseudo import compare_oof
+from ensemble.compare import compare_oof
 from ensemble.selection import greedy_members
 from trainables.data import SegData, dataset_options, load_data
 from trainables.device import resolve_device

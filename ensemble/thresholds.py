@@ -14,11 +14,13 @@ the bin edges ``k / bins`` (k = 0..bins). A score ``s`` sits in slot ``k`` when
 counts for all candidates come from one cumulative sum and equal what thresholding the raw
 pixels gives (comparisons are made in float64). Probabilities must lie in [0, 1].
 
-Multilabel rule (:func:`apply_multilabel`): a pixel is positive for class ``c`` iff
+The rules themselves are applied by ``ensemble/rules.py`` (prediction side; this module fits them).
+
+Multilabel rule (:func:`ensemble.rules.apply_multilabel`): a pixel is positive for class ``c`` iff
 ``p_c >= t_c``. Each class is tuned on its own for Dice or IoU over all pixels seen; ties go to
 the threshold closest to 0.5; a class never positive in the data keeps 0.5.
 
-Multiclass rule (:func:`apply_multiclass`):
+Multiclass rule (:func:`ensemble.rules.apply_multiclass`):
 
 1. ``label = argmax_c p_c`` (the first maximum on ties).
 2. If ``p_label < t_label`` the pixel falls to ``fallback``: the background class (normally 0,
@@ -51,7 +53,7 @@ mIoU is exact for rule 3. Thresholds and areas are tuned one after the other, no
 Areas (``min_area``, and the per-image rule's ``empty_area``) are pixel counts at the resolution
 the out-of-fold predictions were tuned at: images downscaled to ``data.max_size``. A rule that
 carries ``max_size`` (the bundle's, the one ``ensemble/run.py`` predicts with) has them scaled to
-each image's own size by :func:`areas_at` when :func:`decide` applies it, so a component counts
+each image's own size by :func:`ensemble.rules.areas_at` when :func:`ensemble.rules.decide` applies it, so a component counts
 the same share of the image as where it was tuned.
 
 :func:`brute_force_multilabel` and :func:`brute_force_multiclass_class` are the slow references:
@@ -67,15 +69,15 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from ensemble.rules import EIGHT_CONNECTED, apply_multiclass
 from trainables.metrics import dice_from_counts, iou_from_counts, mean_defined
-from trainables.preprocess import working_size
 
 logger = logging.getLogger(__name__)
 
 METRICS = ("dice", "iou")
-_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
-# Truth category of a pixel relative to its argmax class (second axis of the histograms).
-_SAME, _FALLBACK, _OTHER = 0, 1, 2
+# Truth category of a pixel relative to its argmax class (second axis of the histograms; the
+# per-image tuner of ensemble/image_thresholds.py counts by them too).
+SAME, FALLBACK, OTHER = 0, 1, 2
 
 
 def threshold_grid(bins: int) -> np.ndarray:
@@ -85,7 +87,7 @@ def threshold_grid(bins: int) -> np.ndarray:
     return np.arange(bins + 1, dtype=np.float64) / bins
 
 
-def _as_probabilities(probs: np.ndarray) -> np.ndarray:
+def as_probabilities(probs: np.ndarray) -> np.ndarray:
     probs = np.asarray(probs)
     if probs.dtype not in (np.float32, np.float64):
         probs = probs.astype(np.float64)
@@ -94,7 +96,7 @@ def _as_probabilities(probs: np.ndarray) -> np.ndarray:
     return probs
 
 
-def _slot(grid: np.ndarray, scores: np.ndarray) -> np.ndarray:
+def score_slot(grid: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """Index of the largest grid value <= score, so that ``score >= grid[k]`` iff slot >= k.
 
     The evenly spaced grid gives the slot arithmetically (``floor(score * bins)``, 6x faster than
@@ -119,7 +121,7 @@ def _nanmean(values: np.ndarray) -> np.ndarray:
     return mean_defined(values, axis=-1)
 
 
-def _floats(values) -> list[float]:
+def floats(values) -> list[float]:
     return [float(v) for v in np.asarray(values).ravel()]
 
 
@@ -177,7 +179,7 @@ class MultilabelThresholdTuner:
         ``target`` has the same shape with values in {0, 1}; ``valid`` is ``(H, W)`` or
         ``(B, H, W)``, False where pixels are to be ignored.
         """
-        probs = _as_probabilities(probs)
+        probs = as_probabilities(probs)
         target = np.asarray(target).astype(bool)
         if probs.ndim == 3:
             probs, target = probs[None], target[None]
@@ -189,7 +191,7 @@ class MultilabelThresholdTuner:
         slots = len(self.grid)
         # one bincount over (class, slot, truth): positive and negative histograms together;
         # index = (class * slots + slot) * 2 + truth, built in place (no pixel-sized temporaries)
-        index = _slot(self.grid, probs)
+        index = score_slot(self.grid, probs)
         index *= 2
         index += target
         index += (np.arange(self.num_classes) * (slots * 2))[None, :, None, None]
@@ -214,20 +216,14 @@ class MultilabelThresholdTuner:
         rows = np.arange(self.num_classes)
         default = int(np.argmin(np.abs(self.grid - 0.5)))
         result = {
-            "thresholds": _floats(self.grid[best]),
+            "thresholds": floats(self.grid[best]),
             "metric": self.metric,
-            "score_per_class": _floats(curves[rows, best]),
-            "default_score_per_class": _floats(curves[:, default]),
-            "curves": {"thresholds": _floats(self.grid), "score": [_floats(c) for c in curves]},
+            "score_per_class": floats(curves[rows, best]),
+            "default_score_per_class": floats(curves[:, default]),
+            "curves": {"thresholds": floats(self.grid), "score": [floats(c) for c in curves]},
         }
         logger.debug("multilabel thresholds %s (%s)", result["thresholds"], self.metric)
         return result
-
-
-def apply_multilabel(probs: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
-    """Binary masks ``p_c >= t_c`` for ``(C, H, W)`` or ``(B, C, H, W)`` probabilities."""
-    probs = np.asarray(probs, dtype=np.float64)
-    return probs >= np.asarray(thresholds, dtype=np.float64)[:, None, None]
 
 
 def brute_force_multilabel(
@@ -273,7 +269,7 @@ def removal_stats(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """TP, FP, FN per class (last axis) from the argmax counts ``tp0``/``fp0``/``fn0`` when the pixels
     ``removed[..., c, :]`` (by truth category) leave class ``c`` for the fallback class or void."""
-    same, to_fallback, other = removed[..., _SAME], removed[..., _FALLBACK], removed[..., _OTHER]
+    same, to_fallback, other = removed[..., SAME], removed[..., FALLBACK], removed[..., OTHER]
     tp = tp0 - same
     fp = fp0 - to_fallback - other
     fn = fn0 + same
@@ -347,7 +343,7 @@ class MulticlassThresholdTuner:
 
     def update(self, probs: np.ndarray, target: np.ndarray, ignore_index: int = 255) -> None:
         """Add one image: ``probs`` ``(C, H, W)`` softmax output, ``target`` ``(H, W)`` labels."""
-        probs = _as_probabilities(probs)
+        probs = as_probabilities(probs)
         target = np.asarray(target)
         if probs.ndim != 3 or probs.shape[0] != self.num_classes or target.shape != probs.shape[1:]:
             raise ValueError(
@@ -355,7 +351,7 @@ class MulticlassThresholdTuner:
                 f"got {probs.shape} and {target.shape}"
             )
         pred = probs.argmax(axis=0)
-        slots = _slot(self.grid, np.take_along_axis(probs, pred[None], axis=0)[0])
+        slots = score_slot(self.grid, np.take_along_axis(probs, pred[None], axis=0)[0])
         valid = target != ignore_index
         truth = target[valid].astype(np.int64)
         if truth.size and (truth.min() < 0 or truth.max() >= self.num_classes):
@@ -370,7 +366,7 @@ class MulticlassThresholdTuner:
 
     def _category(self, pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
         fallback = -1 if self.fallback is None else self.fallback
-        return np.where(truth == pred, _SAME, np.where(truth == fallback, _FALLBACK, _OTHER))
+        return np.where(truth == pred, SAME, np.where(truth == fallback, FALLBACK, OTHER))
 
     def _update_areas(
         self, pred: np.ndarray, slots: np.ndarray, valid: np.ndarray, category: np.ndarray
@@ -380,7 +376,7 @@ class MulticlassThresholdTuner:
         for c in np.unique(pred):
             if c == self.fallback:
                 continue
-            components, _ = ndimage.label(pred == c, structure=_EIGHT_CONNECTED)
+            components, _ = ndimage.label(pred == c, structure=EIGHT_CONNECTED)
             inside = components > 0
             size[inside] = np.bincount(components[inside])[components[inside]]
         size_bin = np.searchsorted(self.areas, size[valid], side="right") - 1
@@ -410,8 +406,8 @@ class MulticlassThresholdTuner:
             thresholds[c] = self.grid[k]
         min_area = [0] * self.num_classes
         result_curves: dict = {
-            "thresholds": _floats(self.grid),
-            "miou": [_floats(curves[c]) if c in curves else None for c in range(self.num_classes)],
+            "thresholds": floats(self.grid),
+            "miou": [floats(curves[c]) if c in curves else None for c in range(self.num_classes)],
         }
         if self.area_hist is not None:
             area_choice, area_curves, final = self._tune_areas(removed, chosen)
@@ -419,19 +415,19 @@ class MulticlassThresholdTuner:
                 min_area[c] = int(self.areas[j])
             result_curves["min_area"] = [int(a) for a in self.areas]
             result_curves["miou_min_area"] = [
-                _floats(area_curves[c]) if c in area_curves else None
+                floats(area_curves[c]) if c in area_curves else None
                 for c in range(self.num_classes)
             ]
         iou = _iou(*_confusion_stats(self.confusion, final, self.fallback))
         default_iou = _iou(*_confusion_stats(self.confusion, np.zeros_like(final), self.fallback))
         result = {
-            "thresholds": _floats(thresholds),
+            "thresholds": floats(thresholds),
             "min_area": min_area,
             "fallback": self.fallback,
             "miou": float(_nanmean(iou)),
             "default_miou": float(_nanmean(default_iou)),
-            "iou_per_class": _floats(iou),
-            "default_iou_per_class": _floats(default_iou),
+            "iou_per_class": floats(iou),
+            "default_iou_per_class": floats(default_iou),
             "curves": result_curves,
         }
         logger.debug(
@@ -452,66 +448,6 @@ class MulticlassThresholdTuner:
             by_area = np.concatenate([np.zeros((3, 1), np.int64), np.cumsum(kept, axis=1)], 1)
             candidates[c] = removed[c, k] + by_area.T
         return _coordinate_ascent(self.confusion, self.fallback, candidates)
-
-
-def areas_at(rule: dict | None, height: int, width: int) -> dict | None:
-    """``rule`` with its pixel areas for an image of ``height x width``: the areas were counted at
-    that image downscaled to ``rule["max_size"]`` (as training and the out-of-fold predictions saw
-    it), so they grow by the ratio of the two pixel counts. No ``max_size``: ``rule`` as it is."""
-    if not rule or not rule.get("max_size"):
-        return rule
-    h, w = working_size(height, width, rule["max_size"])
-    factor = height * width / (h * w)
-    if factor == 1:
-        return rule
-    return {**rule, **{key: [int(round(a * factor)) for a in rule[key]]
-                       for key in ("min_area", "empty_area") if rule.get(key)}}
-
-
-def decide(probs: np.ndarray, rule: dict | None, task: str, void_label: int = 255) -> np.ndarray:
-    """The decision on one image's probabilities ``(C, H, W)``: labels ``(H, W)`` (multiclass) or
-    booleans ``(C, H, W)`` (multilabel); ``rule`` None is argmax / 0.5. A per-image rule (with
-    ``empty_area``, :mod:`ensemble.image_thresholds`) or a pixel rule of this module, its areas at
-    the image's size (:func:`areas_at`)."""
-    rule = areas_at(rule, *np.shape(probs)[-2:])
-    if rule and "empty_area" in rule:
-        from ensemble.image_thresholds import apply_image_rule
-
-        out = apply_image_rule(probs, rule, task, void_label)
-        return out if task == "multilabel" else out.astype(np.uint8)
-    if task == "multilabel":
-        return apply_multilabel(probs, rule["thresholds"] if rule else [0.5] * len(probs))
-    if not rule:
-        return np.asarray(probs).argmax(0).astype(np.uint8)
-    return apply_multiclass(probs, rule["thresholds"], rule["fallback"], rule.get("min_area"),
-                            void_label=void_label).astype(np.uint8)
-
-
-def apply_multiclass(
-    probs: np.ndarray,
-    thresholds: Sequence[float],
-    fallback: int | None,
-    min_area: Sequence[int] | None = None,
-    void_label: int = 255,
-) -> np.ndarray:
-    """Labels ``(H, W)`` from softmax ``probs`` ``(C, H, W)`` by the module's decision rule."""
-    probs = np.asarray(probs, dtype=np.float64)
-    if fallback is None and 0 <= void_label < len(probs):
-        raise ValueError(f"void_label {void_label} is a class index")
-    # A pixel of the fallback class below its threshold would fall to itself: no effect.
-    thresholds = np.asarray(thresholds, dtype=np.float64)
-    fill = void_label if fallback is None else fallback
-    argmax = probs.argmax(axis=0)
-    confidence = np.take_along_axis(probs, argmax[None], axis=0)[0]
-    drop = confidence < thresholds[argmax]
-    for c, area in enumerate(() if min_area is None else min_area):
-        if area <= 0 or c == fallback:
-            continue
-        components, _ = ndimage.label(argmax == c, structure=_EIGHT_CONNECTED)
-        small = np.bincount(components.ravel()) < area
-        small[0] = False  # the pixels outside class c
-        drop |= small[components]
-    return np.where(drop, fill, argmax)
 
 
 def _label_confusion(pred: np.ndarray, target: np.ndarray, num_classes: int, ignore_index: int):

@@ -76,12 +76,14 @@ def test_crf_with_a_per_image_metric_runs_to_the_report(tmp_path, monkeypatch):
     """``ensemble/run.py --crf`` on a search of val_miou_image: the CRF step is judged on miou_image,
     and the report, the holdout's row (d) and the bundle follow."""
     import ensemble.crf
+    import ensemble.crf_apply
     from ensemble.run import main
 
     exp = fake_experiment(tmp_path, "val_miou_image")
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.setattr(ensemble.crf, "missing", lambda: None)
-    monkeypatch.setattr(ensemble.crf, "refine", smooth)
+    monkeypatch.setattr(ensemble.crf, "refine", smooth)  # the fit
+    monkeypatch.setattr(ensemble.crf_apply, "refine", smooth)  # the holdout and the bundle apply it
     main(["--experiment", str(exp.run_dir), "--crf", "--top-k", "1", "--batch-size", "12"])
     report = json.loads((exp.run_dir / "ensemble" / "oof_metrics.json").read_text())
     post = json.loads((exp.run_dir / "ensemble" / "postprocessing.json").read_text())["crf"]
@@ -133,7 +135,8 @@ def _argmax_metrics(load: Speckled, images, per_image: bool = False) -> dict:
 
 def _fit(load, folds, baseline, tmp, per_image=False):
     from ensemble.crf import fit_crf
-    from ensemble.thresholds import MulticlassThresholdTuner, decide
+    from ensemble.rules import decide
+    from ensemble.thresholds import MulticlassThresholdTuner
     from trainables.metrics import SegMetrics
 
     images = list(range(len(load.items)))
@@ -202,7 +205,7 @@ def test_holdout_crf_row_and_what_prediction_applies(tmp_path, crf_kept, thresho
     from ensemble.crf import refine_at
     from ensemble.holdout import holdout_step
     from ensemble.predictor import Ensemble, load_member
-    from ensemble.thresholds import decide
+    from ensemble.rules import decide
 
     exp = fake_experiment(tmp_path, "val_miou")
     rows = [r for r in __import__("csv").DictReader(open(exp.run_dir / "trials.csv"))]

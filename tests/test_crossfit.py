@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from ensemble.crossfit import fit_cross, kept_rule, step_record, without_min_area
-from ensemble.thresholds import MulticlassThresholdTuner, MultilabelThresholdTuner, apply_multiclass, merge_tuners
+from ensemble.rules import apply_multiclass
+from ensemble.thresholds import MulticlassThresholdTuner, MultilabelThresholdTuner, merge_tuners
 from trainables.errors import ConfigError
 from trainables.folds import make_split, read_holdout, train_val_indices
 
@@ -227,7 +228,8 @@ def test_per_image_metric_is_cross_fitted_with_the_image_tuner():
     from types import SimpleNamespace
 
     from ensemble.crossfit import score_key
-    from ensemble.image_thresholds import MulticlassImageTuner, apply_image_rule
+    from ensemble.image_thresholds import MulticlassImageTuner
+    from ensemble.rules import apply_image_rule
     from ensemble.oof import make_tuner
     from ensemble.predictor import Ensemble, Member
 
@@ -266,7 +268,7 @@ def test_void_masks_are_scored_as_misses_at_prediction(no_background, tmp_path):
     misses in test_metrics.json, against sklearn on the written masks."""
     import torch
 
-    from ensemble.infer import predict_folder
+    from ensemble.infer import PredictOptions, predict_folder
     from ensemble.members import top_k
     from ensemble.predictor import Ensemble, load_member
 
@@ -275,8 +277,9 @@ def test_void_masks_are_scored_as_misses_at_prediction(no_background, tmp_path):
     members = [load_member(r["checkpoint"], r["trial_id"], torch.device("cpu"))
                for rows in top_k(exp.rows, "val_miou", "max", 1).values() for r in rows]
     out = tmp_path / "forced"
-    predict_folder(Ensemble(members, device="cpu"), thresholds, VAL_JSON, out, "multiclass", "ignore",
-                   exp.data.class_names, cache_dir=exp.cache, has_background=False)
+    predict_folder(Ensemble(members, device="cpu"), thresholds,
+                   PredictOptions(VAL_JSON, out, task="multiclass", unannotated="ignore",
+                                  class_names=exp.data.class_names, cache_dir=exp.cache, has_background=False))
     assert any((np.asarray(Image.open(p)) == 255).any() for p in (out / "masks").glob("*.png"))
     _check_test_metrics(out, exp.cache)
 
@@ -285,7 +288,7 @@ def test_one_fold_per_image_rule_scores_as_the_default_decisions(caplog):
     """One fold with members and a per-image metric: the in-sample empty areas must not be scored as
     cross-fitted, so (c) is (b) on every image and the step is not kept."""
     from ensemble.image_thresholds import MulticlassImageTuner
-    from ensemble.thresholds import decide
+    from ensemble.rules import decide
 
     images = []
     for k in range(6):  # class 2: a true 8x8 block on half the images, a false 2x2 speck on the others

@@ -349,7 +349,8 @@ def _cross_fitted_miou(experiment, report: Path) -> float:
     """Thresholds fitted on one fold's out-of-fold probabilities, applied to the other fold's, pooled."""
     from sklearn.metrics import confusion_matrix
 
-    from ensemble.thresholds import MulticlassThresholdTuner, apply_multiclass
+    from ensemble.rules import apply_multiclass
+    from ensemble.thresholds import MulticlassThresholdTuner
     from trainables.dataset import SegDataset
     from trainables.folds import train_val_indices
 
@@ -411,7 +412,7 @@ def test_submission_keeps_class_zero_without_background(experiment, tmp_path):
     """Without a background class (fallback None) class 0 is a real class: it gets its rows."""
     import torch
 
-    from ensemble.infer import predict_folder
+    from ensemble.infer import PredictOptions, predict_folder
     from ensemble.predictor import Ensemble, load_member
 
     cpu = torch.device("cpu")
@@ -424,7 +425,8 @@ def test_submission_keeps_class_zero_without_background(experiment, tmp_path):
     for fallback, classes in ((0, names[1:]), (None, names)):
         thresholds = {"thresholds": [0.0] * NUM_CLASSES, "fallback": fallback, "min_area": [0] * NUM_CLASSES}
         out = tmp_path / f"out_{fallback}"
-        res = predict_folder(ens, thresholds, folder, out, "multiclass", "background", names)
+        res = predict_folder(ens, thresholds, PredictOptions(folder, out, task="multiclass", unannotated="background",
+                                                             class_names=names))
         assert res["images"] == 1
         with open(out / "submission.csv", newline="") as fh:
             assert [r["class"] for r in csv.DictReader(fh)] == classes

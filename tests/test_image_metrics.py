@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from ensemble.image_thresholds import apply_empty_area, apply_image_rule, make_image_tuner
+from ensemble.image_thresholds import make_image_tuner
+from ensemble.rules import apply_empty_area, apply_image_rule
 from ensemble.thresholds import merge_tuners
 from tests.conftest import tiny_config
 from trainables.errors import ConfigError

@@ -100,8 +100,8 @@ class Recorder:
     def __init__(self):
         self.inputs: list[np.ndarray] = []
 
-    def add(self, x: torch.Tensor) -> None:
-        self.inputs.extend(x.detach().float().cpu().numpy())
+    def add(self, x) -> None:  # a tensor (torch runtime) or an array (onnx runtime)
+        self.inputs.extend(x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.float32(x))
 
     def hook(self, module: torch.nn.Module) -> "Recorder":
         module.register_forward_pre_hook(lambda _m, args: self.add(args[0]))

@@ -192,7 +192,7 @@ def test_search_makes_extra_train_paths_absolute():
 
 
 def test_compare_needs_the_same_folds(experiment, extras_run, tmp_path):  # noqa: F811
-    from ensemble.pseudo import compare_oof
+    from ensemble.compare import compare_oof
 
     exp = json.loads((extras_run.run_dir / "experiment.json").read_text())
     report = json.loads((extras_run.report / "oof_metrics.json").read_text())

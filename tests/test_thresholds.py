@@ -6,11 +6,10 @@ import math
 import numpy as np
 import pytest
 
+from ensemble.rules import apply_multiclass, apply_multilabel
 from ensemble.thresholds import (
     MulticlassThresholdTuner,
     MultilabelThresholdTuner,
-    apply_multiclass,
-    apply_multilabel,
     brute_force_multiclass_class,
     brute_force_multilabel,
     threshold_grid,
@@ -323,7 +322,7 @@ def test_pixel_areas_tuned_at_max_size_hold_at_the_image_size(per_image):
     predictions were tuned at (``data.max_size``); prediction decides at the image's own size. The
     decision on probabilities upsampled 4x (nearest, so every component grows exactly 16x) must be the
     upsampled decision at max_size; without the rule's ``max_size`` the areas stay as they are."""
-    from ensemble.thresholds import decide
+    from ensemble.rules import decide
 
     rng = np.random.default_rng(3)
     labels = np.zeros((12, 16), np.int64)

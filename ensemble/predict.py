@@ -27,7 +27,7 @@ from ensemble.infer import PredictOptions, check_batch_size, check_out, predict_
 from ensemble.ray_predict import predict_on_ray
 from ensemble.submission import Submission
 from ensemble.tiling import parse_tile
-from trainables.cli import exit_on_user_error
+from trainables.cli import add_ray_actor_flags, exit_on_user_error, ray_actor_args
 from trainables.errors import ConfigError
 from trainables.rows import format_table
 from trainables.runfiles import TEST_METRICS_JSON
@@ -56,32 +56,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                                                       "PyTorch with onnxruntime")
     parser.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
                    help="run the members with PyTorch or with onnxruntime (after --export onnx) [torch]")
-    ray = parser.add_argument_group("on a Ray cluster (Ray Data actor pool; see ensemble/ray_predict.py)")
-    ray.add_argument("--ray", action="store_true", help="predict with Ray Data on a Ray started on this machine")
-    ray.add_argument("--address", help="predict with Ray Data on this running cluster (auto: the one this job runs in)")
-    ray.add_argument("--actors", type=int, help="actor pool size [as many as the cluster's CPUs/GPUs hold]")
-    ray.add_argument("--cpus-per-actor", type=float, default=1.0,
-                     help="CPUs each actor reserves (and its torch threads) [1]")
-    ray.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs each actor reserves [0]")
+    add_ray_actor_flags(parser)
     return parser
 
 
-def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
-    """The checks across flags, as ``parser.error``; sets ``args.on_ray``."""
-    args.on_ray = bool(args.ray or args.address)
-    if not args.on_ray and (args.actors is not None or args.cpus_per_actor != 1.0 or args.gpus_per_actor):
-        parser.error("--actors, --cpus-per-actor and --gpus-per-actor need --ray or --address")
+def check_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The checks across flags (one line, exit 2); sets ``args.on_ray``."""
+    ray_actor_args(args)
     if args.images is None and args.export is None:
-        parser.error("give --images (and --out) to predict, or --export onnx")
+        raise ConfigError("command line", "--images", "give --images (and --out) to predict, or --export onnx")
     if args.images is not None and args.out is None:
-        parser.error("--images needs --out")
+        raise ConfigError("command line", "--out", "--images needs --out")
     return args
 
 
+def build_parser() -> argparse.ArgumentParser:
+    return add_arguments(argparse.ArgumentParser(description=__doc__,
+                                                 formatter_class=argparse.RawDescriptionHelpFormatter))
+
+
 def parse_args(argv):
-    parser = add_arguments(argparse.ArgumentParser(description=__doc__,
-                                                   formatter_class=argparse.RawDescriptionHelpFormatter))
-    return check_args(parser, parser.parse_args(argv))
+    return check_args(build_parser().parse_args(argv))
 
 
 def predict_with_bundle(bundle, images: Path, out: Path, batch_size: int = 8, save_probs: bool = False,
@@ -113,8 +108,7 @@ def print_result(res: dict, n_members: int, class_names: list[str], seconds: flo
 
 def run(args: argparse.Namespace) -> None:
     """Export and/or predict as the parsed ``args`` (of :func:`add_arguments`) ask."""
-    if not hasattr(args, "on_ray"):
-        args.on_ray = bool(args.ray or args.address)
+    check_args(args)
     try:
         tile = parse_tile(args.tile)
     except ValueError as exc:

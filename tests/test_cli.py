@@ -20,18 +20,6 @@ SCRIPTS = {"tune": "tune/run.py", "ensemble": "ensemble/run.py", "predict": "ens
            "train": "trainables/train.py", "report": "tune/report.py", "compare": "tune/compare.py"}
 
 
-def _has_predict_run() -> bool:
-    import ensemble.predict
-
-    return hasattr(ensemble.predict, "add_arguments") and hasattr(ensemble.predict, "run")
-
-
-# ``seghpo predict`` calls ensemble.predict.add_arguments/run, which the predict branch adds: until
-# it is merged the subcommand fails, and must pass once it is (strict)
-NEEDS_PREDICT_BRANCH = pytest.mark.xfail(not _has_predict_run(), strict=True,
-                                         reason="ensemble.predict.add_arguments/run come with the predict branch")
-
-
 def _python(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
@@ -64,8 +52,7 @@ def test_python_m_tune_commands_is_seghpo():
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=NEEDS_PREDICT_BRANCH) if n == "predict" else n
-                                  for n in SUBCOMMANDS])
+@pytest.mark.parametrize("name", SUBCOMMANDS)
 def test_each_subcommand_shows_its_flags_as_its_script_does(name):
     """``seghpo X --help`` and ``python <script> --help``: the same flags (the script's usage line,
     under another program name)."""
@@ -154,11 +141,9 @@ def test_actor_flags_need_ray_in_the_ensemble_step():
     assert ray_actor_args(parse_args(["--experiment", "x", "--address", "auto", "--actors", "2"])).on_ray
 
 
-# the shared flags may be declared only in trainables/cli.py (ensemble/predict.py: until the predict
-# branch, which switches it to the shared groups, is merged)
+# the shared flags may be declared only in trainables/cli.py
 SHARED_FLAGS = {"--wandb", "--wandb-project", "--set", "--debug", "--address", "--ray", "--actors",
                 "--cpus-per-actor", "--gpus-per-actor"}
-NOT_YET_SWITCHED = {"ensemble/predict.py"}
 
 
 def _declared_flags(path: Path) -> set[str]:
@@ -173,8 +158,7 @@ def test_shared_flags_are_declared_once():
     offenders = {}
     for path in sorted(ROOT.glob("*/*.py")):
         rel = path.relative_to(ROOT).as_posix()
-        if rel.split("/")[0] not in ("tune", "ensemble", "trainables", "bench") or rel == "trainables/cli.py" \
-                or rel in NOT_YET_SWITCHED:
+        if rel.split("/")[0] not in ("tune", "ensemble", "trainables", "bench") or rel == "trainables/cli.py":
             continue
         again = _declared_flags(path) & SHARED_FLAGS
         if again:

@@ -168,8 +168,9 @@ def test_command_exists_and_its_parser_accepts_it(where, tokens):
 
 
 def test_a_wrong_option_is_caught():
-    _, tokens = next((w, t) for w, t in ALL if project_command(t)[0] == "python tune/run.py")
-    parser = cli_doc.parser_of("python tune/run.py")
+    name = cli_doc.modules()["tune.run"]
+    _, tokens = next((w, t) for w, t in ALL if project_command(t)[0] in (name, "tune.run"))
+    parser = cli_doc.parser_of(name)
     with pytest.raises(SystemExit):
         parser.parse_args(project_command(tokens)[2] + ["--no-such-option"])
 

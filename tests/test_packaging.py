@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tune.commands import COMMANDS
+
 REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 SCRIPTS = PYPROJECT["project"]["scripts"]
@@ -83,22 +85,13 @@ def _run(cmd: list[str], cwd: Path) -> tuple[list[str], int, str]:
     return cmd, proc.returncode, proc.stdout + proc.stderr
 
 
-def seghpo_subcommands() -> list[str]:
-    """``seghpo``'s subcommands (``predict`` once ensemble/predict.py exports add_arguments/run: the
-    predict branch)."""
-    import ensemble.predict
-    from tune.commands import COMMANDS
-
-    return [n for n in COMMANDS if n != "predict" or hasattr(ensemble.predict, "add_arguments")]
-
-
 def test_console_scripts_and_scripts_start(tmp_path):
     """``--help`` of every console script (and of each ``seghpo`` subcommand), and of every script run
     by its path, from outside the checkout."""
     missing = [s for s in SCRIPTS if shutil.which(s) is None]
     assert not missing, f"console scripts not installed: {missing} (pip install -e .)"
     cmds = [[shutil.which(s), "--help"] for s in SCRIPTS]
-    cmds += [[shutil.which("seghpo"), name, "--help"] for name in seghpo_subcommands()]
+    cmds += [[shutil.which("seghpo"), name, "--help"] for name in COMMANDS]
     cmds += [[sys.executable, str(REPO / f), "--help"] for f in SCRIPT_FILES]
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda c: _run(c, tmp_path), cmds))

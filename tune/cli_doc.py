@@ -71,16 +71,17 @@ def parser_from_add_arguments(add_arguments: Callable[[argparse.ArgumentParser],
     return parser
 
 
-# (command as written in the docs, module, the module's parser). `python <path>.py` and
-# `python -m <module>` of the same module are the same command.
+# (command as written in the docs, module, the module's parser). `python <path>.py`, `python -m
+# <module>` and `seghpo <subcommand>` of the same module are the same command.
 COMMANDS: list[tuple[str, str, Callable[[ModuleType], argparse.ArgumentParser]]] = [
-    ("python tune/run.py", "tune.run", lambda m: parser_built_by(m.parse_args)),
-    ("python ensemble/run.py", "ensemble.run", lambda m: parser_built_by(m.parse_args)),
-    ("python ensemble/predict.py", "ensemble.predict", lambda m: parser_built_by(m.parse_args)),
-    ("python -m trainables.train", "trainables.train", lambda m: parser_built_by(m.main)),
-    ("python tune/report.py", "tune.report", lambda m: parser_built_by(m.main)),
-    ("python tune/compare.py", "tune.compare", lambda m: parser_built_by(m.main)),
-    ("python tune/sweep_agent.py", "tune.sweep_agent", lambda m: parser_built_by(m.main)),
+    ("seghpo", "tune.commands", lambda m: m.build_parser()),
+    ("seghpo tune", "tune.run", lambda m: m.build_parser()),
+    ("seghpo ensemble", "ensemble.run", lambda m: m.build_parser()),
+    ("seghpo predict", "ensemble.predict", lambda m: m.build_parser()),
+    ("seghpo train", "trainables.train", lambda m: m.build_parser()),
+    ("seghpo report", "tune.report", lambda m: m.build_parser()),
+    ("seghpo compare", "tune.compare", lambda m: m.build_parser()),
+    ("python tune/sweep_agent.py", "tune.sweep_agent", lambda m: m.build_parser()),
     ("python bench/run.py", "bench.run", lambda m: parser_built_by(m.parse_args)),
     ("python -m tune.settings_doc", "tune.settings_doc", lambda m: parser_built_by(m.main)),
     ("python -m tune.cli_doc", "tune.cli_doc", lambda m: parser_built_by(m.main)),

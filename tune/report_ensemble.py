@@ -17,6 +17,7 @@ import logging
 import os
 from pathlib import Path
 
+from trainables.rows import FIELDS, NO_HOLDOUT, OOF_NOTE, OOF_ROWS, ROWS  # the row labels of every ensemble table
 from trainables.runfiles import RunFiles
 from tune.report_html import Page, Text, as_number, table, tidy_figure
 
@@ -26,15 +27,7 @@ IMAGES = ("overlays.png",)  # pictures, not charts: kept as PNG
 
 
 def _labels(oof: bool = False) -> dict[str, str]:
-    from trainables.rows import OOF_ROWS, ROWS  # the row names of every ensemble table, in one place
-
     return OOF_ROWS if oof else ROWS
-
-
-def _fields() -> tuple[tuple[str, str], ...]:
-    from trainables.rows import FIELDS  # (column title, metric key) of every ensemble table
-
-    return FIELDS
 
 
 def metric_rows(result: dict) -> dict[str, dict]:
@@ -64,7 +57,7 @@ def results_table(result: dict, optimism: dict | None = None, oof: bool = False)
     rows = metric_rows(result)
     if not rows:
         return ""
-    fields = [(name, key) for name, key in _fields() if any(key in r for r in rows.values())]
+    fields = [(name, key) for name, key in FIELDS if any(key in r for r in rows.values())]
     header = ["", *(name for name, _ in fields)]
     optimism = {k: v for k, v in (optimism or {}).items() if as_number(v) is not None}
     if optimism:
@@ -80,8 +73,6 @@ def results_table(result: dict, optimism: dict | None = None, oof: bool = False)
 
 def oof_note(oof: dict) -> str:
     """Under the out-of-fold table: row (b) is in-sample; the holdout (or how to get one) is the number to quote."""
-    from trainables.rows import NO_HOLDOUT, OOF_NOTE
-
     if "ensemble" not in oof:
         return ""
     has_holdout = isinstance(oof.get("holdout"), dict) and bool(metric_rows(oof["holdout"]))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -38,6 +37,7 @@ from trainables.extra import absolute_extra_train, check_extra_train
 from trainables.folds import coverage_table, fold_coverage, load_or_make_folds
 from trainables.models import is_local_folder, weights_file
 from trainables.runfiles import RunFiles, experiment_location, is_uri, read_trials_csv, write_experiment_json
+from tune.wandb_logging import wandb_callback
 
 logger = logging.getLogger(__name__)
 
@@ -278,8 +278,6 @@ def run_search(spec: SearchSpec, run_dir: Path, *, resume: bool = False, address
     cluster.init_ray(address, dashboard, verbose)
     callbacks = []
     if wandb_mode != "disabled":
-        from tune.wandb_logging import wandb_callback
-
         callbacks.append(wandb_callback(wandb_project, run_dir.name, str(run_dir), wandb_mode, data.class_names,
                                         base))
         print(f"W&B ({wandb_mode}): project {wandb_project}, group {run_dir.name}, files in {run_dir / 'wandb'}")

@@ -242,3 +242,14 @@ def test_prediction_loads_no_tuner_search_or_ray():
             "print(bad)\nassert not bad, bad\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_every_package_lists_its_modules():
+    """Each package's ``__init__`` docstring is its map: every module is named there."""
+    missing = []
+    for pkg in PACKAGES:
+        doc = ast.get_docstring(ast.parse((ROOT / pkg / "__init__.py").read_text())) or ""
+        named = set(re.findall(r"\b(\w+)\b", doc))
+        missing += [f"{pkg}/{p.name}" for p in sorted((ROOT / pkg).glob("*.py"))
+                    if p.name != "__init__.py" and p.stem not in named]
+    assert not missing, "name these in their package's __init__.py: " + ", ".join(missing)

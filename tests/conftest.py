@@ -102,3 +102,37 @@ def tiny_config(**overrides) -> dict:
     }
     base.update(overrides)
     return resolve(base)
+
+
+# ---------------------------------------------------------------------------- markers and the fast tier
+UNMARKED_SLOW_S = 5.0  # an unmarked test slower than this belongs in the slow tier
+_unmarked_slow: list[tuple[float, str]] = []
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests skip, saying so, without a CUDA device; ``ray`` tests are ``slow`` as well."""
+    cuda = None
+    for item in items:
+        if "ray" in item.keywords and "slow" not in item.keywords:
+            item.add_marker(pytest.mark.slow)
+        if "gpu" in item.keywords:
+            if cuda is None:
+                import torch
+
+                cuda = torch.cuda.is_available()
+            if not cuda:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" and report.passed and report.duration > UNMARKED_SLOW_S \
+            and "slow" not in report.keywords:
+        _unmarked_slow.append((report.duration, report.nodeid))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Keeps the fast tier fast: names the unmarked tests that took longer than a few seconds."""
+    if _unmarked_slow:
+        terminalreporter.write_sep("-", f"unmarked tests over {UNMARKED_SLOW_S:g} s: mark them @pytest.mark.slow")
+        for seconds, nodeid in sorted(_unmarked_slow, reverse=True):
+            terminalreporter.write_line(f"{seconds:6.1f}s {nodeid}")

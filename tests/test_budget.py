@@ -235,6 +235,7 @@ def total_epochs(rows: list[dict]) -> int:
     return sum(int(r["epochs"] or 0) for r in rows)
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 @needs_camvid
 def test_epoch_budget_stops_the_search_and_resume_extends_it(scratch, camvid_cache):  # noqa: F811

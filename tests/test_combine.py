@@ -234,6 +234,7 @@ def _biased(fold, model, data):
             bias[int(np.argmin(counts))] += 20.0
 
 
+@pytest.mark.slow
 def test_ensemble_step_ships_the_holdouts_decision(tmp_path, monkeypatch, capsys, _one_torch_thread):  # noqa: F811
     from ensemble.bundle import load_bundle
     from ensemble.holdout import holdout_indices

@@ -117,6 +117,7 @@ def compared(experiment, sweep_runs, tmp_path_factory):
         return out, list(csv.DictReader(fh)), proc.stdout
 
 
+@pytest.mark.slow
 def test_csv_is_the_running_best_over_epochs_in_start_order(compared, sweep_runs):
     _out, rows, _ = compared
     assert list(rows[0]) == ["search", "fold", "epochs_spent", "best_so_far", "run", "value"]

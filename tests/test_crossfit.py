@@ -173,6 +173,7 @@ def no_background(tmp_path_factory):
     return exp
 
 
+@pytest.mark.slow
 def test_no_background_rows_count_void_as_a_miss(no_background):
     exp = no_background
     thresholds = json.loads((exp.report / "thresholds.json").read_text())

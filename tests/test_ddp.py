@@ -61,6 +61,7 @@ def two_workers(tmp_path_factory, sample, sample_cache):
     return single, single_record, single_batches, ranks
 
 
+@pytest.mark.slow
 def test_two_workers_validate_like_one_process(two_workers):
     single, record, _, ranks = two_workers
     want = single.last_validation

@@ -60,6 +60,7 @@ def test_train_debug_runs_one_short_epoch(tmp_path, sample_cache, capsys):
     assert len(json.loads((tmp_path / "folds.json").read_text())["folds"]) == DEBUG_SETTINGS["folds.k"]
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_search_and_ensemble_debug_on_the_shipped_sample(sample_cache):
     storage, ray_dir = scratch_dir("debug"), private_ray_dir()

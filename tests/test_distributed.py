@@ -192,6 +192,7 @@ def test_checkpoints_in_an_object_store_are_recorded_as_uris_and_fetched(tmp_pat
 # ---------------------------------------------------------------- a real cluster
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 @needs_camvid
 def test_search_across_nodes_survives_losing_a_worker(cluster, camvid_cache):
@@ -299,6 +300,8 @@ def test_search_across_nodes_survives_losing_a_worker(cluster, camvid_cache):
     shutil.rmtree(scratch, ignore_errors=True)
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_without_an_address_the_search_starts_its_own_ray_beside_a_running_one():
     """``ray.init()`` joins any Ray already running on the machine (another user's, a test cluster): the
     search must start a private one unless --address or RAY_ADDRESS names one, and say which it uses."""

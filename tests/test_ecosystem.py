@@ -75,6 +75,7 @@ def test_sweep_export_validates_and_samples_like_the_searcher(space):
             assert sampled["model.encoder"] in spec.space["model.encoder"].by[arch]
 
 
+@pytest.mark.slow
 def test_sweep_agent_runs_the_training_loop_offline(tmp_path):
     spec = load_space(str(TINY), ROOT / "search_spaces")
     params = {"optimizer.lr": 0.003, "loss.name": "ce"}
@@ -152,6 +153,7 @@ def ray_log_tails(ray_dir: Path, lines: int = 15) -> str:
     return "\n".join(out)[-6000:]
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_jobs_api_round_trip_with_wandb_and_report(tmp_path):
     """A local head with the dashboard (token authentication on, as Ray starts it); a tiny search

@@ -212,6 +212,7 @@ def test_greedy_select_sequence_repetition_and_stop():
 # --------------------------------------------------------------------------- 2. predictor
 
 
+@pytest.mark.slow
 def test_soft_voting_of_identical_members_and_tta(experiment):
     import torch
 
@@ -266,6 +267,7 @@ def _is_png(path: Path) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_run_oof_report_and_predictions(experiment, ensemble_run):
     data, report = experiment.data, ensemble_run.report
     # every image exactly once out of fold
@@ -377,6 +379,7 @@ def _cross_fitted_miou(experiment, report: Path) -> float:
 # --------------------------------------------------------------------------- 4. plain folder
 
 
+@pytest.mark.slow
 def test_predict_plain_folder_keeps_each_size(experiment, tmp_path):
     coco = json.loads(VAL_JSON.read_text())
     names = [im["file_name"] for im in coco["images"][:3]]
@@ -514,6 +517,7 @@ def test_streaming_thresholds_match_brute_force_on_oof(experiment, ensemble_run)
             assert math.isclose(curve[k], value, abs_tol=1e-9) or (math.isnan(curve[k]) and math.isnan(value))
 
 
+@pytest.mark.slow
 def test_rerun_after_a_crash_gives_the_same_outputs(experiment, ensemble_run, tmp_path, monkeypatch):
     """Re-running the ensemble step (as after a crash) on a copy rewrites identical results; the
     W&B offline run of the report lands in the experiment (its files written as a group member)."""
@@ -537,6 +541,7 @@ def test_rerun_after_a_crash_gives_the_same_outputs(experiment, ensemble_run, tm
 # --------------------------------------------------------------------------- 6. greedy selection
 
 
+@pytest.mark.slow
 def test_greedy_selection_follows_the_metric_and_is_cross_fitted_on_half_folds(experiment):
     """Greedy selection maximises the search's metric (here pixel accuracy), selects on one half of a
     fold's images and scores on the other; recomputed here with a hand-written pixel accuracy."""
@@ -651,6 +656,7 @@ print(json.dumps({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrs
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss is in kB on Linux")
 def test_oof_pass_memory_does_not_grow_with_the_number_of_members(experiment, tmp_path):
     """Peak memory of the out-of-fold pass with 1 and with 40 members (one member listed 40 times, so

@@ -100,6 +100,7 @@ def test_per_fold_sets_are_checked_against_their_own_fold(sample, sample_cache, 
         check_extra_train(d, sample, folds)
 
 
+@pytest.mark.slow
 def test_plain_cli_refuses_in_one_line(sample, sample_cache, tmp_path):
     from trainables.config import resolve
 

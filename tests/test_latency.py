@@ -123,6 +123,7 @@ def test_tta_text_round_trips():
         assert tta.hflip == flip and tuple(sorted(tta.scales)) == scales
 
 
+@pytest.mark.slow
 def test_run_with_a_latency_budget_writes_the_chosen_set(tmp_path):
     from tests.test_ensemble import _check_ok, build_experiment, run_cli
 

@@ -35,6 +35,7 @@ def two_epochs(sample, split):
     return trainer, list(trainer.epochs())
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_and_reports_metrics(two_epochs, sample):
     trainer, records = two_epochs
     assert [r["epoch"] for r in records] == [1, 2] and trainer.epoch == 2
@@ -88,6 +89,7 @@ def short_two_epochs(sample, short_split):
     return list(FoldTrainer(tiny_config(**SHORT), sample, *short_split, fold=0).epochs())
 
 
+@pytest.mark.slow
 def test_same_seed_same_losses(short_two_epochs, sample, short_split):
     again = list(FoldTrainer(tiny_config(**SHORT), sample, *short_split, fold=0).epochs())
     assert [r["train_loss"] for r in again] == [r["train_loss"] for r in short_two_epochs]
@@ -170,6 +172,7 @@ def run_cli(args: list[str], tmp_path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_trains_one_epoch(tmp_path):
     out = tmp_path / "run"
     proc = run_cli(["--set", *TINY_SETS, f"data.cache_dir={tmp_path / 'cache'}", "--out", str(out)], tmp_path)
@@ -183,6 +186,7 @@ def test_cli_trains_one_epoch(tmp_path):
     assert (out / "folds.json").exists()
 
 
+@pytest.mark.slow
 def test_cli_bad_setting_is_one_line_and_exit_2(tmp_path):
     proc = run_cli(["--set", "nosuch.key=1", "--out", str(tmp_path / "run")], tmp_path)
     assert proc.returncode == 2

@@ -85,6 +85,7 @@ def _run(cmd: list[str], cwd: Path) -> tuple[list[str], int, str]:
     return cmd, proc.returncode, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_console_scripts_and_scripts_start(tmp_path):
     """``--help`` of every console script (and of each ``seghpo`` subcommand), and of every script run
     by its path, from outside the checkout."""

@@ -76,6 +76,7 @@ def _masks(folder: Path) -> dict:
 # --------------------------------------------------------------------------- the bundle anywhere
 
 
+@pytest.mark.slow
 def test_bundle_predicts_alone_as_run_predict_did(experiment, predicted, tmp_path):  # noqa: F811
     fresh = tmp_path / "fresh"
     shutil.copytree(predicted.bundle, fresh / "bundle")
@@ -156,6 +157,7 @@ def test_test_rows_against_a_bare_model_loop_and_sklearn(experiment, predicted):
     assert abs(metrics["rows"]["single"]["miou"] - metrics["rows"]["ensemble"]["miou"]) > 1e-6
 
 
+@pytest.mark.slow
 def test_damaged_or_incomplete_bundle_is_refused_in_one_line(experiment, predicted, tmp_path, capsys):  # noqa: F811
     images = tmp_path / "images"
     images.mkdir()

@@ -122,6 +122,7 @@ def test_sample_submission_that_does_not_fit_is_refused_before_any_mask(bundle, 
     assert line.startswith(f"error: {late}:") and "not the bundle's" in line, line
 
 
+@pytest.mark.slow
 def test_cli_subprocess_refuses_an_out_file_in_one_line(bundle, images, tmp_path):
     out = tmp_path / "preds.txt"
     out.write_text("keep me\n")

@@ -64,6 +64,7 @@ def test_confidence_filter():
     np.testing.assert_array_equal(confident_labels(probs, np.array([[255, 1]], np.uint8), 0.0), [[255, 1]])
 
 
+@pytest.mark.slow
 def test_pseudo_labels_round_trip_through_the_loader(experiment, extras_run):  # noqa: F811
     from trainables.data import load_dataset
 

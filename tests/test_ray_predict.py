@@ -110,6 +110,7 @@ def _same_outputs(got: Path, ref: Path) -> None:
     assert not [p for p in got.rglob("*") if p.name.startswith(".")]
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_cli_on_a_cluster_writes_the_local_files_from_several_nodes(setup):
     out = setup.tmp / "ray-cli"
@@ -135,6 +136,7 @@ def _actor_lines(out: Path) -> list[dict]:
     return lines
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_an_actor_killed_mid_batch_is_retried_and_nothing_is_written_twice(setup):
     out, report = setup.tmp / "ray-kill", setup.tmp / "kill.json"
@@ -168,6 +170,7 @@ def test_an_actor_killed_mid_batch_is_retried_and_nothing_is_written_twice(setup
     assert sorted(res["moves"]) == sorted(final) and len(res["moves"]) == len(set(res["moves"]))
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_run_pseudo_label_per_fold_on_a_cluster_writes_the_local_labels(setup, experiment):  # noqa: F811
     """``ensemble/run.py --pseudo-label --pseudo-per-fold`` locally, then with ``--address``: the same
@@ -225,6 +228,7 @@ def test_merged_counts_of_image_shares_score_as_one_pass():
     assert abs(merged.compute()["pixel_acc"] - brute) < 1e-12
 
 
+@pytest.mark.slow
 def test_ray_flags_without_ray_are_refused_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, str(PREDICT), "--bundle", tmp_path, "--images", tmp_path, "--out",
                            tmp_path / "out", "--actors", "2"], cwd=ROOT, capture_output=True, text=True, timeout=120)

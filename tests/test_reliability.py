@@ -148,6 +148,7 @@ def _trials(run_dir: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_failing_trials_are_recorded_retried_and_all_failing_exits_nonzero(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "SEGHPO_CACHE": str(tmp_path / "cache")}

@@ -128,6 +128,8 @@ def run_args(storage: Path, *extra: str) -> list[str]:
             "--wandb", "disabled", "--num-samples", "1", "--max-epochs", "1", *extra]
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_new_run_over_leftover_state_is_refused_and_writes_nothing(tmp_path):
     """A leftover asha_state.json (tune/ deleted by hand) was loaded by the new run's scheduler."""
     run_dir = tmp_path / "x"
@@ -217,6 +219,8 @@ def test_an_older_record_without_asha_recheck_had_it_off():
         and '"recheck": true' in diff[0], diff
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_resume_with_changed_settings_is_refused_in_one_line(tmp_path):
     from trainables.runfiles import write_experiment_json
 

@@ -34,6 +34,7 @@ def project_imports(path: Path) -> set[str]:
     return names
 
 
+@pytest.mark.slow
 def test_ensemble_predict_and_report_import_no_ray():
     """``ensemble/run.py`` imports the report, the members, the bundle, ... when it runs: none of them,
     nor what they import, may load Ray (only a cluster run would need it)."""

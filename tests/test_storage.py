@@ -112,6 +112,7 @@ def test_unreadable_state_names_the_newest_damaged_file(tmp_path):
     assert path.endswith("search_gen_state-2026-01-01_00-00-09.json") and "7 bytes" in problem
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_damaged_experiment_in_one_line(tmp_path):
     run_dir = tmp_path / "killed"
     fake_experiment(run_dir / "tune", b"")

@@ -423,6 +423,7 @@ def e2e(camvid_cache):
     shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 @needs_camvid
 def test_end_to_end_run_on_camvid(e2e, camvid_cache):
@@ -508,6 +509,7 @@ def rung_entries(state: dict, trial_ids: set[str]) -> dict[tuple[str, float, str
     return out
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 @needs_camvid
 def test_resume_after_killing_the_driver(scratch, camvid_cache):
@@ -624,12 +626,14 @@ def test_cli_unknown_space_lists_available_ones(tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+@pytest.mark.slow
 def test_cli_rejects_one_fold(tmp_path):
     assert_user_error(cli("--space", "segformer.yaml", "--folds", "1", "--storage", tmp_path, "--name", "x"),
                       "folds.k", "at least 2")
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_cli_resume_needs_an_experiment(tmp_path):
     assert_user_error(cli("--space", str(TINY), "--data", TRAIN_JSON, "--resume", "--storage", tmp_path,
                           "--name", "nothing"),
@@ -638,6 +642,7 @@ def test_cli_resume_needs_an_experiment(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 @needs_camvid
 def test_cli_same_name_twice_needs_resume(e2e):

@@ -59,6 +59,7 @@ def test_local_fit_check_counts_the_workers():
         check_trial_fits(resources(workers_per_trial=n, cpus_per_trial=1), "x.yaml")
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_two_worker_search_completes_and_its_checkpoints_load(scratch):  # noqa: F811
     import torch
@@ -98,6 +99,7 @@ def test_two_worker_search_completes_and_its_checkpoints_load(scratch):  # noqa:
         assert [r["epoch"] for r in results] == [1, 2] and all(r["best_checkpoint"] for r in results)
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_killed_two_worker_search_resumes_from_the_train_checkpoint(scratch):  # noqa: F811
     """SIGKILL the driver once the first trial has reported an epoch (its checkpoints are in its

@@ -10,7 +10,7 @@ requirements.txt, search_spaces/*.yaml).
 
 The README's two fresh-machine commands run for real elsewhere: ``.ci/run`` runs the test command
 (``python -m pytest -q`` after ``pip install -r requirements.txt``), and
-tests/test_debug.py::test_search_and_ensemble_debug_on_the_shipped_sample runs ``tune/run.py
+tests/tune/test_debug.py::test_search_and_ensemble_debug_on_the_shipped_sample runs ``tune/run.py
 --space segformer.yaml`` on the shipped sample (with ``--debug``) and then ``ensemble/run.py`` on
 the experiment it writes.
 """

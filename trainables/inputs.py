@@ -11,7 +11,7 @@ differ between the two, so both feed a member the same numbers.
 Probabilities are resized bilinearly: ``cv2.INTER_LINEAR`` on float32 maps here, torch's
 ``F.interpolate(mode="bilinear", align_corners=False)`` in :mod:`trainables.preprocess`. Both
 sample at ``(x + 0.5) * scale - 0.5`` clamped to the border, without antialiasing; they agree to
-float32 rounding (tests/test_onnx_runtime.py).
+float32 rounding (tests/ensemble/test_onnx_runtime.py).
 """
 from __future__ import annotations
 

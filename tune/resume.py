@@ -16,7 +16,7 @@ can leave one file from the new snapshot and another from the one before. With w
 The experiment state is what Tune restores, so it is the truth: the generator's count and live
 set and the searcher's per-fold counts and live trials are recomputed from it (Optuna numbers
 from the studies, where every asked trial carries its Tune trial id), and written back only
-where they differ. The formats are Ray 2.60's, which requirements.txt pins; tests/test_storage.py
+where they differ. The formats are Ray 2.60's, which requirements.txt pins; tests/tune/test_storage.py
 checks them against files Tune wrote.
 """
 from __future__ import annotations

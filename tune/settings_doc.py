@@ -3,7 +3,7 @@ its default and meaning, generated from the code that defines them (``trainables
 ``DEFAULTS`` and ``MEANINGS``, ``tune/space.py``'s defaults and ``MEANINGS``).
 
 ``python -m tune.settings_doc`` rewrites the table between the markers; ``--check`` exits 1 when
-the checked-in table is not current (tests/test_settings_doc.py runs that check in CI).
+the checked-in table is not current (tests/tune/test_settings_doc.py runs that check in CI).
 """
 from __future__ import annotations
 

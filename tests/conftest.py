@@ -107,13 +107,17 @@ def tiny_config(**overrides) -> dict:
 # ---------------------------------------------------------------------------- markers and the fast tier
 UNMARKED_SLOW_S = 5.0  # an unmarked test slower than this belongs in the slow tier
 _unmarked_slow: list[tuple[float, str]] = []
+# module fixtures that train or search before their first test (15-25 s each here): their tests are slow
+SLOW_FIXTURES = {"experiment", "compared", "sweep_runs", "no_background", "two_workers", "e2e", "setup"}
 
 
 def pytest_collection_modifyitems(config, items):
-    """``gpu`` tests skip, saying so, without a CUDA device; ``ray`` tests are ``slow`` as well."""
+    """``gpu`` tests skip, saying so, without a CUDA device; ``ray`` tests and the tests of a fixture
+    in :data:`SLOW_FIXTURES` are ``slow`` as well."""
     cuda = None
     for item in items:
-        if "ray" in item.keywords and "slow" not in item.keywords:
+        if ("ray" in item.keywords or SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))) \
+                and "slow" not in item.keywords:
             item.add_marker(pytest.mark.slow)
         if "gpu" in item.keywords:
             if cuda is None:

@@ -52,6 +52,7 @@ def test_python_m_tune_commands_is_seghpo():
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SUBCOMMANDS)
 def test_each_subcommand_shows_its_flags_as_its_script_does(name):
     """``seghpo X --help`` and ``python <script> --help``: the same flags (the script's usage line,

@@ -97,6 +97,7 @@ def exported(tmp_path_factory):
     return tmp, bundle, images
 
 
+@pytest.mark.slow
 def test_onnx_runtime_predicts_without_torch_as_the_torch_runtime(exported):
     tmp, bundle, images = exported
     args = ["--bundle", bundle, "--images", images, "--save-probs", "--batch-size", 2, "--device", "cpu"]

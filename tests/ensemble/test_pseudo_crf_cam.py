@@ -264,6 +264,7 @@ def test_crf_fitted_out_of_fold_and_reported_beside_the_thresholds(extras_run):
     assert "DenseCRF: " + ("kept" if post["kept"] else "not kept (no gain)") in page
 
 
+@pytest.mark.slow
 def test_crf_missing_package_is_one_line(experiment, monkeypatch, capsys):  # noqa: F811
     import ensemble.crf
     from ensemble.run import main

@@ -619,6 +619,7 @@ def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
     return errors[0]
 
 
+@pytest.mark.slow
 def test_cli_unknown_space_lists_available_ones(tmp_path):
     error = assert_user_error(cli("--space", "nosuch.yaml", "--storage", tmp_path, "--name", "x"), "--space")
     for shipped in ("segformer", "smp", "mixed"):

@@ -27,7 +27,7 @@ from ensemble.infer import PredictOptions, check_batch_size, check_out, predict_
 from ensemble.ray_predict import predict_on_ray
 from ensemble.submission import Submission
 from ensemble.tiling import parse_tile
-from trainables.cli import add_ray_actor_flags, exit_on_user_error, ray_actor_args
+from trainables.cli import add_ray_actor_flags, command_parser, exit_on_user_error, ray_actor_args
 from trainables.errors import ConfigError
 from trainables.rows import format_table
 from trainables.runfiles import TEST_METRICS_JSON
@@ -71,8 +71,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return add_arguments(argparse.ArgumentParser(description=__doc__,
-                                                 formatter_class=argparse.RawDescriptionHelpFormatter))
+    return command_parser(__doc__, add_arguments)
 
 
 def parse_args(argv):

@@ -22,8 +22,8 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from trainables.cli import (add_debug_flag, add_ray_actor_flags, add_wandb_flags, exit_on_user_error, ray_actor_args,
-                            wandb_mode)
+from trainables.cli import (add_debug_flag, add_ray_actor_flags, add_wandb_flags, command_parser, exit_on_user_error,
+                            ray_actor_args, wandb_mode)
 from trainables.rows import FIELDS, NO_HOLDOUT, OOF_NOTE, OOF_ROWS, ROWS, format_table
 
 logger = logging.getLogger("ensemble")
@@ -70,9 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return p
+    return command_parser(__doc__, add_arguments)
 
 
 def parse_args(argv) -> argparse.Namespace:

@@ -152,3 +152,12 @@ def ray_actor_options(args: argparse.Namespace) -> dict:
     """The actor flags as keyword arguments of ensemble/ray_predict.py's entry points."""
     return {"address": args.address, "actors": args.actors, "cpus_per_actor": args.cpus_per_actor,
             "gpus_per_actor": args.gpus_per_actor}
+
+
+def command_parser(description: str | None, add_arguments: Callable[[argparse.ArgumentParser], object],
+                   ) -> argparse.ArgumentParser:
+    """A script's parser: its module docstring as the description, its flags from ``add_arguments``
+    (the same function ``seghpo <command>`` fills its subparser with)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return parser

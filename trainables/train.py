@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from trainables.checkpoint import save_checkpoint  # noqa: E402
-from trainables.cli import DEBUG_SETTINGS, add_debug_flag, add_set_flag, exit_on_user_error, parse_sets  # noqa: E402
+from trainables.cli import DEBUG_SETTINGS, add_debug_flag, add_set_flag, command_parser, exit_on_user_error, parse_sets  # noqa: E402
 from trainables.config import resolve, validate_config  # noqa: E402
 from trainables.data import load_data  # noqa: E402
 from trainables.errors import InputError  # noqa: E402
@@ -59,9 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return parser
+    return command_parser(__doc__, add_arguments)
 
 
 def run(args: argparse.Namespace) -> None:

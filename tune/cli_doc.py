@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Callable
 from unittest import mock
 
-from trainables.io import atomic_write_text
+from tune.settings_doc import sync_page
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "reference" / "cli.md"
 WIDTH = 100  # help text wrapped at a fixed width, whatever the terminal: the page must not depend on it
@@ -125,14 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--write", action="store_true", help="write the page (the default without --check)")
     args = parser.parse_args(argv)
     text = DOC.read_text() if DOC.exists() else ""
-    current = page()
-    if args.check:
-        if current != text:
-            sys.exit(f"{DOC}: the command-line reference is not current: run python -m tune.cli_doc")
-        return
-    if current != text:
-        atomic_write_text(DOC, current)
-    print(f"{DOC}: {'updated' if current != text else 'current'}")
+    sync_page(DOC, text, page(), args.check, "the command-line reference", "python -m tune.cli_doc")
 
 
 if __name__ == "__main__":

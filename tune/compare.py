@@ -28,7 +28,7 @@ import logging
 import math
 from pathlib import Path
 
-from trainables.cli import add_wandb_flags, exit_on_user_error, wandb_mode
+from trainables.cli import add_wandb_flags, command_parser, exit_on_user_error, wandb_mode
 from trainables.errors import InputError
 from trainables.io import atomic_write_text
 from trainables.runfiles import RunFiles, read_experiment, read_trial_file, read_trials_csv
@@ -234,9 +234,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return p
+    return command_parser(__doc__, add_arguments)
 
 
 @exit_on_user_error

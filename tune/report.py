@@ -22,7 +22,7 @@ from pathlib import Path
 import optuna
 from tqdm import tqdm
 
-from trainables.cli import exit_on_user_error
+from trainables.cli import command_parser, exit_on_user_error
 from trainables.io import atomic_write_text
 from trainables.runfiles import (PARAM_PREFIX, RunFiles, best_per_fold, read_experiment, read_trial_file,
                                  read_trials_csv, score_column)
@@ -164,9 +164,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return p
+    return command_parser(__doc__, add_arguments)
 
 
 @exit_on_user_error

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 from trainables.cli import (DEBUG_HELP, DEBUG_SETTINGS, add_address_flag, add_debug_flag, add_set_flag,  # noqa: E402
-                            add_wandb_flags, exit_on_user_error, parse_sets, wandb_mode)
+                            add_wandb_flags, command_parser, exit_on_user_error, parse_sets, wandb_mode)
 from trainables.errors import ConfigError  # noqa: E402
 from trainables.io import atomic_write_text  # noqa: E402
 from tune.rundir import earlier_state  # noqa: E402
@@ -78,9 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return p
+    return command_parser(__doc__, add_arguments)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

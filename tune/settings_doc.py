@@ -69,14 +69,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--check", action="store_true", help="exit 1 if the table is not current; write nothing")
     args = parser.parse_args(argv)
     text = DOC.read_text()
-    current = render(text)
-    if args.check:
+    sync_page(DOC, text, render(text), args.check, "the settings table", "python -m tune.settings_doc")
+
+
+def sync_page(path: Path, text: str, current: str, check: bool, what: str, command: str) -> None:
+    """A generated page: with ``check``, exit 1 when ``text`` (the page on disk) is not ``current``;
+    otherwise write ``current`` when it differs, and say which."""
+    if check:
         if current != text:
-            sys.exit(f"{DOC}: the settings table is not current: run python -m tune.settings_doc")
+            sys.exit(f"{path}: {what} is not current: run {command}")
         return
     if current != text:
-        atomic_write_text(DOC, current)
-    print(f"{DOC}: {'updated' if current != text else 'current'}")
+        atomic_write_text(path, current)
+    print(f"{path}: {'updated' if current != text else 'current'}")
 
 
 if __name__ == "__main__":

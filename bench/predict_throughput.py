@@ -54,8 +54,8 @@ def run(quick: bool) -> dict:
     images = val_images()
     with common.scratch("predict") as tmp:
         members = cpu_members(tmp)
-        bundle = load_bundle(write_bundle(tmp / "bundle", members, "none", "soft", {"thresholds": None},
-                                          "val_miou", "max"))
+        bundle = load_bundle(write_bundle(tmp / "bundle", members, tta="none", voting="soft", rule={"thresholds": None},
+                                          metric="val_miou", mode="max"))
         ens = bundle.ensemble("cpu")
         models = [m.model for m in bundle.members]
         sizes = [m.image_size for m in bundle.members]

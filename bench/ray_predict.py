@@ -79,7 +79,8 @@ def run(quick: bool) -> dict:
     folds, per_fold = (2, 1) if quick else (2, 2)
     with common.scratch("raypred") as tmp:
         members = cpu_members(tmp, folds, per_fold)
-        bundle_dir = write_bundle(tmp / "bundle", members, "none", "soft", {"thresholds": None}, "val_miou", "max")
+        bundle_dir = write_bundle(tmp / "bundle", members, tta="none", voting="soft", rule={"thresholds": None},
+                                  metric="val_miou", mode="max")
         images = image_folder(tmp / "images", n_images)
         local, ray_wall, ray_pool, ray_busy, local_per_image = [], [], [], [], []
         nodes_used = []
@@ -90,7 +91,7 @@ def run(quick: bool) -> dict:
                     start = time.perf_counter()
                     if side == "local":
                         bundle = load_bundle(bundle_dir, "cpu")
-                        predict_with_bundle(bundle, images, out, batch_size=BATCH, device="cpu")
+                        predict_with_bundle(bundle, images, out=out, batch_size=BATCH, device="cpu")
                         seconds = time.perf_counter() - start
                         local.append(n_images / seconds)
                         local_per_image.append(seconds / n_images)

@@ -74,7 +74,7 @@ def _member_entry(member, file: str) -> dict:
             "input": member.input, "max_size": member.max_size, "mean": list(member.mean), "std": list(member.std)}
 
 
-def write_bundle(out: Path, members: list, tta: str, voting: str, rule: dict, metric: str, mode: str,
+def write_bundle(out: Path, members: list, *, tta: str, voting: str, rule: dict, metric: str, mode: str,
                  source: dict | None = None, data: dict | None = None) -> Path:
     """Write the bundle of ``members`` (:class:`ensemble.predictor.Member` with ``meta["path"]``,
     the checkpoint they were loaded from) to ``out``, replacing an older one only when complete.

@@ -96,7 +96,7 @@ def greedy_keep(score: Callable[[list[float]], float], m: int, mode: str = "max"
     return [1.0 if k in chosen else 0.0 for k in range(m)]
 
 
-def decide_combination(probs: np.ndarray, target: np.ndarray, owner: np.ndarray, data, key: str, mode: str,
+def decide_combination(probs: np.ndarray, target: np.ndarray, *, owner: np.ndarray, data, key: str, mode: str,
                        best: int, names: list[str], seed: int = 0, empty: float = 1.0,
                        fit: Callable | None = None) -> tuple[list[float], dict]:
     """(weights of the shipped combination, record) from sampled member probabilities ``probs`` (M, C, P).
@@ -173,15 +173,16 @@ def describe(candidate: str) -> str:
     return {"uniform": "uniform average", "best_member": "best member", "fitted": "fitted combination"}[candidate]
 
 
-def combine_on_holdout(ens, data, indices: list[int], metric: str, mode: str, best: int, empty: float = 1.0,
+def combine_on_holdout(ens, data, *, indices: list[int], metric: str, mode: str, best: int, empty: float = 1.0,
                        pixels_per_image: int = 4096, seed: int = 0) -> tuple[list[float], dict]:
     """:func:`decide_combination` of the members of ``ens`` (every fold's) on holdout images ``indices`` of
     ``data``, scored with the search's metric where sampled pixels can compute it
     (:func:`ensemble.selection.selection_metric`)."""
     key, mode, note = selection_metric(metric, mode, data.task)
     probs, target, owner = sample_member_probs(ens, data, indices, pixels_per_image, seed)
-    weights, record = decide_combination(probs, target, owner, data, key, mode, best, [m.name for m in ens.members],
-                                         seed, empty)
+    weights, record = decide_combination(probs, target, owner=owner, data=data, key=key, mode=mode, best=best,
+                                         names=[m.name for m in ens.members],
+                                         seed=seed, empty=empty)
     record["note"] = note.replace("greedy selection", "the combination") if note else None
     record["pixels_per_image"] = pixels_per_image
     return weights, record

@@ -54,7 +54,8 @@ def predict(run: ExperimentRun, bundle_dir: Path, *, images: Path, out: Path | N
         print_result(res, res["members"], res["class_names"])
         return res
     loaded = load_bundle(bundle_dir, run.device)
-    res = predict_with_bundle(loaded, images, out, options.batch_size, save_probs, run.device, cache_dir=cache_dir)
+    res = predict_with_bundle(loaded, images, out=out, batch_size=options.batch_size, save_probs=save_probs,
+                              device=run.device, cache_dir=cache_dir)
     print_result(res, len(loaded.members), loaded.class_names)
     return res
 
@@ -83,9 +84,11 @@ def pseudo_labels(run: ExperimentRun, members: Members, *, oof: OutOfFold, post:
             summary.pop("actors")
         else:
             summary = write_pseudo_labels(
-                Ensemble(chosen, members.tta, options.voting, run.device), rule_thresholds(rule), pseudo.unlabeled,
-                target, run.data.class_names, pseudo.confidence, rule_refiner(rule), options.batch_size,
-                provenance, d["cache_dir"])
+                Ensemble(chosen, members.tta, options.voting,
+                         run.device), rule_thresholds(rule), inputs=pseudo.unlabeled,
+                out=target, class_names=run.data.class_names, confidence=pseudo.confidence, refine=rule_refiner(rule),
+                batch_size=options.batch_size,
+                provenance=provenance, cache_dir=d["cache_dir"])
         print(f"pseudo-labels: {summary['images']} images, {100 * summary['kept_share']:.0f}% of pixels kept "
               f"-> {target}")
     entry = out / "fold{fold}" if pseudo.per_fold else out

@@ -63,7 +63,7 @@ def holdout_indices(data: SegData, holdout: list[str]) -> list[int]:
     return [i for i, image_id in enumerate(data.ids) if image_id in aside]
 
 
-def holdout_step(ensembles: dict[int, Ensemble], data: SegData, holdout: list[str], thresholds: dict, post: dict,
+def holdout_step(ensembles: dict[int, Ensemble], data: SegData, *, holdout: list[str], thresholds: dict, post: dict,
                  steps: dict, mode: str, max_size: int | None, batch_size: int = 8, refine=None,
                  weights: list[float] | None = None, combination: str = "uniform") -> dict:
     """Score the holdout images with every fold's members: rows (a)-(d) and the row prediction applies.

@@ -219,7 +219,7 @@ def measure_costs(ensembles: dict[int, Ensemble], data, folds, max_size, mode: s
     return Measured(pools, sets, image)
 
 
-def budget_members(ensembles: dict[int, Ensemble], data, folds, max_size, budget_ms: float, metric: str, mode: str,
+def budget_members(ensembles: dict[int, Ensemble], data, *, folds, max_size, budget_ms: float, metric: str, mode: str,
                    pixels_per_image: int = 4096, empty: float = 1.0, reps: int = 5,
                    max_images: int | None = None, measured: Measured | None = None
                    ) -> tuple[dict[int, Ensemble], str, dict]:

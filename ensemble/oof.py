@@ -50,7 +50,7 @@ def image_metric(metric: str) -> bool:
     return metric.removeprefix("val_") in IMAGE_METRICS
 
 
-def oof_evaluate(ensembles: dict[int, Ensemble], data: SegData, folds: list[list[str]], max_size: int | None,
+def oof_evaluate(ensembles: dict[int, Ensemble], data: SegData, *, folds: list[list[str]], max_size: int | None,
                  out_dir: Path, batch_size: int = 8, tune_min_area: bool = False, bins: int = 1000,
                  max_per_fold: int | None = None, metric: str = "val_miou", empty: float | None = 1.0) -> dict:
     """Run both passes; returns metrics (a)/(b)/(c) (cross-fitted and in-sample), the thresholds fitted

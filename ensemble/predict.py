@@ -78,7 +78,7 @@ def parse_args(argv):
     return check_args(build_parser().parse_args(argv))
 
 
-def predict_with_bundle(bundle, images: Path, out: Path, batch_size: int = 8, save_probs: bool = False,
+def predict_with_bundle(bundle, images: Path, *, out: Path, batch_size: int = 8, save_probs: bool = False,
                         device="auto", tile=None, sample_submission: Path | None = None, rle_order: str = "column",
                         cache_dir=None, boundary: bool = False) -> dict:
     """The bundle's ensemble and decision rule on ``images``; see :func:`ensemble.infer.predict_folder`."""
@@ -134,8 +134,10 @@ def run(args: argparse.Namespace) -> None:
         return
     bundle = load_bundle(args.bundle, args.device, args.runtime)
     start = time.perf_counter()
-    res = predict_with_bundle(bundle, args.images, args.out, args.batch_size, args.save_probs, args.device, tile,
-                              args.sample_submission, args.rle_order, boundary=args.boundary_iou)
+    res = predict_with_bundle(bundle, args.images, out=args.out, batch_size=args.batch_size,
+                              save_probs=args.save_probs, device=args.device, tile=tile,
+                              sample_submission=args.sample_submission, rle_order=args.rle_order,
+                              boundary=args.boundary_iou)
     print_result(res, len(bundle.members), bundle.class_names, time.perf_counter() - start)
 
 

@@ -66,7 +66,7 @@ def pseudo_inputs(ens_task: str, inputs: Path, confidence: float, cache_dir=None
     return paths, ids
 
 
-def pseudo_image(ens: Voting, thresholds: dict | None, out: Path, path: Path, image_id: str, image: np.ndarray,
+def pseudo_image(ens: Voting, thresholds: dict | None, *, out: Path, path: Path, image_id: str, image: np.ndarray,
                  probs: np.ndarray, confidence: float, refine: Callable | None, num_classes: int
                  ) -> tuple[float, np.ndarray, list[str]]:
     """Write one image's copy and label mask under ``out`` (atomically); (share of pixels kept,
@@ -83,7 +83,7 @@ def pseudo_image(ens: Voting, thresholds: dict | None, out: Path, path: Path, im
     return float((labels != VOID).mean()), counts, written
 
 
-def write_pseudo_labels(ens: Voting, thresholds: dict | None, inputs: Path, out: Path, class_names: list[str],
+def write_pseudo_labels(ens: Voting, thresholds: dict | None, *, inputs: Path, out: Path, class_names: list[str],
                         confidence: float = 0.9, refine: Callable | None = None, batch_size: int = 8,
                         provenance: dict | None = None, cache_dir=None) -> dict:
     """Predict ``inputs`` (folder of images or COCO json) and write the mask folder ``out``."""
@@ -93,8 +93,9 @@ def write_pseudo_labels(ens: Voting, thresholds: dict | None, inputs: Path, out:
         batch = list(range(start, min(start + batch_size, len(paths))))
         images = [read_image(paths[i]) for i in batch]
         for i, image, probs in zip(batch, images, ens.predict_batch(images)):
-            kept, per_class, _ = pseudo_image(ens, thresholds, out, paths[i], ids[i], image, probs, confidence, refine,
-                                              len(class_names))
+            kept, per_class, _ = pseudo_image(ens, thresholds, out=out, path=paths[i], image_id=ids[i], image=image,
+                                              probs=probs, confidence=confidence, refine=refine,
+                                              num_classes=len(class_names))
             kept_per_image[ids[i]] = kept
             counts += per_class
     return write_pseudo_summary(out, class_names, inputs, confidence, thresholds, refine is not None, kept_per_image,

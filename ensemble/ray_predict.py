@@ -109,9 +109,10 @@ class BundlePredictor:
 
     def _predict_one(self, index: int, path: str, image_id: str, image, probs, member) -> dict:
         if self.job["kind"] == "pseudo":
-            kept, counts, files = pseudo_image(self.ens, self.thresholds, self.staging, Path(path), image_id, image,
-                                               probs, self.job["confidence"], self.refine,
-                                               len(self.bundle.class_names))
+            kept, counts, files = pseudo_image(self.ens, self.thresholds, out=self.staging, path=Path(path),
+                                               image_id=image_id, image=image,
+                                               probs=probs, confidence=self.job["confidence"], refine=self.refine,
+                                               num_classes=len(self.bundle.class_names))
             return {"kept": kept, "counts": counts, "files": files}
         rows = decisions(self.ens, probs, member, image, self.thresholds, self.refine)
         files = write_image_outputs(self.staging, Path(image_id).stem, self.bundle.task, self.bundle.class_names,
@@ -273,7 +274,6 @@ def predict_on_ray(bundle_dir: Path, images: Path, out: Path, *, address: str | 
     result = {"images": len(paths), "out": str(out), "actors": used, "members": len(info["members"]),
               "class_names": class_names}
     if scorer is not None:
-    
         entries = [SimpleNamespace(score=float("nan") if e["score"] is None else float(e["score"]))
                    for e in info["members"]]
         keep = best_member_index(entries, info.get("mode", "max"))  # what Bundle.best_member picks

@@ -184,8 +184,9 @@ def select_members(run: ExperimentRun, options: EnsembleOptions) -> Members:
                                               run.metric, run.mode, empty=run.empty_or_one)
     latency, tta_text = None, options.tta
     if options.max_ms_per_image is not None:
-        ensembles, tta_text, latency = budget_members(ensembles, run.data, run.folds, run.max_size,
-                                                      options.max_ms_per_image, run.metric, run.mode,
+        ensembles, tta_text, latency = budget_members(ensembles, run.data, folds=run.folds, max_size=run.max_size,
+                                                      budget_ms=options.max_ms_per_image, metric=run.metric,
+                                                      mode=run.mode,
                                                       empty=run.empty_or_one, max_images=options.max_per_fold)
         tta = TTA.parse(tta_text)
         print(summary_line(latency))
@@ -200,8 +201,10 @@ def select_members(run: ExperimentRun, options: EnsembleOptions) -> Members:
 def out_of_fold(run: ExperimentRun, members: Members, *, options: EnsembleOptions) -> OutOfFold:
     """Every fold's ensemble on its own validation images: rows (a)-(c), the thresholds (and minimum
     areas) cross-fitted, and fitted on everything; writes oof_probs/ and thresholds.json."""
-    result = oof_evaluate(members.ensembles, run.data, run.folds, run.max_size, run.out.root, options.batch_size,
-                          options.min_area, max_per_fold=options.max_per_fold, metric=run.metric, empty=run.empty)
+    result = oof_evaluate(members.ensembles, run.data, folds=run.folds, max_size=run.max_size, out_dir=run.out.root,
+                          batch_size=options.batch_size,
+                          tune_min_area=options.min_area, max_per_fold=options.max_per_fold, metric=run.metric,
+                          empty=run.empty)
     atomic_write_json(run.out.thresholds_json, result["thresholds"])
     return OutOfFold(result, result["thresholds"])
 
@@ -232,11 +235,12 @@ def combination(run: ExperimentRun, members: Members, *, oof: OutOfFold, post: P
     if holdout:
         ens = everyone(members.ensembles)
         weights, record = combine_on_holdout(
-            ens, run.data, holdout_indices(run.data, holdout), run.metric, run.mode,
-            best_member_index(ens.members, run.mode), empty=run.empty_or_one,
+            ens, run.data, indices=holdout_indices(run.data, holdout), metric=run.metric, mode=run.mode,
+            best=best_member_index(ens.members, run.mode), empty=run.empty_or_one,
             seed=int(run.settings["fixed"].get("folds", {}).get("seed", 0)))
-        rows = holdout_step(members.ensembles, run.data, holdout, oof.thresholds, post.post, post.post["steps"],
-                            run.mode, run.max_size, options.batch_size, weights=weights,
+        rows = holdout_step(members.ensembles, run.data, holdout=holdout, thresholds=oof.thresholds, post=post.post,
+                            steps=post.post["steps"],
+                            mode=run.mode, max_size=run.max_size, batch_size=options.batch_size, weights=weights,
                             combination=record["shipped"])
     else:
         record = no_holdout_record()
@@ -249,10 +253,10 @@ def bundle(run: ExperimentRun, members: Members, *, oof: OutOfFold, post: PostPr
     """The bundle ``ensemble/predict.py`` runs anywhere: the shipped members, TTA, voting and the kept
     decision rule; returns its folder."""
     d = run.data_settings
-    return write_bundle(run.out.bundle_dir, combined.shipped, members.tta_text, options.voting,
-                        prediction_rule(oof.thresholds, post.post, run.max_size), run.metric, run.mode,
-                        {"experiment": str(run.run_dir.resolve())},
-                        {"unannotated": d["unannotated"], **dataset_options(d),
+    return write_bundle(run.out.bundle_dir, combined.shipped, tta=members.tta_text, voting=options.voting,
+                        rule=prediction_rule(oof.thresholds, post.post, run.max_size), metric=run.metric, mode=run.mode,
+                        source={"experiment": str(run.run_dir.resolve())},
+                        data={"unannotated": d["unannotated"], **dataset_options(d),
                          "has_background": run.data.has_background})
 
 

@@ -154,7 +154,7 @@ def make_split(strategy: str, k: int, seed: int, ids: list[str], presence: np.nd
     return make_folds(strategy, k, seed, [ids[i] for i in rest], presence[rest], group_regex), held
 
 
-def load_or_make_folds(path: Path, strategy: str, k: int, seed: int, ids: list[str], presence: np.ndarray,
+def load_or_make_folds(path: Path, strategy: str, *, k: int, seed: int, ids: list[str], presence: np.ndarray,
                        fingerprint: str, group_regex: str | None = None, holdout=None) -> list[list[str]]:
     """Reuse ``path`` when it was made with the same settings and data; else make and save it.
     With ``holdout`` the folds cover the other images; :func:`read_holdout` gives the holdout."""

@@ -74,8 +74,9 @@ def run(args: argparse.Namespace) -> None:
     d = cfg["data"]
     data = load_data(d)
     f = cfg["folds"]
-    folds = load_or_make_folds(args.out / "folds.json", f["strategy"], f["k"], f["seed"], data.ids, data.presence,
-                               data.fingerprint, f["group_regex"], f.get("holdout"))
+    folds = load_or_make_folds(args.out / "folds.json", f["strategy"], k=f["k"], seed=f["seed"], ids=data.ids,
+                               presence=data.presence,
+                               fingerprint=data.fingerprint, group_regex=f["group_regex"], holdout=f.get("holdout"))
     print(coverage_table(fold_coverage(folds, data.ids, data.presence), data.class_names))
     train_idx, val_idx = train_val_indices(folds, args.fold, data.ids)
     labelled = len(data)  # data.extra_train: appended to training only

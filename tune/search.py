@@ -80,8 +80,9 @@ def prepare(spec: SearchSpec, run_dir: Path, clear: Callable[[], None] | None = 
     if clear:
         clear()
     f = base["folds"]
-    folds = load_or_make_folds(RunFiles(run_dir).folds_json, f["strategy"], f["k"], f["seed"], data.ids, data.presence,
-                               data.fingerprint, f["group_regex"], f.get("holdout"))
+    folds = load_or_make_folds(RunFiles(run_dir).folds_json, f["strategy"], k=f["k"], seed=f["seed"], ids=data.ids,
+                               presence=data.presence,
+                               fingerprint=data.fingerprint, group_regex=f["group_regex"], holdout=f.get("holdout"))
     check_extra_train(d, data, folds)  # folds are the labelled images' only
     held = len(data) - sum(len(fold) for fold in folds)
     print(f"{data.source}: {len(data)} images, {data.num_classes} classes, {f['k']} folds ({f['strategy']})"
@@ -152,7 +153,7 @@ def trial_dirname(trial) -> str:
     return f"fold{trial.config['fold']}_{trial.trial_id}"
 
 
-def build_tuner(spec: SearchSpec, base: dict, folds: list, data: SegData, run_dir: Path, max_failures: int,
+def build_tuner(spec: SearchSpec, base: dict, *, folds: list, data: SegData, run_dir: Path, max_failures: int,
                 resume: bool, callbacks: list | None = None, trial_storage: str | None = None,
                 verbose: bool = False, budget: Budget | None = None) -> tune.Tuner:
     search, res, files = spec.search, spec.resources, RunFiles(run_dir)
@@ -290,8 +291,9 @@ def run_search(spec: SearchSpec, run_dir: Path, *, resume: bool = False, address
         for change in grow_samples(location, trial_storage, int(spec.search["num_samples"]), total):
             print(f"--resume: {change}")
     budget = start_budget(spec, run_dir, resume, start_wall, location, trial_storage)
-    tuner = build_tuner(spec, base, folds, data, run_dir, max_failures, resume, callbacks, trial_storage, verbose,
-                        budget)
+    tuner = build_tuner(spec, base, folds=folds, data=data, run_dir=run_dir, max_failures=max_failures, resume=resume,
+                        callbacks=callbacks, trial_storage=trial_storage, verbose=verbose,
+                        budget=budget)
     tuner.fit()
     rows = read_trials_csv(files.trials_csv)
     if budget is not None:

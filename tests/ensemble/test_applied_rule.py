@@ -53,7 +53,7 @@ def _fit(tiny, metric: str, min_area: bool) -> dict:
     from ensemble.oof import oof_evaluate
 
     out = tiny.tmp / f"oof-{metric}-{min_area}"
-    return oof_evaluate(tiny.ensembles, tiny.data, tiny.folds, MAX_SIZE, out, batch_size=12,
+    return oof_evaluate(tiny.ensembles, tiny.data, folds=tiny.folds, max_size=MAX_SIZE, out_dir=out, batch_size=12,
                         tune_min_area=min_area, metric=metric, empty=1.0)
 
 
@@ -77,13 +77,14 @@ def test_holdout_rows_are_the_bundles_rows(tiny, tmp_path, metric, min_area, are
     # every step kept, so prediction applies the whole tuned rule, areas included
     steps = {name: {**record, "kept": True} for name, record in result["steps"].items()}
     post = {"crf": None, "steps": steps}
-    rows = holdout_step(tiny.ensembles, tiny.data, list(tiny.data.ids), thresholds, post, steps, "max", MAX_SIZE,
+    rows = holdout_step(tiny.ensembles, tiny.data, holdout=list(tiny.data.ids), thresholds=thresholds, post=post,
+                        steps=steps, mode="max", max_size=MAX_SIZE,
                         batch_size=12)
     assert rows["applied"] == "tuned" and rows["images"] == len(tiny.data.ids)
 
-    bundle_dir = write_bundle(tmp_path / "bundle", tiny.members, "none", "soft", _bundle_rule(post, thresholds),
-                              metric, "max")
-    res = predict_with_bundle(load_bundle(bundle_dir, "cpu"), VAL_JSON, tmp_path / "pred", batch_size=12,
+    bundle_dir = write_bundle(tmp_path / "bundle", tiny.members, tta="none", voting="soft",
+                              rule=_bundle_rule(post, thresholds), metric=metric, mode="max")
+    res = predict_with_bundle(load_bundle(bundle_dir, "cpu"), VAL_JSON, out=tmp_path / "pred", batch_size=12,
                               device="cpu", cache_dir=tiny.cache)
     test = res["test_rows"]
     assert rows["single_member"] == "m1"

@@ -38,7 +38,8 @@ def members(tmp_path):
 
 
 def test_bundle_records_everything_and_predicts_as_its_members(members, tmp_path):
-    out = write_bundle(tmp_path / "bundle", members, "hflip", "soft", RULE, "val_miou", "max", {"experiment": "x"})
+    out = write_bundle(tmp_path / "bundle", members, tta="hflip", voting="soft", rule=RULE, metric="val_miou",
+                       mode="max", source={"experiment": "x"})
     info = json.loads((out / "bundle.json").read_text())
     assert info["task"] == "multiclass" and info["class_names"] == NAMES and info["tta"] == "hflip"
     assert info["rule"] == RULE and info["mode"] == "max"
@@ -66,8 +67,10 @@ def test_bundle_records_everything_and_predicts_as_its_members(members, tmp_path
 
 
 def test_rewriting_replaces_and_checks_refuse_damage(members, tmp_path):
-    out = write_bundle(tmp_path / "bundle", members[:1], "none", "soft", {"thresholds": None}, "val_miou", "max")
-    out = write_bundle(out, members, "none", "hard", {"thresholds": None}, "val_miou", "max")
+    out = write_bundle(tmp_path / "bundle", members[:1], tta="none", voting="soft", rule={"thresholds": None},
+                       metric="val_miou", mode="max")
+    out = write_bundle(out, members, tta="none", voting="hard", rule={"thresholds": None}, metric="val_miou",
+                       mode="max")
     assert len(load_bundle(out).members) == 2 and load_bundle(out).thresholds is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "m0", "m1"]  # no temporary folder left
     member = out / json.loads((out / "bundle.json").read_text())["members"][1]["file"]

@@ -72,7 +72,8 @@ def test_bundle_round_trip_of_weights(members, tmp_path):  # noqa: F811
 
     weighted = [dataclasses.replace(members[0], weight=3.0), dataclasses.replace(members[1], weight=1.0),
                 dataclasses.replace(members[0], name="dropped", weight=0.0)]
-    out = write_bundle(tmp_path / "bundle", weighted, "none", "soft", {"thresholds": None}, "val_miou", "max")
+    out = write_bundle(tmp_path / "bundle", weighted, tta="none", voting="soft", rule={"thresholds": None},
+                       metric="val_miou", mode="max")
     info = json.loads((out / "bundle.json").read_text())
     assert [(m["name"], m["weight"]) for m in info["members"]] == [("m0", 3.0), ("m1", 1.0)]  # weight 0: not written
     bundle = load_bundle(out)
@@ -161,7 +162,7 @@ def test_fitted_on_one_half_and_scored_on_the_other_as_a_brute_force_finds():
     quality[:2, first], quality[2:, second] = 0.8, 0.8
     quality[0, first] = quality[2, second] = 0.9
     probs, target, owner = synthetic(quality)
-    weights, record = decide_combination(probs, target, owner, _data(), "miou", "max", best=0,
+    weights, record = decide_combination(probs, target, owner=owner, data=_data(), key="miou", mode="max", best=0,
                                          names=["a", "b", "c", "d"], seed=seed)
     rows = [np.flatnonzero(np.isin(owner, h)) for h in (first, second)]
     picks = [brute_force(probs, target, r) for r in rows]
@@ -193,14 +194,14 @@ def test_never_ships_an_average_that_loses_to_a_member(per_image):
     quality = np.array([[0.9] * n, [0.3] * n, [0.3] * n])
     probs, target, owner = synthetic(quality, seed=1)
     key = "miou_image" if per_image else "miou"
-    weights, record = decide_combination(probs, target, owner, _data(), key, "max", best=0,
+    weights, record = decide_combination(probs, target, owner=owner, data=_data(), key=key, mode="max", best=0,
                                          names=["good", "bad1", "bad2"], seed=0)
     s = record["scores"]
     assert s["uniform"] < s["best_member"]
     assert record["shipped"] == "best_member" and weights == [1.0, 0.0, 0.0]
     assert "does not beat" in record["reason"]
     # the best member by validation score is a bad one: the fitted keep/drop (member 0) beats both
-    weights, record = decide_combination(probs, target, owner, _data(), key, "max", best=1,
+    weights, record = decide_combination(probs, target, owner=owner, data=_data(), key=key, mode="max", best=1,
                                          names=["good", "bad1", "bad2"], seed=0)
     s = record["scores"]
     assert s["fitted"] > max(s["uniform"], s["best_member"])
@@ -212,7 +213,7 @@ def test_uniform_average_is_kept_when_nothing_beats_it():
 
     quality = np.full((3, 10), 0.7)
     probs, target, owner = synthetic(quality, seed=2)
-    weights, record = decide_combination(probs, target, owner, _data(), "miou", "max", best=2,
+    weights, record = decide_combination(probs, target, owner=owner, data=_data(), key="miou", mode="max", best=2,
                                          names=["a", "b", "c"], seed=0)
     s = record["scores"]
     assert s["uniform"] > s["best_member"] and s["fitted"] <= s["uniform"]

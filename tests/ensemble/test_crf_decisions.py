@@ -48,8 +48,9 @@ def fake_experiment(tmp: Path, metric: str, holdout: float | None = 0.25, edit=N
                     "folds": {"k": 2, "seed": 0, "holdout": holdout}})
     data = load_data(base["data"])
     f = base["folds"]
-    folds = load_or_make_folds(run_dir / "folds.json", f["strategy"], f["k"], f["seed"], data.ids, data.presence,
-                               data.fingerprint, f["group_regex"], f["holdout"])
+    folds = load_or_make_folds(run_dir / "folds.json", f["strategy"], k=f["k"], seed=f["seed"], ids=data.ids,
+                               presence=data.presence,
+                               fingerprint=data.fingerprint, group_regex=f["group_regex"], holdout=f["holdout"])
     cfg = tiny_config(**{"data": base["data"], "folds": base["folds"]})
     rows = []
     for fold in range(2):
@@ -218,7 +219,8 @@ def test_holdout_crf_row_and_what_prediction_applies(tmp_path, crf_kept, thresho
     steps = {"thresholds": {"kept": thresholds_kept}}
     post = {"crf": {"kept": crf_kept, "params": params, "thresholds": crf_rule}, "steps": steps}
     held = [exp.data.ids[i] for i in range(0, len(exp.data.ids), 4)]
-    got = holdout_step(ensembles, exp.data, held, rule, post, steps, "max", MAX_SIZE, batch_size=12, refine=smooth)
+    got = holdout_step(ensembles, exp.data, holdout=held, thresholds=rule, post=post, steps=steps, mode="max",
+                       max_size=MAX_SIZE, batch_size=12, refine=smooth)
     assert got["applied"] == applied and {"single", "ensemble", "tuned", "crf"} <= set(got)
     # row (d) by hand: every member's average, refined at max_size, decided with areas at the image's size
     n = exp.data.num_classes

@@ -100,8 +100,9 @@ def build_experiment(tmp: Path, data_settings: dict | None = None, folds_setting
                   "max_train_batches": 1},
     })
     f = base["folds"]
-    folds = load_or_make_folds(run_dir / "folds.json", f["strategy"], f["k"], f["seed"], data.ids, data.presence,
-                               data.fingerprint, f["group_regex"], f["holdout"])
+    folds = load_or_make_folds(run_dir / "folds.json", f["strategy"], k=f["k"], seed=f["seed"], ids=data.ids,
+                               presence=data.presence,
+                               fingerprint=data.fingerprint, group_regex=f["group_regex"], holdout=f["holdout"])
     rows = []
     for fold in range(2):
         train_idx, val_idx = train_val_indices(folds, fold, data.ids)
@@ -610,7 +611,7 @@ def test_oof_pass_is_each_members_probabilities_averaged(experiment, tmp_path):
     members = {0: by_fold[0], 1: [by_fold[1][1], by_fold[1][0], by_fold[1][1]]}  # member 0 of fold 1: config 1
     ensembles = {f: Ensemble(ms, TTA.parse("hflip"), device=cpu) for f, ms in members.items()}
     per_fold = 5
-    result = oof_evaluate(ensembles, data, experiment.folds, MAX_SIZE, tmp_path, batch_size=3,
+    result = oof_evaluate(ensembles, data, folds=experiment.folds, max_size=MAX_SIZE, out_dir=tmp_path, batch_size=3,
                           max_per_fold=per_fold)
 
     targets, firsts, means = [], [], []

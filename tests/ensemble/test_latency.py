@@ -179,11 +179,13 @@ def budget_drops_the_flip(exp, unconstrained: dict[str, list[str]]) -> None:
     base = sum(table[f][p.first, 0] for f, p in measured.pools.items())
     assert all(p.first == 0 for p in measured.pools.values())  # the best by validation score: top-k's first
 
-    kept, tta, report = budget_members(ensembles, data, exp.folds, 96, 1e6, "val_miou", "max", measured=measured)
+    kept, tta, report = budget_members(ensembles, data, folds=exp.folds, max_size=96, budget_ms=1e6, metric="val_miou",
+                                       mode="max", measured=measured)
     assert tta == "hflip" and {str(f): [m.name for m in e.members] for f, e in kept.items()} == unconstrained
 
     budget = 1.5 * base
-    kept, tta, report = budget_members(ensembles, data, exp.folds, 96, budget, "val_miou", "max", measured=measured)
+    kept, tta, report = budget_members(ensembles, data, folds=exp.folds, max_size=96, budget_ms=budget,
+                                       metric="val_miou", mode="max", measured=measured)
     assert tta == "none" and report["tta"] == "none", "the flipped view was kept over the budget"
     assert all(e.tta.views() == [(1.0, False)] for e in kept.values())
     chosen = {f: [[m.name for m in ensembles[f].members].index(m.name) for m in e.members] for f, e in kept.items()}

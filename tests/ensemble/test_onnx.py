@@ -41,7 +41,8 @@ def test_segformer_member_exports(tmp_path):
 def test_bundle_runtime_onnx_predicts_as_torch(tmp_path):
     cpu = torch.device("cpu")
     members = [load_member(_checkpoint(tmp_path, f"m{k}", k, 0.5), f"m{k}", cpu) for k in range(2)]
-    out = write_bundle(tmp_path / "bundle", members, "hflip", "soft", {"thresholds": None}, "val_miou", "max")
+    out = write_bundle(tmp_path / "bundle", members, tta="hflip", voting="soft", rule={"thresholds": None},
+                       metric="val_miou", mode="max")
     with pytest.raises(Exception, match="--export onnx"):
         load_bundle(out, runtime="onnx")
     lines = export_bundle(out)

@@ -86,7 +86,8 @@ def exported(tmp_path_factory):
                load_member(_checkpoint(tmp, "tiles", 1, 0.6, **{"augment.random_crop": True, "data.max_size": 100}),
                            "tiles", cpu)]
     assert [m.input for m in members] == ["resize", "tiles"]
-    bundle = write_bundle(tmp / "bundle", members, "hflip,scales=0.75:1", "soft", RULE, "val_miou", "max",
+    bundle = write_bundle(tmp / "bundle", members, tta="hflip,scales=0.75:1", voting="soft", rule=RULE,
+                          metric="val_miou", mode="max",
                           data={"has_background": True})
     export_bundle(bundle)
     images = tmp / "images"
@@ -173,7 +174,7 @@ def test_annotated_inputs_without_torch_are_predicted_not_scored(exported):
     from ensemble.bundle import load_bundle
     from ensemble.predict import predict_with_bundle
 
-    ref = predict_with_bundle(load_bundle(bundle, "cpu"), folder, tmp / "annotated_torch", device="cpu")
+    ref = predict_with_bundle(load_bundle(bundle, "cpu"), folder, out=tmp / "annotated_torch", device="cpu")
     assert "test_metrics" in ref  # with torch the same inputs are scored
     for name in ("big", "mid", "small"):
         np.testing.assert_array_equal(np.asarray(Image.open(tmp / "annotated_onnx" / "masks" / f"{name}.png")),

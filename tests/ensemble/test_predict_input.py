@@ -34,7 +34,8 @@ def bundle(tmp_path_factory) -> Path:
     path = save_checkpoint(make_checkpoint(model.state_dict(), cfg, NAMES, "multiclass", "val_miou", 0.5, 1, 0),
                            tmp / "m0" / "model.pt")
     member = load_member(path, "m0", torch.device("cpu"))
-    return write_bundle(tmp / "bundle", [member], "none", "soft", {"thresholds": None}, "val_miou", "max",
+    return write_bundle(tmp / "bundle", [member], tta="none", voting="soft", rule={"thresholds": None},
+                        metric="val_miou", mode="max",
                         data={"has_background": True})
 
 

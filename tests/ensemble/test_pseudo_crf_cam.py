@@ -156,8 +156,9 @@ def test_pseudo_labels_train_only_never_validation(experiment, extras_run, tmp_p
         assert [combined.ids[i] for i in val_idx] == [data.ids[i] for i in val_idx]
     # folds stay the labelled dataset's: the fingerprint check still accepts them
     f = json.loads((experiment.run_dir / "folds.json").read_text())
-    again = load_or_make_folds(experiment.run_dir / "folds.json", "kfold", 2, 0, data.ids, data.presence,
-                               data.fingerprint, None)
+    again = load_or_make_folds(experiment.run_dir / "folds.json", "kfold", k=2, seed=0, ids=data.ids,
+                               presence=data.presence,
+                               fingerprint=data.fingerprint, group_regex=None)
     assert again == f["folds"]
     # classes must match: one error naming the pseudo-label folder
     bad = tmp_path / "bad"

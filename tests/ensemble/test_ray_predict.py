@@ -69,7 +69,7 @@ def _bundle(tmp: Path) -> Path:
         path = save_checkpoint(make_checkpoint(model.state_dict(), cfg, NAMES, "multiclass", "val_miou", score, 1, k),
                                tmp / f"m{k}" / "model.pt")
         members.append(load_member(path, f"m{k}", torch.device("cpu")))
-    return write_bundle(tmp / "bundle", members, "hflip", "soft", RULE, "val_miou", "max",
+    return write_bundle(tmp / "bundle", members, tta="hflip", voting="soft", rule=RULE, metric="val_miou", mode="max",
                         data={"unannotated": "background", "has_background": True})
 
 
@@ -81,7 +81,7 @@ def setup():
 
     tmp, cache, ray_dir = scratch_dir("raypred"), scratch_dir("cache"), private_ray_dir()
     bundle = _bundle(tmp)
-    predict_with_bundle(load_bundle(bundle), VAL, tmp / "local", batch_size=8, save_probs=True, cache_dir=cache)
+    predict_with_bundle(load_bundle(bundle), VAL, out=tmp / "local", batch_size=8, save_probs=True, cache_dir=cache)
     cluster = LocalCluster(ray_dir, cache)
     try:
         cluster.start(("w1", "w2", "w3"))

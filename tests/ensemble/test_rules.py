@@ -155,7 +155,8 @@ def test_bundle_rule_loads_from_an_older_bundle(tmp_path):
     from tests.ensemble.test_bundle import RULE, _checkpoint
 
     member = load_member(_checkpoint(tmp_path, "m0", 0, 0.4), "m0", torch.device("cpu"))
-    bundle = load_bundle(write_bundle(tmp_path / "b", [member], "none", "soft", RULE, "val_miou", "max"))
+    bundle = load_bundle(write_bundle(tmp_path / "b", [member], tta="none", voting="soft", rule=RULE,
+                                      metric="val_miou", mode="max"))
     assert bundle.rule == DecisionRule.from_dict(RULE)
     assert bundle.rule.thresholds.to_dict() == {**RULE["thresholds"], "max_size": RULE["max_size"]}
     assert bundle.thresholds == {**RULE["thresholds"], "max_size": RULE["max_size"]} and bundle.refiner() is None

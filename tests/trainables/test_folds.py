@@ -111,8 +111,9 @@ def test_fold_coverage_sums_match_presence(sample, strategy, k, regex):
 
 def test_load_or_make_folds_saves_and_reloads(sample, tmp_path, monkeypatch):
     path = tmp_path / "run" / "folds.json"
-    args = ("group", 3, 0, sample.ids, sample.presence, sample.fingerprint, GROUP_REGEX)
-    made = load_or_make_folds(path, *args)
+    args = {"k": 3, "seed": 0, "ids": sample.ids, "presence": sample.presence, "fingerprint": sample.fingerprint,
+            "group_regex": GROUP_REGEX}
+    made = load_or_make_folds(path, "group", **args)
     saved = json.loads(path.read_text())
     assert saved["folds"] == made
     assert saved["meta"] == {"strategy": "group", "k": 3, "seed": 0, "group_regex": GROUP_REGEX,
@@ -122,17 +123,20 @@ def test_load_or_make_folds_saves_and_reloads(sample, tmp_path, monkeypatch):
         raise AssertionError("folds recomputed although saved")
 
     monkeypatch.setattr(folds_module, "make_folds", never)
-    assert load_or_make_folds(path, *args) == made
+    assert load_or_make_folds(path, "group", **args) == made
 
 
 def test_load_or_make_folds_refuses_other_dataset_or_settings(sample, tmp_path):
     path = tmp_path / "folds.json"
-    load_or_make_folds(path, "kfold", 5, 0, sample.ids, sample.presence, sample.fingerprint)
+    load_or_make_folds(path, "kfold", k=5, seed=0, ids=sample.ids, presence=sample.presence,
+                       fingerprint=sample.fingerprint)
     with pytest.raises(InputError, match="different dataset") as err:
-        load_or_make_folds(path, "kfold", 5, 0, sample.ids, sample.presence, "0123456789abcdef")
+        load_or_make_folds(path, "kfold", k=5, seed=0, ids=sample.ids, presence=sample.presence,
+                           fingerprint="0123456789abcdef")
     assert str(path) in str(err.value)
     with pytest.raises(InputError, match="other settings"):
-        load_or_make_folds(path, "kfold", 5, 1, sample.ids, sample.presence, sample.fingerprint)
+        load_or_make_folds(path, "kfold", k=5, seed=1, ids=sample.ids, presence=sample.presence,
+                           fingerprint=sample.fingerprint)
 
 
 def test_bad_k_and_strategy(sample):

@@ -140,8 +140,9 @@ def member(request, data, folder, tmp_path_factory):
     out = tmp_path_factory.mktemp(mode)
     path = save_checkpoint(make_checkpoint(trainer.model.state_dict(), cfg, data.class_names, data.task, "val_miou",
                                            0.5, 1, 0), out / "model.pt")
-    bundle = write_bundle(out / "bundle", [load_member(path, "m", torch.device("cpu"))], "none", "soft", {},
-                          "val_miou", "max", data={"has_background": True})
+    bundle = write_bundle(out / "bundle", [load_member(path, "m", torch.device("cpu"))], tta="none", voting="soft",
+                          rule={},
+                          metric="val_miou", mode="max", data={"has_background": True})
     return mode, trainer, path, bundle
 
 
@@ -161,10 +162,11 @@ def test_out_of_fold_and_holdout_feed_the_same_inputs(member, folder, data, tmp_
     m = load_member(path, "m", torch.device("cpu"))
     rec = Recorder().hook(m.model)
     ens = Ensemble([m], device="cpu")
-    oof_evaluate({0: ens}, data, [list(data.ids), []], MAX_SIZE, tmp_path, batch_size=1)
+    oof_evaluate({0: ens}, data, folds=[list(data.ids), []], max_size=MAX_SIZE, out_dir=tmp_path, batch_size=1)
     assert_same_inputs(rec.inputs, expected(folder, mode), "out-of-fold")
     rec.inputs.clear()
-    holdout_step({0: ens}, data, list(data.ids), None, {}, {}, "max", MAX_SIZE, batch_size=1)
+    holdout_step({0: ens}, data, holdout=list(data.ids), thresholds=None, post={}, steps={}, mode="max",
+                 max_size=MAX_SIZE, batch_size=1)
     assert_same_inputs(rec.inputs, expected(folder, mode), "holdout")
 
 
@@ -186,7 +188,7 @@ def test_the_bundle_predictor_feeds_the_same_inputs(member, folder, tmp_path, ru
             m.model = rec.wrap(m.model)
         else:
             rec.hook(m.model)
-    predict_with_bundle(bundle, folder / "images", tmp_path / "out", batch_size=1, device="cpu")
+    predict_with_bundle(bundle, folder / "images", out=tmp_path / "out", batch_size=1, device="cpu")
     assert_same_inputs(rec.inputs, expected(folder, mode), f"predict ({runtime})")
     assert sorted(p.name for p in (tmp_path / "out" / "masks").iterdir()) == ["big.png", "small.png"]
 
@@ -202,7 +204,8 @@ def test_pseudo_labels_latency_and_grad_cam_feed_the_same_inputs(member, folder,
     bundle = load_bundle(bundle_dir, "cpu")
     rec = Recorder().hook(bundle.members[0].model)
     ens = bundle.ensemble("cpu")
-    write_pseudo_labels(ens, None, folder / "images", tmp_path / "pseudo", bundle.class_names, batch_size=1)
+    write_pseudo_labels(ens, None, inputs=folder / "images", out=tmp_path / "pseudo", class_names=bundle.class_names,
+                        batch_size=1)
     assert_same_inputs(rec.inputs, expected(folder, mode), "pseudo-labels")
     rec.inputs.clear()
     images = [read_image(folder / "images" / f"{stem}.png") for stem in SHAPES]
@@ -266,7 +269,8 @@ def test_a_members_validation_score_is_the_predictors_score_of_it(mode, tmp_path
     record = next(trainer.epochs())
     member = load_member(save_checkpoint(trainer.best_checkpoint(), tmp_path / "m.pt"), "m", torch.device("cpu"))
     assert member.input == mode
-    rows = oof_evaluate({0: Ensemble([member], device="cpu")}, data, folds, 120, tmp_path / "oof", batch_size=3)
+    rows = oof_evaluate({0: Ensemble([member], device="cpu")}, data, folds=folds, max_size=120,
+                        out_dir=tmp_path / "oof", batch_size=3)
     assert rows["single"]["miou"] == pytest.approx(record["val_miou"], abs=1e-9)
     assert rows["single"]["iou_per_class"] == pytest.approx(
         [record[f"val_iou/{name}"] for name in data.class_names], abs=1e-9, nan_ok=True)

@@ -99,8 +99,8 @@ def test_folds_as_trainables_writes_them(tmp_path):
     from trainables.folds import load_or_make_folds, read_holdout
 
     ids = [f"img{i}" for i in range(10)]
-    folds = load_or_make_folds(RunFiles(tmp_path).folds_json, "kfold", 3, 0, ids, np.ones((10, 2), bool), "fp",
-                               holdout=0.2)
+    folds = load_or_make_folds(RunFiles(tmp_path).folds_json, "kfold", k=3, seed=0, ids=ids,
+                               presence=np.ones((10, 2), bool), fingerprint="fp", holdout=0.2)
     assert read_folds(tmp_path) == folds
     assert sorted(sum(folds, []) + read_holdout(RunFiles(tmp_path).folds_json)) == sorted(ids)
 

@@ -316,7 +316,8 @@ def test_resume_applies_retries_concurrency_callbacks_and_verbosity_given_again(
                           resources={"max_concurrent": 1})
     run_dir = tmp_path / "run"
     base, data, folds = prepare(spec, run_dir)
-    build_tuner(spec, base, folds, data, run_dir, 0, resume=False)  # what the first run pickled
+    build_tuner(spec, base, folds=folds, data=data, run_dir=run_dir, max_failures=0,
+                resume=False)  # what the first run pickled
     tune_dir = run_dir / "tune"
     saved_run_states(tune_dir, max_failures=0, reuse_actors=True, max_pending=1)
 
@@ -325,7 +326,8 @@ def test_resume_applies_retries_concurrency_callbacks_and_verbosity_given_again(
 
     resumed = with_overrides(spec, resources={"max_concurrent": 3, "reuse_actors": False})
     callback = WandbLike()
-    tuner = build_tuner(resumed, base, folds, data, run_dir, 2, resume=True, callbacks=[callback], verbose=True)
+    tuner = build_tuner(resumed, base, folds=folds, data=data, run_dir=run_dir, max_failures=2, resume=True,
+                        callbacks=[callback], verbose=True)
     internal = tuner._local_tuner
     args = internal._get_tune_run_arguments(internal.converted_trainable)  # what Tuner.fit gives tune.run
     assert args["max_failures"] == 2
@@ -342,7 +344,7 @@ def test_resume_applies_retries_concurrency_callbacks_and_verbosity_given_again(
     assert generator.create_trial_if_possible(generator._experiment.spec).max_failures == 2  # a new trial's
 
     # the first run's settings again: its progress view, retries and limit
-    tuner = build_tuner(spec, base, folds, data, run_dir, 0, resume=True)
+    tuner = build_tuner(spec, base, folds=folds, data=data, run_dir=run_dir, max_failures=0, resume=True)
     args = tuner._local_tuner._get_tune_run_arguments(tuner._local_tuner.converted_trainable)
     assert isinstance(args["progress_reporter"], FoldProgress) and args["max_failures"] == 0
     assert cloudpickle.loads((tune_dir / "search_gen_state-s.json").read_bytes())[

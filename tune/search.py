@@ -27,7 +27,7 @@ from tune.progress import FoldProgress, verbose_reporter
 from tune.resume import apply_run_settings, grow_samples, reconcile, reopen_search
 from tune.rundir import check_resume_settings, clear_earlier_run, earlier_state, run_settings
 from tune.scheduler import PerFoldASHA
-from tune.searcher import FoldedOptunaSearch, planned_trials
+from tune.searcher import FoldedOptunaSearch, planned_trials, random_start_warning
 from tune.space import SearchSpec, check_classes
 from tune.storage import storage_filesystem, unreadable_state
 from tune.train_adapter import check_workers, concurrent_trials, trial_demand, trial_trainable, workers
@@ -273,6 +273,8 @@ def run_search(spec: SearchSpec, run_dir: Path, *, resume: bool = False, address
         check_trial_fits(spec.resources, spec.source)
     start, start_wall = time.perf_counter(), time.time()
     base, data, folds = prepare(spec, run_dir, clear)
+    if warning := random_start_warning(spec.search):
+        print(f"warning: {warning}")
     write_experiment_json(run_dir, run_settings(spec, base, trial_storage),
                           {"fingerprint": data.fingerprint, "source": str(data.source),
                            "class_names": data.class_names, "task": data.task, "images": len(data)})

@@ -48,6 +48,23 @@ def planned_trials(num_samples: int, search_folds: int, retrain_folds: int, retr
     return num_samples * search_folds + (retrain_top * search_folds * retrain_folds if retrain_folds else 0)
 
 
+def random_start_warning(search: dict) -> str | None:
+    """Whether TPE will propose few or none of a fold's trials, in the user's words (None: it will
+    propose most). Optuna's TPE draws at random until ``n_startup_trials`` trials of its study (one
+    per fold) have finished, so a fold's first ``n_startup_trials`` trials, and those started while
+    they still run, are random."""
+    n, startup = int(search["num_samples"]), int(search["n_startup_trials"])
+    if startup >= n:
+        return (f"search.n_startup_trials={startup} >= search.num_samples={n}: every trial of each fold is drawn at "
+                f"random and TPE never proposes one; lower n_startup_trials (e.g. {max(1, n // 4)}) or raise "
+                "num_samples")
+    if 2 * startup > n:
+        return (f"search.n_startup_trials={startup} of search.num_samples={n}: TPE proposes at most {n - startup} "
+                "trials per fold (fewer while trials run in parallel); lower n_startup_trials or raise num_samples "
+                "for a search that learns")
+    return None
+
+
 class FoldedOptunaSearch(Searcher):
     budget: Budget | None = None  # an experiment pickled before budgets existed has none
 

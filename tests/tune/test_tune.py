@@ -656,3 +656,30 @@ def test_cli_same_name_twice_needs_resume(e2e):
         clean_up_ray(ray_dir)
     assert_user_error(again, "--name", "already holds an experiment", "--resume")
     assert snapshot(e2e.run_dir) == before  # nothing written: not even experiment.json
+
+
+@pytest.mark.parametrize("num_samples,startup", [(8, 10), (8, 8), (16, 10), (16, 4)])
+def test_random_start_warning_says_what_tpe_proposes(num_samples, startup):
+    """Held against Optuna itself: a fold's study run one trial at a time, counting the trials whose
+    parameter TPE drew at random (its start-up sampler) rather than proposed."""
+    from tune.searcher import random_start_warning
+
+    sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=startup, constant_liar=True)
+    drawn = []
+    at_random = sampler._random_sampler.sample_independent
+
+    def counted(study, trial, name, dist):
+        drawn.append(trial.number)
+        return at_random(study, trial, name, dist)
+
+    sampler._random_sampler.sample_independent = counted
+    study = optuna.create_study(sampler=sampler)
+    study.optimize(lambda t: (t.suggest_float("x", 0, 1) - 0.3) ** 2, n_trials=num_samples)
+    proposed = num_samples - len(set(drawn))
+    warning = random_start_warning({"num_samples": num_samples, "n_startup_trials": startup})
+    if proposed == 0:
+        assert "TPE never proposes one" in warning
+    elif 2 * proposed < num_samples:
+        assert f"TPE proposes at most {proposed} trials per fold" in warning
+    else:
+        assert warning is None

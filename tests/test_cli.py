@@ -45,6 +45,22 @@ def test_seghpo_help_lists_every_subcommand_without_torch_or_ray():
         assert any(line.split() == [name, *summary.split()] for line in lines), (name, out)
 
 
+@pytest.mark.parametrize("name", ["tune", "ensemble", "predict", "report", "compare"])
+def test_a_subcommands_help_starts_without_torch_or_ray(name):
+    """``seghpo <command> --help`` answers at once: its module imports the heavy work where it runs
+    (``train`` is the training loop itself and needs torch)."""
+    code = ("import sys\n"
+            "from tune.commands import main\n"
+            "try:\n"
+            f"    main([{name!r}, '--help'])\n"
+            "except SystemExit as exc:\n"
+            "    assert exc.code == 0, exc.code\n"
+            "print('loaded:', sorted(m for m in ('torch', 'ray') if m in sys.modules))\n")
+    proc = _python("-c", code)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "loaded: []" in proc.stdout, proc.stdout[-500:]
+
+
 def test_python_m_tune_commands_is_seghpo():
     proc = _python("-m", "tune.commands", "--help")
     assert proc.returncode == 0 and proc.stdout.startswith("usage: seghpo"), proc.stderr[-2000:]

@@ -160,12 +160,24 @@ def file_cycles(root: Path) -> list[list[str]]:
     return cycles
 
 
+def _says_why(lines: list[str], line: int) -> bool:
+    """``# lazy: ...`` on the import's line, or on the line above the run of import lines it ends."""
+    if LAZY.search(lines[line - 1]):
+        return True
+    i = line - 2
+    while i >= 0 and lines[i].lstrip().startswith(("from ", "import ")):
+        if LAZY.search(lines[i]):
+            return True
+        i -= 1
+    return i >= 0 and bool(LAZY.search(lines[i]))
+
+
 def unexplained_lazy_imports(root: Path) -> list[str]:
     found = []
     for rel in sources(root):
         lines = (root / rel).read_text().splitlines()
         for _, line, in_function in imports(root, rel):
-            if in_function and not (LAZY.search(lines[line - 1]) or (line > 1 and LAZY.search(lines[line - 2]))):
+            if in_function and not _says_why(lines, line):
                 found.append(f"{rel}:{line}: {lines[line - 1].strip()}")
     return sorted(set(found))
 

@@ -44,6 +44,7 @@ TUNE_DIR = "tune"
 # what a new run must not inherit from an earlier one in the same directory (tune/rundir.py)
 SEARCH_STATE = (EXPERIMENT_JSON, FOLDS_JSON, TRIALS_CSV, STUDIES_DB, ASHA_STATE, TUNE_DIR)
 TEST_METRICS_JSON = "test_metrics.json"  # in any prediction output folder with annotated inputs
+PREVIEW_FILE = "preview.npz"  # in a trial's best checkpoint: a few validation images with truth and prediction (W&B)
 
 # trials.csv: trial_id, fold, status, retrain, epochs, best_epoch, best_<metric> (:func:`score_column`),
 # node, nodes, failures, weights, error, checkpoint (tune/experiment.py fills them from Tune's trials),

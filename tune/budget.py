@@ -43,23 +43,6 @@ logger = logging.getLogger(__name__)
 
 FILENAME = "budget.json"
 NOT_RUN = "not_run_budget"  # trials.csv status of a planned trial the budget left out
-UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str | float | int, source: str = "command line", key: str = "--time-budget") -> float:
-    """``2h``, ``90m``, ``3600s``, ``1h30m`` or a number of seconds -> seconds (> 0)."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        seconds = float(text)
-    else:
-        parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smhd]?)", str(text).strip().lower())
-        if not parts or re.sub(r"(\d+(?:\.\d+)?)\s*([smhd]?)", "", str(text).strip().lower()).strip():
-            raise ConfigError(source, key, f"expected a duration such as 2h, 90m or 3600s, got {text!r}")
-        seconds = sum(float(n) * UNITS[u or "s"] for n, u in parts)
-    if not seconds > 0:
-        raise ConfigError(source, key, f"expected a duration > 0, got {text!r}")
-    return seconds
-
-
 def milestones(planned: int, asha: dict | None, max_t: int) -> list[int]:
     """The epochs at which a trial of ``planned`` epochs may be cut: ASHA's rungs (grace period times
     powers of the reduction factor, below the planned epochs) and the planned epochs themselves."""

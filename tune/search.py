@@ -20,7 +20,7 @@ import ray
 from ray import tune
 
 from tune import cluster
-from tune.budget import (Budget, BudgetStopper, attach_budget, fold_report, mark_budget, parse_duration,
+from tune.budget import (Budget, BudgetStopper, attach_budget, fold_report, mark_budget,
                          record_limits)
 from tune.experiment import TrialsTable, summary_table
 from tune.progress import FoldProgress, verbose_reporter
@@ -32,6 +32,7 @@ from tune.space import SearchSpec, check_classes
 from tune.storage import storage_filesystem, unreadable_state
 from tune.train_adapter import check_workers, concurrent_trials, trial_demand, trial_trainable, workers
 from trainables.data import SegData, load_data
+from trainables.cli import parse_duration
 from trainables.errors import ConfigError, InputError
 from trainables.extra import absolute_extra_train, check_extra_train
 from trainables.folds import coverage_table, fold_coverage, load_or_make_folds

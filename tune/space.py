@@ -66,10 +66,8 @@ import yaml
 
 from trainables import config
 from trainables.errors import ConfigError, InputError
+from trainables.cli import parse_duration
 from tune.distributions import Param, always_active, link, parse_param
-from tune.budget import parse_duration
-from trainables.metrics import IMAGE_METRICS
-from trainables.models import arch_names, model_problem
 
 if TYPE_CHECKING:
     import optuna
@@ -311,6 +309,10 @@ def _check_spec(spec: SearchSpec, source: str, fixed_at: str, search_at: str, sp
     if "train.epochs" in spec.space and spec.search.get("asha"):
         raise ConfigError(source, f"{space_at}train.epochs", "ASHA allocates the epochs: set the maximum in "
                           "fixed (train.epochs), or search it without early stopping (search.asha: null)")
+    # lazy: start-up time (torch and smp are imported when a space is checked, not by every importer of this module)
+    from trainables.metrics import IMAGE_METRICS
+    from trainables.models import arch_names, model_problem
+
     base = spec.base_config()
     image_metrics = [f"val_{name}" for name in IMAGE_METRICS]
     if spec.search["metric"].endswith("_image") and spec.search["metric"] not in image_metrics:

@@ -23,12 +23,12 @@ from trainables.data import load_data
 from trainables.extra import with_extra_train
 from trainables.folds import train_val_indices
 from trainables.loop import FoldTrainer
+from trainables.runfiles import PREVIEW_FILE
 from tune.experiment import node_label
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
-PREVIEW_FILE = "preview.npz"  # a few validation images with truth and prediction, for W&B
 RESERVED = ("fold", "retrain")  # config keys that are not trial-config settings
 
 

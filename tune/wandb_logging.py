@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from trainables.runfiles import PREVIEW_FILE
 from tune.space import Param, SearchSpec
-from tune.trainable import PREVIEW_FILE
 
 logger = logging.getLogger(__name__)
 

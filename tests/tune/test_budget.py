@@ -13,8 +13,9 @@ from ray.tune.search import Searcher
 from tests.tune.test_tune import (ROOT, TINY, clean_up_ray, cli, epochs, make_searcher, needs_camvid, private_ray_dir,
                              read_rows, run_args, scratch, tail, camvid_cache)  # noqa: F401 (fixtures)
 from ensemble.members import top_k
+from trainables.cli import parse_duration
 from trainables.errors import ConfigError
-from tune.budget import (NOT_RUN, Budget, BudgetStopper, fold_report, mark_budget, milestones, parse_duration,
+from tune.budget import (NOT_RUN, Budget, BudgetStopper, fold_report, mark_budget, milestones,
                          planned_per_fold, record_limits)
 from tune.space import load_space, with_overrides
 

@@ -56,9 +56,10 @@ MeasureFn = Callable[[int, int], Measurement]  # (height, width) and batch -> me
 def available_ram() -> int:
     """Available RAM in bytes (MemAvailable), or the total when /proc is not there."""
     try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
-import sys
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +25,6 @@ from typing import Any, Callable
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script: python tune/plan.py
-    sys.path.insert(0, str(ROOT))
 
 from trainables.cli import command_parser, exit_on_user_error  # noqa: E402
 from trainables.config import DEFAULTS  # noqa: E402
@@ -227,7 +223,7 @@ def plan_space(fp: dict, base: SearchSpec, machine: Machine, measure: Callable[[
         plan.add("augment.random_crop", False, "the whole image is the network input (resized to image_size)")
     elif small and small[1] * scale ** 2 < SMALL_PIXELS:
         keep = min(1.0, math.sqrt(SMALL_PIXELS / small[1]))
-        working = None if keep >= 1 else int(math.ceil(native_long * keep))
+        working = None if keep >= 1 else math.ceil(native_long * keep)
         plan.add("augment.random_crop", True, f"shrinking {native_long} to {side} (x{scale:.2f}) would leave the "
                  f"small {small[0]} objects (5th percentile {small[1]:.0f} px) {small[1] * scale ** 2:.1f} px, under "
                  f"{SMALL_PIXELS:g}: train on {size[0]}x{size[1]} crops instead, predict by sliding windows")
@@ -291,7 +287,6 @@ def plan_space(fp: dict, base: SearchSpec, machine: Machine, measure: Callable[[
     trials = max(2, min(trials, MAX_TRIALS))
     spent = (k if search_folds is None else 1) * trials * expected_epochs(epochs, grace, rf) + \
         (0 if search_folds is None else (k - 1) * RETRAIN_TOP * epochs)
-    budget_h = budget_s / 3600
     plan.add("train.epochs", epochs, f"{steps} steps an epoch at batch {batch}; {TARGET_STEPS} steps a full trial "
              f"wants {wanted} epochs (kept in {EPOCH_RANGE[0]}-{EPOCH_RANGE[1]})"
              + ("" if epochs == wanted else f", cut to {epochs} so that {MIN_TRIALS} trials a fold fit the budget"))

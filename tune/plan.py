@@ -179,35 +179,76 @@ def plan_space(fp: dict, base: SearchSpec, machine: Machine, measure: Callable[[
     # trial-epochs of the smallest search planned: MIN_TRIALS a fold on every fold, or on fold 0 and a retrain
     folds_cost = min(k * MIN_TRIALS * min_cost, MIN_TRIALS * min_cost + (k - 1) * RETRAIN_TOP * min_epochs)
 
-    # 1. the largest input that fits a batch of 2 in a trial's memory and a minimal search in the budget
-    chosen = None
-    for side in candidate_sides(native_long):
-        size = input_size(side, aspect)
-        m = measured(size, MIN_BATCH)
+    # 1. the largest input that fits a batch of 2 in a trial's memory and a minimal search in the budget:
+    # the two smallest candidates are measured, the line through them (memory and time grow with the
+    # pixels) proposes the largest that fits, which is measured; then bisection between the largest
+    # measured to fit and the smallest larger one measured not to
+    sides = candidate_sides(native_long)
+    sizes = [input_size(side, aspect) for side in sides]
+    results: dict[int, Measurement] = {}
+
+    def verdict(i: int, m: Measurement) -> tuple[bool, str, int, float]:
         if not m.fits:
-            continue
+            return False, "out of memory", 1, 0.0
         concurrent = _concurrency(machine, m.peak)
         limit = MARGIN * _trial_memory(machine, concurrent)
-        epoch_s = m.step_s * (n_train + VAL_COST * n_val) / MIN_BATCH * OVERHEAD
-        search_s = folds_cost * epoch_s / concurrent
-        if m.peak <= limit and search_s <= budget_s:
-            chosen = (side, size, m, concurrent, limit)
-            break
+        search_s = folds_cost * m.step_s * (n_train + VAL_COST * n_val) / MIN_BATCH * OVERHEAD / concurrent
         why = (f"{m.peak / gib:.2f} GiB > {limit / gib:.2f} GiB" if m.peak > limit else
-               f"the smallest search ({MIN_TRIALS} trials of {min_epochs} epochs, ASHA) needs {search_s / 3600:.1f} h")
-        plan.notes.append(f"{size[0]}x{size[1]} rejected: {why}")
-    if chosen is None:
-        side = candidate_sides(native_long)[-1]
-        size = input_size(side, aspect)
-        m = plan.measurements[-1]
-        if not m["fits"]:
-            raise ConfigError("command line", "--space", f"{model[0]}/{model[1]} does not fit a batch of "
-                              f"{MIN_BATCH} at {size[0]}x{size[1]} on {machine.describe()}")
-        m = Measurement(m["peak_bytes"], m["step_s"])
-        concurrent = _concurrency(machine, m.peak)
-        chosen = (side, size, m, concurrent, MARGIN * _trial_memory(machine, concurrent))
+               f"the smallest search ({MIN_TRIALS} trials of {min_epochs} epochs, ASHA) needs "
+               f"{search_s / 3600:.1f} h" if search_s > budget_s else "")
+        return not why, why, concurrent, limit
+
+    def measure_at(i: int) -> bool:
+        if i not in results:
+            results[i] = measured(sizes[i], MIN_BATCH)
+            ok, why, _, _ = verdict(i, results[i])
+            if not ok:
+                plan.notes.append(f"{sizes[i][0]}x{sizes[i][1]} rejected: {why}")
+        return verdict(i, results[i])[0]
+
+    last = len(sides) - 1
+    pixels = [h * w for h, w in sizes]
+
+    def line(a: int, b: int, i: int) -> Measurement:
+        """Memory and time at candidate ``i`` on the line through measured candidates ``a`` and ``b``."""
+        def at(attr: str) -> float:
+            ya, yb = getattr(results[a], attr), getattr(results[b], attr)
+            slope = (yb - ya) / (pixels[b] - pixels[a])
+            return yb * pixels[i] / pixels[b] if slope <= 0 else yb + slope * (pixels[i] - pixels[b])
+        return Measurement(int(at("peak")), at("step_s"))
+
+    def largest_on_line(a: int, b: int, below: int) -> int:
+        """The largest candidate above index ``below`` (smaller sizes have larger indices) the line fits."""
+        return next((i for i in range(below + 1, len(sides)) if verdict(i, line(a, b, i))[0]), last)
+
+    probes = [i for i in (last, last - 1) if i >= 0]
+    for i in probes:
+        measure_at(i)
+    if len(probes) == 2 and all(results[i].fits for i in probes):
+        measure_at(largest_on_line(*probes, -1))
+    while True:  # bisect between the largest size that fits and the smallest larger one that does not
+        fitting = [i for i in results if verdict(i, results[i])[0]]
+        if not fitting:
+            guess = last
+            break
+        guess = min(fitting)
+        failing = [i for i in results if i < guess]
+        if guess == 0 or (failing and max(failing) == guess - 1):
+            break
+        if failing:
+            measure_at((max(failing) + guess) // 2)
+        else:  # nothing larger measured yet: where the line through the two largest that fit says, at least one up
+            second = sorted(fitting)[1] if len(fitting) > 1 else None
+            measure_at(min(largest_on_line(guess, second, -1), guess - 1) if second is not None else guess - 1)
+    side, size = sides[guess], sizes[guess]
+    m = results[guess]
+    if not m.fits:
+        raise ConfigError("command line", "--space", f"{model[0]}/{model[1]} does not fit a batch of "
+                          f"{MIN_BATCH} at {size[0]}x{size[1]} on {machine.describe()}")
+    ok, _, concurrent, limit = verdict(guess, m)
+    if not ok:
         plan.notes.append(f"even {size[0]}x{size[1]} does not fit the budget's minimal search: planned a short one")
-    side, size, m2, concurrent, limit = chosen
+    m2 = m
     fit_reason = (f"the largest of {', '.join(str(s) for s in candidate_sides(native_long))} (longer side) where "
                   f"{model[0]}/{model[1]}, the base space's largest model, fits a batch of {MIN_BATCH} "
                   f"(measured {m2.peak / gib:.2f} GiB of {limit / gib:.2f} GiB a trial may use) and a minimal search "

@@ -114,14 +114,15 @@ def test_sample_rgb_resize_on_a_gpu(sample):
     assert fp["task"] == "multiclass" and fp["groups"]["groups"] == 3  # 0001TP, 0006R0, 0016E5: too few
     calls = []
     got, plan = plan_for(fp, measure=curve(2048, calls=calls))
-    # 160 is the median's longer side; 128x160 at batch 2 = 1 GiB + 80 MiB fits 14.4 GiB: no downscale
-    assert calls[0] == ((128, 160), 2) and got["train.image_size"] == [128, 160]
+    # the two smallest candidates (longer sides 64, 96) are measured, their line says the median's 160 fits
+    # (128x160 at batch 2 = 1 GiB + 80 MiB of 14.4 GiB), which is measured: no downscale
+    assert calls[:3] == [((64, 64), 2), ((64, 96), 2), ((128, 160), 2)] and got["train.image_size"] == [128, 160]
     assert got["data.max_size"] is None and got["augment.random_crop"] is False
     # 72 images, 9.4 classes an image: 5 folds (72 // 10 = 7, at most 5), iterative stratification
     assert got["folds.k"] == 5 and got["folds.strategy"] == "multilabel" and "folds.group_regex" not in got
     assert "only 3 sequences" in plan.reason("folds.strategy")
     # 58 training images: 5% is 2.9, so the batch is capped at 2 and no larger batch is measured
-    assert got["train.batch_size"] == 2 and len(calls) == 1 and "5% cap" in plan.reason("train.batch_size")
+    assert got["train.batch_size"] == 2 and len(calls) == 3 and "5% cap" in plan.reason("train.batch_size")
     # 29 steps an epoch: 2000 / 29 = 69 epochs; 8 h hold thousands of trials: 64 a fold (the cap)
     assert got["train.epochs"] == 69 and got["search.num_samples"] == 64
     assert got["search.asha"] == {"grace_period": 4, "reduction_factor": 3, "brackets": 1}  # smp.yaml's
@@ -171,7 +172,8 @@ def test_camvid_multilabel_batch_from_the_memory_curve(tmp_path_factory):
     per_image = 168960 * 16384
     assert GIB + 5 * per_image <= LIMIT_GPU < GIB + 6 * per_image
     assert got["train.image_size"] == [352, 480] and got["data.max_size"] is None
-    assert calls == [((352, 480), 2), ((352, 480), 4), ((352, 480), 5)]  # 2, 4, then the fit of the two, checked
+    # sizes: the two smallest, then 352x480 (the line says it fits); batches 2, 4, then the fit of the two, checked
+    assert calls == [((64, 64), 2), ((64, 96), 2), ((352, 480), 2), ((352, 480), 4), ((352, 480), 5)]
     assert got["train.batch_size"] == 5  # under the cap: 5% of 294 training images is 14
     assert got["folds.strategy"] == "multilabel" and got["folds.k"] == 5
     assert plan.reason("folds.strategy").startswith("multilabel task")
@@ -188,8 +190,10 @@ def test_gray_2048_with_small_objects_gets_crops(big_gray, tmp_path):
     calls = []
     got, plan = plan_for(fp, measure=curve(8192, calls=calls))
     # batch 2 fits 14.4 GiB when 1 GiB + 2 x 8 KiB x side^2 does: side <= 937, so 832 (of 2048, 1632, 1312,
-    # 1056, 832) is the first that fits
-    assert [c[0][1] for c in calls[:5]] == [2048, 1632, 1312, 1056, 832]
+    # 1056, 832, ...) is the largest that fits: the line through the two smallest (64, 96) proposes it, it is
+    # measured, and so is the next larger (1056), which does not fit
+    assert planner.candidate_sides(2048)[:5] == [2048, 1632, 1312, 1056, 832]
+    assert [c[0][1] for c in calls[:4]] == [64, 96, 832, 1056]
     assert GIB + 2 * 8192 * 1056 ** 2 > LIMIT_GPU >= GIB + 2 * 8192 * 832 ** 2
     assert got["train.image_size"] == [832, 832]
     # x0.41 shrinks the 16 px objects to 2.6 px (< 4): crops; the working size keeps them at 4 px, x0.5
@@ -200,6 +204,23 @@ def test_gray_2048_with_small_objects_gets_crops(big_gray, tmp_path):
     # 20 images: 2 folds, 10 training images; one class an image; batch capped at 2
     assert got["folds.k"] == 2 and got["folds.strategy"] == "multilabel"  # classes 1 and 2 in every image
     assert got["train.batch_size"] == 2
+
+
+def test_a_line_that_promises_too_much_is_corrected_by_measuring(big_gray, tmp_path):
+    """Memory growing with the square of the pixels: the line through the two small probes proposes
+    2048, which does not fit; lines through the failures find the largest that fits, 672."""
+    fp = fingerprint(load_dataset(big_gray, cache_dir=tmp_path / "cache"))
+    calls = []
+
+    def square(size, batch):
+        calls.append((tuple(size), batch))
+        return Measurement(int(GIB + batch * 0.03 * (size[0] * size[1]) ** 2), 1e-8 * size[0] * size[1] * batch)
+
+    got, _ = plan_for(fp, measure=square)
+    assert GIB + 2 * 0.03 * (672 * 672) ** 2 <= LIMIT_GPU < GIB + 2 * 0.03 * (832 * 832) ** 2
+    assert got["train.image_size"] == [672, 672]
+    sides = [c[0][0] for c in calls]
+    assert sides[:3] == [64, 96, 2048] and {672, 832} <= set(sides) and len(sides) <= 7
 
 
 def test_frame_names_get_group_folds(frames, tmp_path):
@@ -271,20 +292,26 @@ def test_real_measurement_on_cpu():
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_planned_space_passes_debug(tmp_path, sample_cache):
-    out = tmp_path / "planned.yaml"
-    plan = subprocess.run([sys.executable, "tune/plan.py", "--data", "data/camvid-sample/train", "--space",
-                           "segformer.yaml", "--time-budget", "30m", "--out", str(out)], cwd=ROOT,
-                          env=cli_env(None, sample_cache), capture_output=True, text=True, timeout=600)
-    assert plan.returncode == 0, tail(plan.stdout + plan.stderr)
-    assert "measured segformer/nvidia/mit-b0" in plan.stdout
+def test_plan_then_debug_search_records_the_plan(sample_cache):
+    """``tune/run.py --plan --debug``: the real planner (CPU measurements) writes a space from a small base,
+    the search runs it end to end, and the run keeps the planned space and its fingerprint."""
     storage, ray_dir = scratch_dir("plan"), private_ray_dir()
     try:
-        search = subprocess.run([sys.executable, "tune/run.py", "--space", str(out), "--debug", "--storage",
-                                 str(storage), "--wandb", "disabled"], cwd=ROOT, env=cli_env(ray_dir, sample_cache),
-                                capture_output=True, text=True, timeout=600)
-        assert search.returncode == 0, tail(search.stdout + search.stderr)
-        rows = read_rows(storage / "segformer-plan-debug" / "trials.csv")
+        search = subprocess.run([sys.executable, "tune/run.py", "--space", "tests/spaces/tiny.yaml", "--data",
+                                 "data/camvid-sample/train", "--plan", "--time-budget", "30m", "--debug",
+                                 "--storage", str(storage), "--wandb", "disabled"], cwd=ROOT,
+                                env=cli_env(ray_dir, sample_cache), capture_output=True, text=True, timeout=900)
+        out = search.stdout + search.stderr
+        assert search.returncode == 0, tail(out)
+        assert "measured Unet/resnet18 at 64x64, batch 2" in out and "train.batch_size = 2:" in out
+        planned = storage / "plans" / "tiny-train.yaml"
+        spec = load_space(str(planned), SPACES)
+        assert spec.name == "tiny-plan" and set(spec.space) == {"optimizer.lr", "loss.name"}
+        run_dir = storage / "tiny-plan-debug"
+        assert (run_dir / "plan.yaml").read_text() == planned.read_text()
+        recorded = json.loads((run_dir / "plan.fingerprint.json").read_text())
+        assert recorded["fingerprint"]["images"] == 72 and recorded["machine"]["kind"] in ("cpu", "cuda")
+        rows = read_rows(run_dir / "trials.csv")
         assert rows and all(r["status"] == "completed" for r in rows), rows
     finally:
         clean_up_ray(ray_dir)

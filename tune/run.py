@@ -6,10 +6,11 @@
     python tune/run.py --space smp.yaml --data path/to/annotations.json --plan --time-budget 8h
 
 Without --data the space's ``demo:`` overrides apply (small images, few epochs and trials) so the
-command finishes in minutes on a laptop CPU; with --data the space runs as written. With --plan, the space's fixed half is planned for the data
-and this machine first (tune/plan.py: printed, written to <storage>/plans/, recorded in the run) and
-the space given is the base whose searched half is kept. Every setting
-can be overridden: the flags below, or ``--set section.key=value`` for any trial setting.
+command finishes in minutes on a laptop CPU; with --data the space runs as written. With --plan, the
+space's fixed half is planned for the data and this machine first (tune/plan.py: printed, written to
+<storage>/plans/) and the space given is the base whose searched half is kept; a planned space is
+recorded in the run (plan.yaml, plan.fingerprint.json). Every setting can be overridden: the flags
+below, or ``--set section.key=value`` for any trial setting.
 Results: runs/<name>/ (trials.csv, experiment.json, folds.json, studies.db, tune/ = Ray experiment).
 """
 from __future__ import annotations
@@ -159,10 +160,12 @@ def plan_first(args: argparse.Namespace) -> Path:
     return make_plan(plan_args)
 
 
-def record_plan(planned: Path, run_dir: Path) -> None:
-    """The planned space and its fingerprint, kept in the run directory."""
-    atomic_write_text(run_dir / "plan.yaml", planned.read_text())
-    atomic_write_text(run_dir / "plan.fingerprint.json", fingerprint_path(planned).read_text())
+def record_plan(space: Path, run_dir: Path) -> None:
+    """A planned space (``seghpo plan`` wrote its fingerprint beside it) and the fingerprint, kept in the run."""
+    fingerprint = fingerprint_path(space)
+    if fingerprint.is_file():
+        atomic_write_text(run_dir / "plan.yaml", space.read_text())
+        atomic_write_text(run_dir / "plan.fingerprint.json", fingerprint.read_text())
 
 
 def run(args: argparse.Namespace) -> None:
@@ -213,8 +216,7 @@ def run(args: argparse.Namespace) -> None:
                       trial_storage=args.trial_storage, overwrite=overwrite,
                       dashboard=args.dashboard, wandb_mode=mode,
                       wandb_project=args.wandb_project, verbose=args.verbose)
-    if planned:
-        record_plan(planned, run_dir)
+    record_plan(Path(spec.source), run_dir)
     print(f"report: {write_report(run_dir)}")
     ok = [r for r in rows if r["status"] in ("completed", "stopped")]
     if not ok and rows and all(r["status"] == "not_run_budget" for r in rows):

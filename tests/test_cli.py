@@ -14,9 +14,9 @@ import pytest
 from trainables.cli import MODES, SET_HELP, WANDB_DEFAULT, add_set_flag, parse_sets
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBCOMMANDS = ["tune", "ensemble", "predict", "train", "report", "compare"]
+SUBCOMMANDS = ["plan", "tune", "ensemble", "predict", "train", "report", "compare"]
 # the script each subcommand also runs as (python <path> --help)
-SCRIPTS = {"tune": "tune/run.py", "ensemble": "ensemble/run.py", "predict": "ensemble/predict.py",
+SCRIPTS = {"plan": "tune/plan.py", "tune": "tune/run.py", "ensemble": "ensemble/run.py", "predict": "ensemble/predict.py",
            "train": "trainables/train.py", "report": "tune/report.py", "compare": "tune/compare.py"}
 
 

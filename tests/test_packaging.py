@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 SCRIPTS = PYPROJECT["project"]["scripts"]
 # what a user runs by its path; its folder comes first on sys.path
-SCRIPT_FILES = ["tune/run.py", "tune/report.py", "tune/compare.py", "tune/sweep_agent.py", "tune/commands.py",
+SCRIPT_FILES = ["tune/plan.py", "tune/run.py", "tune/report.py", "tune/compare.py", "tune/sweep_agent.py", "tune/commands.py",
                 "ensemble/run.py", "ensemble/predict.py", "trainables/train.py", "bench/run.py",
                 "data/make_camvid_sample.py"]
 SKIP_DIRS = {".git", "runs", "build", "dist", "__pycache__", ".venv", "venv"}

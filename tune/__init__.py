@@ -17,6 +17,8 @@ Search (imports ``trainables`` only):
   search        one search: data and folds on the driver, then the experiment
   cluster       joining a Ray cluster or starting a private one (Ray prediction uses it too)
   localray      processes of one local Ray cluster (tests and benchmarks)
+  fingerprint   a dataset's fingerprint: sizes, channels, class shares, object sizes, frame-like names
+  measure       measured peak memory and step time of a model at an input and batch size
   wandb_logging per-trial W&B runs and the W&B sweep export
   settings_doc  the generated settings table (docs/reference/settings.md)
   cli_doc       the generated command-line reference (docs/reference/cli.md)
@@ -27,6 +29,7 @@ Report (reads ``runs/``; imports no search and no fit module):
 
 Entry points (call the stages, then the report):
   commands      ``seghpo`` and its subcommands
+  plan          ``seghpo plan``: a space's fixed half from the fingerprint and measurements
   run           ``seghpo tune`` / ``python tune/run.py``
   sweep_agent   the W&B sweep program
 """

@@ -74,6 +74,7 @@ def parser_from_add_arguments(add_arguments: Callable[[argparse.ArgumentParser],
 # <module>` and `seghpo <subcommand>` of the same module are the same command.
 COMMANDS: list[tuple[str, str, Callable[[ModuleType], argparse.ArgumentParser]]] = [
     ("seghpo", "tune.commands", lambda m: m.build_parser()),
+    ("seghpo plan", "tune.plan", lambda m: m.build_parser()),
     ("seghpo tune", "tune.run", lambda m: m.build_parser()),
     ("seghpo ensemble", "ensemble.run", lambda m: m.build_parser()),
     ("seghpo predict", "ensemble.predict", lambda m: m.build_parser()),

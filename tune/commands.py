@@ -1,5 +1,6 @@
 """``seghpo``: every step of the pipeline as one command with subcommands.
 
+    seghpo plan --data annotations.json --out my.yaml  # = python tune/plan.py ...: a space for this data
     seghpo tune --space segformer.yaml               # = python tune/run.py --space segformer.yaml
     seghpo ensemble --experiment runs/segformer-demo # = python ensemble/run.py ...
     seghpo predict --bundle BUNDLE --images test/ --out preds/
@@ -19,6 +20,7 @@ from trainables.cli import exit_on_user_error
 
 # subcommand -> (module, one line of help); the module is imported only when its subcommand is chosen
 COMMANDS = {
+    "plan": ("tune.plan", "plan a search space for a dataset and this machine"),
     "tune": ("tune.run", "search models and hyperparameters across k folds (Ray Tune)"),
     "ensemble": ("ensemble.run", "ensemble a search's best trials and write the bundle"),
     "predict": ("ensemble.predict", "predict with an ensemble bundle alone"),

@@ -3,10 +3,14 @@
     python tune/run.py --space segformer.yaml                 # demo: the shipped CamVid sample, CPU
     python tune/run.py --space smp.yaml --data path/to/annotations.json --gpus-per-trial 0.5
     python tune/run.py --space smp.yaml --data ... --name smp --resume     # continue after a crash
+    python tune/run.py --space smp.yaml --data path/to/annotations.json --plan --time-budget 8h
 
 Without --data the space's ``demo:`` overrides apply (small images, few epochs and trials) so the
-command finishes in minutes on a laptop CPU; with --data the space runs as written. Every setting
-can be overridden: the flags below, or ``--set section.key=value`` for any trial setting.
+command finishes in minutes on a laptop CPU; with --data the space runs as written. With --plan, the
+space's fixed half is planned for the data and this machine first (tune/plan.py: printed, written to
+<storage>/plans/) and the space given is the base whose searched half is kept; a planned space is
+recorded in the run (plan.yaml, plan.fingerprint.json). Every setting can be overridden: the flags
+below, or ``--set section.key=value`` for any trial setting.
 Results: runs/<name>/ (trials.csv, experiment.json, folds.json, studies.db, tune/ = Ray experiment).
 """
 from __future__ import annotations
@@ -25,12 +29,16 @@ from trainables.cli import (DEBUG_HELP, DEBUG_SETTINGS, add_address_flag, add_de
 from trainables.errors import ConfigError  # noqa: E402
 from trainables.io import atomic_write_text  # noqa: E402
 from tune.rundir import earlier_state  # noqa: E402
+from tune.plan import DEFAULT_BUDGET, fingerprint_path, make_plan  # noqa: E402
 from tune.space import load_space, with_demo, with_overrides  # noqa: E402
 from tune.wandb_logging import sweep_config  # noqa: E402
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--space", required=True, help="search_spaces/<name>.yaml, a name, or a path")
+    p.add_argument("--plan", action="store_true",
+                   help="plan the fixed half for --data first (seghpo plan, with --time-budget [8h]); --space is "
+                        "the base whose searched half is kept")
     p.add_argument("--data", help="COCO json or image/mask folder (default: the shipped sample, demo budget)")
     p.add_argument("--images", help="image root of a COCO json (default: <json dir>/images)")
     p.add_argument("--task", choices=["multiclass", "multilabel"])
@@ -138,11 +146,36 @@ def export_sweep(spec, args: argparse.Namespace) -> None:
           f"({len(config['parameters'])} parameters)\nnext: wandb sweep {args.export_wandb_sweep}")
 
 
+def plan_first(args: argparse.Namespace) -> Path:
+    """``--plan``: the planned space for ``--data`` from the base ``--space`` (tune/plan.py)."""
+    if not args.data:
+        raise ConfigError("command line", "--plan", "needs --data: the dataset to plan the space for")
+    if args.resume:
+        raise ConfigError("command line", "--plan", "a resumed run keeps its space: give --space runs/<name>/plan.yaml "
+                                                    "without --plan")
+    out = args.storage / "plans" / f"{Path(args.space).stem}-{Path(args.data).resolve().stem}.yaml"
+    plan_args = argparse.Namespace(data=args.data, images=args.images, task=args.task, space=args.space,
+                                   time_budget=args.time_budget or DEFAULT_BUDGET, gpus=None, out=out, cache_dir=None)
+    args.time_budget = plan_args.time_budget
+    return make_plan(plan_args)
+
+
+def record_plan(space: Path, run_dir: Path) -> None:
+    """A planned space (``seghpo plan`` wrote its fingerprint beside it) and the fingerprint, kept in the run."""
+    fingerprint = fingerprint_path(space)
+    if fingerprint.is_file():
+        atomic_write_text(run_dir / "plan.yaml", space.read_text())
+        atomic_write_text(run_dir / "plan.fingerprint.json", fingerprint.read_text())
+
+
 def run(args: argparse.Namespace) -> None:
     """The search (tune/search.py), then the experiment's report page (tune/report.py)."""
     if args.overwrite and args.resume:
         raise ConfigError("command line", "--overwrite", "replaces the earlier run, --resume continues it: "
                                                          "give one of the two")
+    planned = plan_first(args) if args.plan else None
+    if planned:
+        args.space = str(planned)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic trial table, with our columns
@@ -183,6 +216,7 @@ def run(args: argparse.Namespace) -> None:
                       trial_storage=args.trial_storage, overwrite=overwrite,
                       dashboard=args.dashboard, wandb_mode=mode,
                       wandb_project=args.wandb_project, verbose=args.verbose)
+    record_plan(Path(spec.source), run_dir)
     print(f"report: {write_report(run_dir)}")
     ok = [r for r in rows if r["status"] in ("completed", "stopped")]
     if not ok and rows and all(r["status"] == "not_run_budget" for r in rows):

@@ -26,14 +26,13 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from trainables.cli import command_parser, exit_on_user_error  # noqa: E402
+from trainables.cli import command_parser, exit_on_user_error, parse_duration  # noqa: E402
 from trainables.config import DEFAULTS  # noqa: E402
 from trainables.errors import ConfigError, InputError  # noqa: E402
 from trainables.io import atomic_write_json, atomic_write_text  # noqa: E402
-from tune.budget import parse_duration  # noqa: E402
 from tune.fingerprint import smallest_objects  # noqa: E402
 from tune.measure import Machine, Measurement  # noqa: E402
-from tune.space import SearchSpec, _model_pairs, load_space  # noqa: E402
+from tune.space import SearchSpec, load_space, model_pairs  # noqa: E402
 
 SIZE_STEP = 32  # network inputs are multiples of 32 (five stride-2 stages)
 MIN_SIDE = 64  # the smallest working size tried
@@ -387,7 +386,7 @@ def largest_model(spec: SearchSpec, num_classes: int) -> tuple[str, str]:
 
     base = spec.base_config()["model"]
     best, most = None, -1
-    for arch, encoder in sorted(_model_pairs(spec.space, base)):
+    for arch, encoder in sorted(model_pairs(spec.space, base)):
         n = sum(p.numel() for p in build_model(arch, encoder, num_classes, weights=None,
                                                kwargs=base["kwargs"]).parameters())
         if n > most:

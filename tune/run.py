@@ -29,7 +29,6 @@ from trainables.cli import (DEBUG_HELP, DEBUG_SETTINGS, add_address_flag, add_de
 from trainables.errors import ConfigError  # noqa: E402
 from trainables.io import atomic_write_text  # noqa: E402
 from tune.rundir import earlier_state  # noqa: E402
-from tune.plan import DEFAULT_BUDGET, fingerprint_path, make_plan  # noqa: E402
 from tune.space import load_space, with_demo, with_overrides  # noqa: E402
 from tune.wandb_logging import sweep_config  # noqa: E402
 
@@ -153,6 +152,9 @@ def plan_first(args: argparse.Namespace) -> Path:
     if args.resume:
         raise ConfigError("command line", "--plan", "a resumed run keeps its space: give --space runs/<name>/plan.yaml "
                                                     "without --plan")
+    # lazy: start-up time (the planner measures with torch; --help and plain searches need none of it here)
+    from tune.plan import DEFAULT_BUDGET, make_plan
+
     out = args.storage / "plans" / f"{Path(args.space).stem}-{Path(args.data).resolve().stem}.yaml"
     plan_args = argparse.Namespace(data=args.data, images=args.images, task=args.task, space=args.space,
                                    time_budget=args.time_budget or DEFAULT_BUDGET, gpus=None, out=out, cache_dir=None)
@@ -162,6 +164,8 @@ def plan_first(args: argparse.Namespace) -> Path:
 
 def record_plan(space: Path, run_dir: Path) -> None:
     """A planned space (``seghpo plan`` wrote its fingerprint beside it) and the fingerprint, kept in the run."""
+    from tune.plan import fingerprint_path  # lazy: start-up time (the planner imports torch to measure)
+
     fingerprint = fingerprint_path(space)
     if fingerprint.is_file():
         atomic_write_text(run_dir / "plan.yaml", space.read_text())

@@ -278,7 +278,7 @@ def _parse_space(source: str, prefix: str, raw: Any) -> dict[str, Param]:
 # ---------------------------------------------------------------- checks across sections
 
 
-def _model_pairs(space: Mapping[str, Param], model: Mapping[str, Any]) -> set[tuple[str, str]]:
+def model_pairs(space: Mapping[str, Param], model: Mapping[str, Any]) -> set[tuple[str, str]]:
     """Every (arch, encoder) a trial can get; an inactive parameter keeps the fixed value."""
     arch_p, enc_p = space.get("model.arch"), space.get("model.encoder")
     archs = [(a, True) for a in arch_p.values()] if arch_p else []
@@ -328,7 +328,7 @@ def _check_spec(spec: SearchSpec, source: str, fixed_at: str, search_at: str, sp
             raise ConfigError(source, f"{search_at}search_folds",
                               f"fold {fold} does not exist with folds.k = {folds['k']}")
     known_archs = {name.lower() for name in arch_names()}
-    for arch, encoder in sorted(_model_pairs(spec.space, base["model"])):
+    for arch, encoder in sorted(model_pairs(spec.space, base["model"])):
         problem = model_problem(arch, encoder)
         if problem and arch.lower() not in known_archs:
             raise ConfigError(source, where("model.arch"), problem)

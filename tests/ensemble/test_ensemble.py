@@ -651,8 +651,8 @@ first = {}
 for r in rows:
     first.setdefault(int(r["fold"]), load_member(r["checkpoint"], r["trial_id"], torch.device("cpu")))
 ensembles = {f: Ensemble([m] * copies, device="cpu") for f, m in first.items()}
-oof_evaluate(ensembles, data, folds, experiment["settings"]["fixed"]["data"]["max_size"],
-             Path(out), batch_size=8, max_per_fold=8)
+oof_evaluate(ensembles, data, folds=folds, max_size=experiment["settings"]["fixed"]["data"]["max_size"],
+             out_dir=Path(out), batch_size=8, max_per_fold=8)
 print(json.dumps({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
 

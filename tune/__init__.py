@@ -19,6 +19,7 @@ Search (imports ``trainables`` only):
   localray      processes of one local Ray cluster (tests and benchmarks)
   fingerprint   a dataset's fingerprint: sizes, channels, class shares, object sizes, frame-like names
   measure       measured peak memory and step time of a model at an input and batch size
+  plan_decisions the planner's steps: folds, input size, working size, batch, epochs and trials, machine
   wandb_logging per-trial W&B runs and the W&B sweep export
   settings_doc  the generated settings table (docs/reference/settings.md)
   cli_doc       the generated command-line reference (docs/reference/cli.md)

@@ -24,6 +24,7 @@ import torch
 
 from ensemble.bundle import write_bundle
 from ensemble.combine import combine_on_holdout, no_holdout_record, shipped_members
+from ensemble.compare import compare_oof
 from ensemble.crf import crf_step
 from ensemble.crf import missing as crf_missing
 from ensemble.crossfit import prediction_rule, score_key
@@ -32,7 +33,6 @@ from ensemble.latency import budget_members, summary_line
 from ensemble.members import local_checkpoint, top_k
 from ensemble.oof import oof_evaluate
 from ensemble.predictor import TTA, Ensemble, Member, best_member_index, load_member
-from ensemble.compare import compare_oof
 from ensemble.selection import greedy_members
 from trainables.data import SegData, dataset_options, load_data
 from trainables.device import resolve_device

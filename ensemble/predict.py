@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> None:
 
 @exit_on_user_error
 def main(argv=None) -> None:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)  # run() checks the flags together
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     run(args)
 

@@ -142,10 +142,14 @@ def max_concurrent(resources: dict) -> int | None:
     return n
 
 
+def searched_folds(spec: SearchSpec, num_folds: int) -> int:
+    return len(spec.search["search_folds"]) if spec.search["search_folds"] is not None else num_folds
+
+
 def total_trials(spec: SearchSpec, num_folds: int) -> int:
     """The trials of the whole search (the searcher's ``total_trials``)."""
     search = spec.search
-    search_folds = len(search["search_folds"]) if search["search_folds"] is not None else num_folds
+    search_folds = searched_folds(spec, num_folds)
     return planned_trials(int(search["num_samples"]), search_folds, num_folds - search_folds,
                           int(search["retrain_top"]))
 
@@ -274,7 +278,7 @@ def run_search(spec: SearchSpec, run_dir: Path, *, resume: bool = False, address
         check_trial_fits(spec.resources, spec.source)
     start, start_wall = time.perf_counter(), time.time()
     base, data, folds = prepare(spec, run_dir, clear)
-    if warning := random_start_warning(spec.search):
+    if warning := random_start_warning(spec.search, searched_folds(spec, len(folds))):
         print(f"warning: {warning}")
     write_experiment_json(run_dir, run_settings(spec, base, trial_storage),
                           {"fingerprint": data.fingerprint, "source": str(data.source),

@@ -3,8 +3,17 @@
 Ray's stock ``OptunaSearch`` tells Optuna that an ASHA-stopped trial COMPLETED with its
 truncated score, so TPE learns from partial-budget numbers as if they were final. Here:
 
-* each fold has its own study (TPE, seeded per fold) in persistent storage (SQLite under the run
-  directory), so a trial is only compared with trials of the same fold;
+* each fold has its own study in persistent storage (SQLite under the run directory): the record of
+  its trials, which ``--resume`` reconciles and the two-stage mode ranks;
+* what proposes a fold's next trial is, by default (``search.share_folds: false``), the fold's own
+  TPE (seeded per fold), which learns from that fold's trials only; with ``share_folds: true`` it
+  is one TPE model over every fold's trials (:func:`shared_history`): the folds are random splits of
+  one dataset, so what is good on one is largely good on the others, and their ``n_startup_trials``
+  random trials count over all folds together. Folds differ in difficulty, so each trial's scores
+  are shifted by its fold's offset (:func:`fold_offset`: the median score of the fold's trials at
+  the first ASHA rung) before TPE ranks them. The fold is still assigned by the searcher (round
+  robin), never sampled, and the model is rebuilt from the studies at each proposal, so
+  ``--resume`` needs nothing more;
 * every epoch's metric is reported to the Optuna trial as an intermediate value;
 * a trial that ends before its planned epochs (``max_epochs``, or its own sampled ``train.epochs``
   in a space that searches it without ASHA) is told as PRUNED (stopped by ASHA), a trial that
@@ -26,8 +35,9 @@ import logging
 import math
 from typing import Any
 
+import numpy as np
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState, create_trial
 from ray.tune.search import Searcher
 
 from tune.budget import Budget, milestones
@@ -48,21 +58,62 @@ def planned_trials(num_samples: int, search_folds: int, retrain_folds: int, retr
     return num_samples * search_folds + (retrain_top * search_folds * retrain_folds if retrain_folds else 0)
 
 
-def random_start_warning(search: dict) -> str | None:
-    """Whether TPE will propose few or none of a fold's trials, in the user's words (None: it will
-    propose most). Optuna's TPE draws at random until ``n_startup_trials`` trials of its study (one
-    per fold) have finished, so a fold's first ``n_startup_trials`` trials, and those started while
-    they still run, are random."""
+def random_start_warning(search: dict, folds: int = 1) -> str | None:
+    """Whether TPE will propose few or none of the search's trials, in the user's words (None: it will
+    propose most). Optuna's TPE draws at random until ``n_startup_trials`` trials of its study have
+    finished: of each fold's study (one per fold), or with ``share_folds`` of all ``folds`` searched
+    folds together. Trials started while those run are random too."""
     n, startup = int(search["num_samples"]), int(search["n_startup_trials"])
-    if startup >= n:
-        return (f"search.n_startup_trials={startup} >= search.num_samples={n}: every trial of each fold is drawn at "
-                f"random and TPE never proposes one; lower n_startup_trials (e.g. {max(1, n // 4)}) or raise "
-                "num_samples")
-    if 2 * startup > n:
-        return (f"search.n_startup_trials={startup} of search.num_samples={n}: TPE proposes at most {n - startup} "
-                "trials per fold (fewer while trials run in parallel); lower n_startup_trials or raise num_samples "
+    shared = bool(search.get("share_folds")) and folds > 1
+    total, per = (n * folds, f"over the {folds} folds together") if shared else (n, "per fold")
+    what = f"search.num_samples={n} x {folds} folds" if shared else f"search.num_samples={n}"
+    if startup >= total:
+        return (f"search.n_startup_trials={startup} >= {what}: every trial is drawn at random and TPE never "
+                f"proposes one; lower n_startup_trials (e.g. {max(1, total // 4)}) or raise num_samples"
+                + ("" if shared else ", or let the folds share one model (search.share_folds: true)"))
+    if 2 * startup > total:
+        return (f"search.n_startup_trials={startup} of {what}: TPE proposes at most {total - startup} "
+                f"trials {per} (fewer while trials run in parallel); lower n_startup_trials or raise num_samples "
                 "for a search that learns")
     return None
+
+
+def fold_offset(trials: list[FrozenTrial], step: int | None) -> float | None:
+    """What a fold's scores are shifted by in the shared model: the median of its trials' scores at
+    ``step`` (the first ASHA rung, which every trial that was not lost reaches; running trials'
+    reports count), or without ASHA (``step`` None) the median of its COMPLETE trials' values. None
+    while no trial of the fold has such a score."""
+    if step is None:
+        values = [t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    else:
+        values = [t.intermediate_values[step] for t in trials
+                  if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+                  and step in t.intermediate_values]
+    return float(np.median(values)) if values else None
+
+
+def shared_history(fold_trials: dict[int, list[FrozenTrial]], step: int | None) -> list[FrozenTrial]:
+    """Every fold's trials as one study's history: finished ones (COMPLETE, PRUNED) with their value and
+    intermediate values minus their fold's :func:`fold_offset` (a fold without one contributes no finished
+    trials yet), running ones with their parameters only (TPE's constant liar). FAIL and WAITING trials
+    carry nothing."""
+    out = []
+    for trials in fold_trials.values():
+        offset = fold_offset(trials, step)
+        for t in trials:
+            if t.state == TrialState.RUNNING and t.params:
+                out.append(create_trial(state=TrialState.RUNNING, params=t.params, distributions=t.distributions))
+            elif t.state in (TrialState.COMPLETE, TrialState.PRUNED) and offset is not None:
+                out.append(create_trial(
+                    state=t.state, value=None if t.value is None else t.value - offset, params=t.params,
+                    distributions=t.distributions,
+                    intermediate_values={s: v - offset for s, v in t.intermediate_values.items()}))
+    return out
+
+
+def finished(trials: list[FrozenTrial]) -> int:
+    """The trials TPE counts towards ``n_startup_trials`` (Optuna 5.0: COMPLETE and PRUNED)."""
+    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
 
 
 class FoldedOptunaSearch(Searcher):
@@ -79,6 +130,9 @@ class FoldedOptunaSearch(Searcher):
             else list(range(num_folds))
         self.retrain_folds = [f for f in range(num_folds) if f not in self.search_folds]
         self.retrain_top = int(search.get("retrain_top") or 0)
+        self.share_folds = bool(search.get("share_folds", False))
+        asha = search.get("asha")
+        self.reference_step = int(asha["grace_period"]) if asha else None  # fold_offset's step
         self.suggested = {f: 0 for f in self.search_folds}
         self.live: dict[str, dict] = {}  # tune trial id -> {"fold", "number"}
         self.retrain_queue: list[dict] | None = None
@@ -119,7 +173,7 @@ class FoldedOptunaSearch(Searcher):
             if self.budget is not None and not self.budget.may_start(self.marks({})[0]):
                 return self._refuse()
             fold = min(open_folds, key=lambda f: (self.suggested[f], f))
-            trial = self.study(fold).ask()
+            trial = self._ask(fold)
             trial.set_user_attr("tune_trial_id", trial_id)
             sampled = sample(self.spec, trial, self.num_classes)
             self.suggested[fold] += 1
@@ -129,6 +183,31 @@ class FoldedOptunaSearch(Searcher):
                 self.budget.start(trial_id, self.marks(config))
             return config
         return self._next_retrain(trial_id)
+
+    def _ask(self, fold: int) -> optuna.Trial:
+        """A new trial of ``fold``'s study, its parameters proposed by the fold's own TPE or (``share_folds``)
+        by one TPE over every fold's normalised trials; ``proposed_by`` (user attribute) says whether TPE
+        modelled them or they were a start-up trial drawn at random."""
+        startup = int(self.spec.search["n_startup_trials"])
+        study = self.study(fold)
+        if not self.share_folds:
+            seen = finished(study.get_trials(deepcopy=False))
+            trial = study.ask()
+        else:
+            history = shared_history({f: self.study(f).get_trials(deepcopy=False) for f in self.search_folds},
+                                     self.reference_step)
+            seen = finished(history)
+            seed = int(np.random.SeedSequence([int(self.spec.search["seed"]), len(history)]).generate_state(1)[0])
+            model = optuna.create_study(direction="maximize" if self._mode == "max" else "minimize",
+                                        sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup,
+                                                                           constant_liar=True))
+            model.add_trials(history)
+            proposal = model.ask()
+            sample(self.spec, proposal, self.num_classes)  # every parameter the space's branches reach
+            study.enqueue_trial(proposal.params)
+            trial = study.ask()  # the fold's record: sample() below gets the enqueued values back
+        trial.set_user_attr("proposed_by", "tpe" if seen >= startup else "random")
+        return trial
 
     def _next_retrain(self, trial_id: str) -> dict | None:
         if not self.retrain_folds or self.retrain_top <= 0:

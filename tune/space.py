@@ -83,7 +83,7 @@ DRIVER_SECTIONS = {
 }
 ASHA_DEFAULTS = {"grace_period": 2, "reduction_factor": 3, "brackets": 1}
 SEARCH_DEFAULTS = {"num_samples": 8, "metric": "val_miou", "mode": "max", "seed": 0, "n_startup_trials": 10,
-                   "asha": ASHA_DEFAULTS, "search_folds": None, "retrain_top": 3,
+                   "share_folds": False, "asha": ASHA_DEFAULTS, "search_folds": None, "retrain_top": 3,
                    "epoch_budget": None, "time_budget": None}
 RESOURCES_DEFAULTS = {"cpus_per_trial": 1, "gpus_per_trial": 0, "max_concurrent": None, "workers_per_trial": 1,
                       "reuse_actors": True}
@@ -93,7 +93,9 @@ MEANINGS = {  # of the search.* and resources.* keys (docs/reference/settings.md
                      "val_miou_image, val_dice_image (per-image means, see metrics.*)",
     "search.mode": "max | min (a new metric ending in loss makes it min)",
     "search.seed": "Optuna TPE seed",
-    "search.n_startup_trials": "random trials before TPE takes over",
+    "search.n_startup_trials": "random trials before TPE takes over (per fold; with share_folds, over all folds)",
+    "search.share_folds": "true: one TPE model over every fold's trials, scores shifted by their fold's median "
+                          "at the first rung (tune/searcher.py); false: each fold's study learns alone",
     "search.asha": "ASHA early stopping (max_t is train.epochs); null: none, and train.epochs may be searched",
     "search.asha.grace_period": "epochs before a trial can first be stopped (a first-epoch score ranks "
                                 "from-scratch trials poorly: bench/README.md)",
@@ -211,6 +213,7 @@ SEARCH_CHECKS = {
     "mode": lambda v: None if v in ("max", "min") else f"expected max or min, got {v!r}",
     "seed": _int_min(0),
     "n_startup_trials": _int_min(0),
+    "share_folds": lambda v: None if isinstance(v, bool) else f"expected true or false, {config.got(v)}",
     "asha": lambda v: None if v is None or isinstance(v, dict) else f"expected a mapping or null, got {v!r}",
     "search_folds": _folds_problem,
     "retrain_top": _int_min(1),

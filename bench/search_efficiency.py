@@ -1,35 +1,38 @@
 """search_efficiency: the tool's search against what a user writes with stock Ray, and against random search.
 
 The search of ``bench/spaces/search.yaml`` (a tiny random-init Unet on CamVid train, 367 images
-downscaled to 96 px and fed at 64x96, 2 folds, 8 batches of 8 an epoch, 8 trials per fold of at
-most 8 epochs; learning rate, weight decay and loss searched) runs in three arms, each for every
-seed (``--seeds``, default 0 1 2; the seed is the searchers' and the trials' training seed), one
-private local Ray, 2 trials at a time, one CPU each, the same trainable (``tune/trainable.py``):
+downscaled to 96 px and fed at 64x96, 2 folds, 8 batches of 8 an epoch, 20 trials per fold of at
+most 6 epochs, 8 random start-up trials in every TPE arm; learning rate, weight decay and loss
+searched) runs in these arms, each for every seed (``--seeds``, default 0 1; the seed is the
+searchers' and the trials' training seed), on one private local Ray, 2 trials at a time, one CPU
+each, the same trainable (``tune/trainable.py``), ``reuse_actors`` on in every arm:
 
-* **tool**: ``tune.search.run_search`` with the tool's defaults: per-fold Optuna TPE (10 random
-  start-up trials, Optuna's default, constant liar), per-fold ASHA (the space's ``search.asha``),
-  PRUNED feedback;
+* **shared**: ``tune.search.run_search`` with ``search.share_folds: true``: one TPE model over both
+  folds' trials, scores shifted by their fold's median at the first rung (tune/searcher.py),
+  per-fold ASHA (grace 2, rf 3: rungs at 2 and 6), PRUNED feedback, constant liar;
+* **independent**: the same with one TPE study per fold (``share_folds: false``);
 * **stock**: what a user writes with Ray's own classes: per fold one ``Tuner`` with
-  ``OptunaSearch(seed=seed + fold)`` (its default ``TPESampler``, which tells Optuna ASHA-stopped
-  trials as COMPLETE with their partial score) and one ``ASHAScheduler`` with the same grace period,
-  reduction factor and epoch cap, the same trials per fold;
+  ``OptunaSearch`` and a ``TPESampler(seed=seed + fold, n_startup_trials=8)`` (Ray's searcher tells
+  Optuna ASHA-stopped trials as COMPLETE with their partial score) and one ``ASHAScheduler`` with the
+  same grace period, reduction factor and epoch cap, the same trials per fold;
 * **random**: the tool with ``n_startup_trials = num_samples`` (Optuna's seeded random sampler for
   every trial) and ``asha: null`` (every trial trains all epochs);
-* the tool with one of its settings as it was, run only when named in ``--arms`` and shown beside
-  the tool's row (:data:`EXTRA_ARMS`): **before** (the default until 2026-12-01: TPE after 4
-  random trials) and **recheck** (``search.asha.recheck: true``, tune/scheduler.py).
+* run only when named in ``--arms`` (:data:`TOOL_ARMS`): **before** (start-up 4, per fold) and
+  **recheck** (``search.asha.recheck: true``).
 
-Per arm and seed: the best ``val_miou`` per fold (a trial's best epoch) and the epochs spent; the
-table gives mean over folds, then min/median/max over seeds; the targets are judged on the mean over
-seeds. The random arm's per-epoch results are also *replayed* (in their recorded order) through other
-scheduler settings (grace period, reduction factor, ``recheck``): the same learning curves under
-each, labelled as replays; TPE arms cannot be replayed (what TPE proposes depends on what it saw).
+Per arm and seed: the best ``val_miou`` per fold (a trial's best epoch), the epochs spent, and the
+epoch-2 score of each trial with who proposed it (TPE or its start-up random sampler: recorded by
+the tool's searcher; for stock Ray, a trial started after 8 of its study's trials had finished);
+the TPE-proposed trials' mean epoch-2 score is compared with the random arm's trials', paired by
+seed (more statistical power than a best-of-20). The random arm's per-epoch results are also
+*replayed* (in their recorded order) through other scheduler settings (grace period, reduction
+factor, ``recheck``); TPE arms cannot be replayed (what TPE proposes depends on what it saw).
 
 Each finished (arm, seed) run is kept as JSON in ``--results DIR`` when given, so an interrupted
 benchmark continues where it stopped and an arm can be rerun alone (``--arms stock``).
 The trials run at normal priority (``RAY_worker_niceness=0``; Ray's default 15 lets any other
-work on the machine starve them). Runtime: about 40 min on 2 idle cores for 3 seeds; ``--quick`` (1 seed, 2 trials/fold, 3 epochs,
-4 batches an epoch) ~4 min: a check that it all works.
+work on the machine starve them). Runtime: about 25 min a seed on 2 cores; ``--quick`` (1 seed,
+2 trials/fold, 3 epochs, 4 batches an epoch) ~4 min: a check that it all works.
 """
 from __future__ import annotations
 
@@ -48,16 +51,19 @@ os.environ.setdefault("RAY_worker_niceness", "0")  # before Ray starts: its rayl
 from bench import common  # noqa: E402
 
 NAME = "search_efficiency"
-TARGET = ("tool's best mIoU >= stock Ray's at <= its epochs; within 0.01 of random search's with <= 0.30 of "
-          "its epochs (means over seeds)")
+TARGET = ("shared search's best mIoU >= stock Ray's + 0.005 at <= its epochs; TPE-proposed trials above random "
+          "ones at epoch 2 (means over seeds)")
 SPACE = common.BENCH / "spaces" / "search.yaml"
-MIOU_TOLERANCE = 0.01
-EPOCH_RATIO = 0.30
-ARMS = ("random", "tool", "stock")
-# the tool with one search setting changed, run when asked (--arms): the settings each overrides
-EXTRA_ARMS = {"before": {"n_startup_trials": 4},  # the default until 2026-12-01
-              "recheck": {"asha": {"recheck": True}}}
-SEEDS = (0, 1, 2)
+GAIN = 0.005  # the best mIoU the tool's search must add over stock Ray's
+ARMS = ("random", "independent", "shared", "stock")
+# the tool's search with these search settings (any arm not listed here is stock Ray's or random search)
+TOOL_ARMS = {"independent": {"share_folds": False},  # one TPE study per fold (the default until 2026-12-07)
+             "shared": {"share_folds": True},  # one TPE model over both folds' normalised trials
+             "before": {"n_startup_trials": 4, "share_folds": False},  # start-up 4 (the default until 2026-12-01)
+             "recheck": {"asha": {"recheck": True}}}
+EXTRA_ARMS = tuple(a for a in TOOL_ARMS if a not in ARMS)
+SEEDS = (0, 1)
+STEP = 2  # the epoch at which the TPE-proposed and the random trials are compared (the first rung)
 # scheduler settings replayed on the random arm's curves: (grace period, reduction factor, recheck)
 REPLAYS = [(g, rf, rc) for g in (1, 2, 3) for rf in (2, 3, 4) for rc in (False, True)]
 
@@ -91,8 +97,8 @@ def spec_for(quick: bool, cache_dir: Path, arm: str, seed: int):
     spec = with_overrides(spec, fixed=fixed, search=search)
     if arm == "random":
         spec = with_overrides(spec, search={"n_startup_trials": int(spec.search["num_samples"]), "asha": None})
-    elif arm in EXTRA_ARMS:
-        spec = with_overrides(spec, search=EXTRA_ARMS[arm])
+    elif arm in TOOL_ARMS:
+        spec = with_overrides(spec, search=TOOL_ARMS[arm])
     return spec
 
 
@@ -129,8 +135,40 @@ def tool_search(spec, run_dir: Path, recorder=None) -> list[dict]:
     with contextlib.redirect_stdout(io.StringIO()), recording(recorder):  # Tune's table: not on screen
         rows = run_search(spec, run_dir)
     column = score_column(spec.search["metric"])
+    studies = optuna_studies(f"sqlite:///{run_dir / 'studies.db'}")
+    proposed = {t.user_attrs.get("tune_trial_id"): t.user_attrs.get("proposed_by") for t in studies}
+    early = {t.user_attrs.get("tune_trial_id"): score_at(t, STEP) for t in studies}
     return [{"fold": int(r["fold"]), "epochs": int(float(r["epochs"] or 0)), "status": r["status"],
-             "best": float(r[column]) if r.get(column) not in (None, "") else None} for r in rows]
+             "best": float(r[column]) if r.get(column) not in (None, "") else None,
+             "proposed_by": proposed.get(r["trial_id"]), "score_at_step": early.get(r["trial_id"])} for r in rows]
+
+
+def optuna_studies(storage: str) -> list:
+    """Every trial of every study in ``storage``."""
+    import optuna
+
+    return [t for name in optuna.get_all_study_names(storage)
+            for t in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)]
+
+
+def score_at(trial, step: int) -> float | None:
+    """A trial's score at epoch ``step``: its intermediate value, or (a trial stopped there, whose last
+    result Ray passes to the searcher's on_trial_complete only) its value when it reported no later epoch."""
+    if step in trial.intermediate_values:
+        return float(trial.intermediate_values[step])
+    if trial.value is not None and max(trial.intermediate_values, default=0) < step:
+        return float(trial.value)
+    return None
+
+
+def started_after_startup(trials: list, startup: int) -> dict[int, bool]:
+    """Per Optuna trial number, whether TPE (not its start-up random sampler) proposed it: at least
+    ``startup`` trials of the study had finished (COMPLETE or PRUNED) when it started (Optuna 5.0's rule)."""
+    from optuna.trial import TrialState
+
+    ends = [t.datetime_complete for t in trials
+            if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.datetime_complete is not None]
+    return {t.number: sum(e <= t.datetime_start for e in ends) >= startup for t in trials}
 
 
 def ray_space(spec) -> dict:
@@ -159,6 +197,7 @@ def ray_space(spec) -> dict:
 
 def stock_search(spec, run_dir: Path, seed: int) -> list[dict]:
     """Per fold one Tuner with Ray's OptunaSearch and ASHAScheduler over the tool's trainable."""
+    import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
@@ -172,11 +211,15 @@ def stock_search(spec, run_dir: Path, seed: int) -> list[dict]:
     max_t = int(base["train"]["epochs"])
     trainable = trial_trainable(spec.resources, base, folds, run_dir, None)
     rows = []
+    startup = int(spec.search["n_startup_trials"])
     for fold in range(len(folds)):
+        # the same start-up count as the tool's arms (Ray's OptunaSearch takes the sampler whole)
+        searcher = OptunaSearch(metric=metric, mode=mode,
+                                sampler=optuna.samplers.TPESampler(seed=seed + fold, n_startup_trials=startup))
         tuner = tune.Tuner(
             trainable, param_space={"fold": fold, **ray_space(spec)},
             tune_config=tune.TuneConfig(
-                search_alg=OptunaSearch(metric=metric, mode=mode, seed=seed + fold),
+                search_alg=searcher, reuse_actors=True,
                 scheduler=ASHAScheduler(metric=metric, mode=mode, max_t=max_t, grace_period=asha["grace_period"],
                                         reduction_factor=asha["reduction_factor"], brackets=asha["brackets"]),
                 num_samples=int(spec.search["num_samples"]),
@@ -185,15 +228,23 @@ def stock_search(spec, run_dir: Path, seed: int) -> list[dict]:
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
         with contextlib.redirect_stdout(io.StringIO()):
             grid = tuner.fit()
+        # which trials TPE proposed, from the study Ray's searcher kept (matched to Tune's by parameters)
+        ot_trials = searcher._ot_study.get_trials(deepcopy=False)
+        by_tpe = started_after_startup(ot_trials, startup)
+        ot = {json.dumps(t.params, sort_keys=True): t for t in ot_trials}
         for res in grid:
+            params = {k: v for k, v in res.config.items() if k != "fold"}
+            match = ot.get(json.dumps(params, sort_keys=True))
+            proposal = {"proposed_by": None if match is None else ("tpe" if by_tpe[match.number] else "random"),
+                        "score_at_step": None if match is None else score_at(match, STEP)}
             df = res.metrics_dataframe
             if res.error is not None or df is None or metric not in df:
                 rows.append({"fold": fold, "epochs": 0 if df is None else int(df["training_iteration"].max()),
-                             "status": "error", "best": None})
+                             "status": "error", "best": None, **proposal})
                 continue
             epochs = int(df["training_iteration"].max())
             rows.append({"fold": fold, "epochs": epochs, "status": "completed" if epochs >= max_t else "stopped",
-                         "best": float(df[metric].max())})
+                         "best": float(df[metric].max()), **proposal})
     return rows
 
 
@@ -317,6 +368,12 @@ def run(quick: bool, seeds=None, arms=ARMS, results: Path | None = None) -> dict
     return summarise(runs, seeds, quick)
 
 
+def at_step(run: dict, by: str | None) -> list[float]:
+    """Epoch-``STEP`` scores of a run's trials (only those ``by`` "tpe" or "random" proposed; None: all)."""
+    return [r["score_at_step"] for r in run["rows"] if r.get("score_at_step") is not None
+            and (by is None or r.get("proposed_by") == by)]
+
+
 def summarise(runs: dict, seeds: list[int], quick: bool) -> dict:
     by_arm = {arm: [runs[(arm, s)] for s in seeds if (arm, s) in runs] for arm in ARMS}
     if not all(by_arm.values()):
@@ -324,52 +381,60 @@ def summarise(runs: dict, seeds: list[int], quick: bool) -> dict:
         return common.skipped(NAME, TARGET, f"no finished run of arm(s) {', '.join(missing)}")
     done = sorted(set.intersection(*({r["seed"] for r in rs} for rs in by_arm.values())))
     by_arm = {arm: [r for r in rs if r["seed"] in done] for arm, rs in by_arm.items()}
+    for arm in EXTRA_ARMS:  # shown when they ran for the same seeds
+        extra = [runs[(arm, s)] for s in done if (arm, s) in runs]
+        if len(extra) == len(done):
+            by_arm[arm] = extra
     best = {arm: [fold_mean(r["stats"]["best"]) for r in rs] for arm, rs in by_arm.items()}
     epochs = {arm: [sum(r["stats"]["epochs"]) for r in rs] for arm, rs in by_arm.items()}
     mean = {arm: statistics.fmean(v) for arm, v in best.items()}
     mean_epochs = {arm: statistics.fmean(v) for arm, v in epochs.items()}
-    vs_stock = mean["tool"] - mean["stock"]
-    vs_random = mean["tool"] - mean["random"]
-    epochs_vs_stock = mean_epochs["tool"] / mean_epochs["stock"]
-    epochs_vs_random = mean_epochs["tool"] / mean_epochs["random"]
-    rows = [
-        common.row("best val mIoU (mean of folds), per seed", common.side("tool", best["tool"]),
-                   common.side("stock Ray", best["stock"]), vs_stock, ">= 0 (mean A-B)", vs_stock >= 0),
-        common.row("epochs spent (both folds), per seed", common.side("tool", epochs["tool"], "ep"),
-                   common.side("stock Ray", epochs["stock"], "ep"), epochs_vs_stock, "<= 1 (mean A/B)",
-                   epochs_vs_stock <= 1),
-        common.row("best val mIoU (mean of folds), per seed", common.side("tool", best["tool"]),
-                   common.side("random", best["random"]), vs_random, f">= -{MIOU_TOLERANCE} (mean A-B)",
-                   vs_random >= -MIOU_TOLERANCE),
-        common.row("epochs spent (both folds), per seed", common.side("tool", epochs["tool"], "ep"),
-                   common.side("random", epochs["random"], "ep"), epochs_vs_random, f"<= {EPOCH_RATIO} (mean A/B)",
-                   epochs_vs_random <= EPOCH_RATIO),
-        common.row("search wall time, per seed", common.side("tool", [r["wall_s"] for r in by_arm["tool"]], "s"),
-                   common.side("stock Ray", [r["wall_s"] for r in by_arm["stock"]], "s"),
-                   common.safe_ratio(statistics.fmean(r["wall_s"] for r in by_arm["tool"]),
-                                     statistics.fmean(r["wall_s"] for r in by_arm["stock"])), "info"),
-    ]
+    rows = []
+    for arm in ("shared", "independent"):
+        gain, ratio = mean[arm] - mean["stock"], mean_epochs[arm] / mean_epochs["stock"]
+        verdict = arm == "shared"
+        rows.append(common.row(f"best val mIoU (mean of folds), per seed", common.side(arm, best[arm]),
+                               common.side("stock Ray", best["stock"]), gain,
+                               f">= {GAIN} (mean A-B)" if verdict else "info", gain >= GAIN if verdict else None))
+        rows.append(common.row("epochs spent (both folds), per seed", common.side(arm, epochs[arm], "ep"),
+                               common.side("stock Ray", epochs["stock"], "ep"), ratio,
+                               "<= 1 (mean A/B)" if verdict else "info", ratio <= 1 if verdict else None))
+    for arm in ("shared", "independent", "stock"):  # what TPE proposed against what was drawn at random
+        tpe = [statistics.fmean(v) if (v := at_step(r, "tpe")) else float("nan") for r in by_arm[arm]]
+        rand = [statistics.fmean(at_step(r, None)) for r in by_arm["random"]]
+        diff = statistics.fmean(t - r for t, r in zip(tpe, rand))
+        verdict = arm == "shared"
+        rows.append(common.row(f"epoch-{STEP} mIoU of TPE-proposed trials vs random arm's, per seed",
+                               common.side(f"{arm} TPE", tpe), common.side("random", rand), diff,
+                               "> 0 (mean A-B)" if verdict else "info", diff > 0 if verdict else None))
+    rows.append(common.row("best val mIoU, shared vs random search (info)", common.side("shared", best["shared"]),
+                           common.side("random", best["random"]), mean["shared"] - mean["random"], "info"))
+    rows.append(common.row("epochs spent, shared vs random search (info)",
+                           common.side("shared", epochs["shared"], "ep"), common.side("random", epochs["random"], "ep"),
+                           mean_epochs["shared"] / mean_epochs["random"], "info"))
     for arm in EXTRA_ARMS:
-        extra = {r["seed"]: r for (a, _), r in runs.items() if a == arm and r["seed"] in done}
-        if extra:
-            seeds_x = sorted(extra)
-            tool_x = [fold_mean(r["stats"]["best"]) for r in by_arm["tool"] if r["seed"] in extra]
-            rows.append(common.row(f"best val mIoU, {arm} vs tool (seeds {seeds_x})",
-                                   common.side(arm, [fold_mean(extra[s]["stats"]["best"]) for s in seeds_x]),
-                                   common.side("tool", tool_x), None, "info"))
-            rows.append(common.row(f"epochs spent, {arm} vs tool (seeds {seeds_x})",
-                                   common.side(arm, [sum(extra[s]["stats"]["epochs"]) for s in seeds_x], "ep"),
-                                   common.side("tool", [sum(r["stats"]["epochs"]) for r in by_arm["tool"]
-                                                        if r["seed"] in extra], "ep"), None, "info"))
-            best[arm] = [fold_mean(extra[s]["stats"]["best"]) for s in seeds_x]
-            epochs[arm] = [sum(extra[s]["stats"]["epochs"]) for s in seeds_x]
-            by_arm[arm] = [extra[s] for s in seeds_x]
-    asha = by_arm["tool"][0]["asha"] or {}
+        if arm in by_arm:
+            rows.append(common.row(f"best val mIoU, {arm} vs independent", common.side(arm, best[arm]),
+                                   common.side("independent", best["independent"]),
+                                   mean[arm] - mean["independent"], "info"))
+            rows.append(common.row(f"epochs spent, {arm} vs independent", common.side(arm, epochs[arm], "ep"),
+                                   common.side("independent", epochs["independent"], "ep"),
+                                   mean_epochs[arm] / mean_epochs["independent"], "info"))
+    rows.append(common.row("search wall time, per seed",
+                           common.side("shared", [r["wall_s"] for r in by_arm["shared"]], "s"),
+                           common.side("stock Ray", [r["wall_s"] for r in by_arm["stock"]], "s"),
+                           common.safe_ratio(statistics.fmean(r["wall_s"] for r in by_arm["shared"]),
+                                             statistics.fmean(r["wall_s"] for r in by_arm["stock"])), "info"))
+    asha = by_arm["shared"][0]["asha"] or {}
     replays = replays_of(by_arm["random"], {k: v for k, v in asha.items() if k == "brackets"})
     for name, r in replays.items():
         rows.append(common.row(f"replay on random curves: {name}",
                                common.side("epochs x", [r["epoch_ratio"]["mean"]]),
                                common.side("mIoU diff", [r["miou_diff"]["mean"]]), None, "info (mean of seeds)"))
+    proposals = {arm: {"tpe": [len(at_step(r, "tpe")) for r in rs], "random": [len(at_step(r, "random")) for r in rs],
+                       "tpe_mean": [statistics.fmean(v) if (v := at_step(r, "tpe")) else None for r in rs],
+                       "random_mean": [statistics.fmean(v) if (v := at_step(r, "random")) else None for r in rs]}
+                 for arm, rs in by_arm.items() if arm != "random"}
     details = {
         "quick": quick, "seeds": done, "data": common.CAMVID_REL,
         "space": str(SPACE.relative_to(common.ROOT)), "asha": asha,
@@ -377,6 +442,7 @@ def summarise(runs: dict, seeds: list[int], quick: bool) -> dict:
         "max_epochs": by_arm["random"][0]["max_t"], "folds": by_arm["random"][0]["folds"],
         "best_miou": {arm: spread(v) for arm, v in best.items()},
         "epochs": {arm: spread(v) for arm, v in epochs.items()},
+        "proposals_at_step": proposals,
         "per_fold": {arm: [r["stats"] for r in rs] for arm, rs in by_arm.items()},
         "replays_of_random_curves": replays,
         "wall_s": {arm: [r["wall_s"] for r in rs] for arm, rs in by_arm.items()},
@@ -386,8 +452,8 @@ def summarise(runs: dict, seeds: list[int], quick: bool) -> dict:
 
 
 def add_args(parser) -> None:
-    parser.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default 0 1 2; --quick: 0)")
-    parser.add_argument("--arms", nargs="+", choices=ARMS + tuple(EXTRA_ARMS), default=list(ARMS))
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default 0 1; --quick: 0)")
+    parser.add_argument("--arms", nargs="+", choices=ARMS + EXTRA_ARMS, default=list(ARMS))
     parser.add_argument("--results", type=Path, help="keep each finished (arm, seed) run here; reused on rerun")
 
 

@@ -22,6 +22,8 @@ K = 3  # folds
 
 
 def make_searcher(tmp_path: Path, **search) -> RacingSearch:
+    """Random proposals (the race does not depend on them; TPE's are slower to draw)."""
+    search = {"n_startup_trials": 100, **search}
     spec = with_overrides(load_space(str(TINY), ROOT / "search_spaces"), fixed={"folds.k": K}, search=search)
     return RacingSearch(spec, num_folds=K, num_classes=11, storage=f"sqlite:///{tmp_path}/s.db",
                         experiment="t", max_epochs=3)
@@ -260,3 +262,52 @@ def test_a_trial_that_resume_reconcile_adds_is_taken_off_the_queue(tmp_path):
     assert handed(second.suggest("c")) == (1, 0)  # the second new configuration, not a again
     complete(second, "b", 0.4)
     assert handed(second.suggest("d")) == (0, 2)
+
+
+# -- the report's racing table --------------------------------------------------------------
+
+
+def race_rows(tmp_path: Path | None = None) -> list[dict]:
+    """trials.csv rows of a racing run over 3 folds (config id, fold, status, best score)."""
+    spec = [("a", "0", 0, "completed", 0.50), ("b", "1", 0, "completed", 0.60), ("c", "2", 0, "stopped", 0.70),
+            ("e", "3", 0, "completed", 0.40), ("d", "1", 1, "completed", 0.50), ("f", "0", 1, "completed", 0.62),
+            ("g", "1", 2, "completed", 0.55), ("h", "0", 2, "stopped", 0.30), ("x", "4", 0, "error", "")]
+    rows = []
+    for tid, cid, fold, status, score in spec:
+        ckpt = ""
+        if tmp_path is not None and status != "error":
+            ckpt = tmp_path / tid / "model.pt"
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            ckpt.write_text("weights")
+        rows.append({"trial_id": tid, "fold": str(fold), "status": status, "retrain": "False", "config_id": cid,
+                     "epochs": "3" if status == "completed" else "2", "best_val_miou": str(score),
+                     "checkpoint": str(ckpt), "param:loss.name": "ce" if cid in "02" else "dice"})
+    return rows
+
+
+def test_race_configs_join_a_configurations_folds():
+    from trainables.runfiles import race_configs
+
+    got = [(c["config_id"], sorted(c["rows"]), c["scores"], round(c["mean"], 6) if c["scores"] else None)
+           for c in race_configs(race_rows(), "val_miou", "max")]
+    # by hand: 1 completed 3 folds (0.60, 0.50, 0.55: mean 0.55); 0 completed 2 (0.50, 0.62: 0.56) and was
+    # stopped on fold 2; 3 completed 1 (0.40); 2 was stopped on fold 0; 4 errored (not finished)
+    assert got == [("1", [0, 1, 2], {0: 0.60, 1: 0.50, 2: 0.55}, 0.55), ("0", [0, 1, 2], {0: 0.50, 1: 0.62}, 0.56),
+                   ("3", [0], {0: 0.40}, 0.40), ("2", [0], {}, None)]
+    assert race_configs([{k: v for k, v in r.items() if k != "config_id"} for r in race_rows()],
+                        "val_miou", "max") == []
+
+
+def test_the_report_shows_each_configurations_folds_and_mean():
+    from tune.report_crossfold import crossfold_html, race_table_rows
+
+    header, body = race_table_rows(race_rows(), "val_miou", "max")
+    assert header == ["rank", "config", "fold 0", "fold 1", "fold 2", "folds", "mean val_miou", "loss.name"]
+    assert [[(round(c, 6) if c == c else "nan") if isinstance(c, float) else c for c in row] for row in body] == [
+        [1, "1", 0.60, 0.50, 0.55, 3, 0.55, "dice"],
+        [2, "0", 0.50, 0.62, "stopped 0.3", 2, 0.56, "ce"],
+        [3, "3", 0.40, "", "", 1, 0.40, "dice"],
+        [4, "2", "stopped 0.7", "", "", 0, "nan", "ce"]]
+    assert "Racing: configurations across folds" in crossfold_html(race_rows(), "val_miou", "max")
+    plain = [{k: v for k, v in r.items() if k != "config_id"} for r in race_rows()]
+    assert "Racing" not in crossfold_html(plain, "val_miou", "max")

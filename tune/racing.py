@@ -175,7 +175,8 @@ class RacingSearch(FoldedOptunaSearch):
         from Tune's experiment state (a snapshot apart from this state):
 
         * a live trial the race does not show running (asked after this state was saved): its
-          configuration is running on its fold, no longer queued;
+          configuration is running on its fold, no longer queued; one on a fold its configuration was
+          already judged on (a trial that ended after Tune's snapshot, which Tune runs again) changes nothing;
         * a configuration shown running without a live trial: judged by its study if the trial ended
           there, else it was never run (the orphan is failed next): a promotion goes back to the front
           of the queue, a new configuration is lost (Tune's trial count, recomputed, asks another)."""
@@ -184,11 +185,13 @@ class RacingSearch(FoldedOptunaSearch):
             if info.get("number") is None or "config_id" not in info["config"]:
                 continue
             config_id = str(info["config"]["config_id"])
-            running[config_id] = trial_id
             entry = self.race.get(config_id)
-            if entry is None:
-                frozen = self.study(info["fold"])._storage.get_trial(self._internal_id(info))
+            if entry is None and info["fold"] == 0:
+                frozen = self.study(0)._storage.get_trial(self._internal_id(info))
                 entry = self.race[config_id] = {"params": dict(frozen.params), "scores": []}
+            if entry is None or info["fold"] != len(entry["scores"]):
+                continue  # a trial judged before this state was saved, run again by Tune: its study keeps the result
+            running[config_id] = trial_id
             if config_id in self.queue:
                 self.queue.remove(config_id)
             entry.update(status=RUNNING, trial=trial_id)

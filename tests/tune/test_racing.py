@@ -311,3 +311,23 @@ def test_the_report_shows_each_configurations_folds_and_mean():
     assert "Racing: configurations across folds" in crossfold_html(race_rows(), "val_miou", "max")
     plain = [{k: v for k, v in r.items() if k != "config_id"} for r in race_rows()]
     assert "Racing" not in crossfold_html(plain, "val_miou", "max")
+
+
+@pytest.mark.filterwarnings("ignore:The reported value is ignored")  # the re-run's epochs, already reported
+def test_a_judged_trial_that_tune_runs_again_keeps_its_promotion(tmp_path):
+    """The saved state is newer than Tune's: a fold-0 trial already judged (and promoted) is restored by Tune
+    as running (reconcile puts it back among the live trials); its promotion stands and it is not judged again."""
+    first = make_searcher(tmp_path, num_samples=1, racing={"eta": 2})
+    config = first.suggest("a")
+    complete(first, "a", 0.5)
+    state = first.get_state()
+    state["live"] = {"a": {"fold": 0, "number": 0, "config": config}}  # what reconcile writes
+    second = make_searcher(tmp_path, num_samples=1, racing={"eta": 2})
+    second.set_state(state)
+    assert second.queue == ["0"] and second.race["0"]["status"] == "queued"
+    assert second.suggest("a") == config
+    assert handed(second.suggest("b")) == (0, 1)
+    complete(second, "a", 0.1)  # run again: the study keeps its first result, the race its judgement
+    assert second.race["0"]["scores"] == [0.5] and [t.value for t in stored(tmp_path, 0)] == [0.5]
+    complete(second, "b", 0.4)
+    assert handed(second.suggest("c")) == (0, 2)

@@ -32,7 +32,8 @@ part of the searcher state, so a restored search goes on without asking a config
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from optuna.trial import TrialState

@@ -4,6 +4,8 @@ computation (who reaches fold 1 and fold 2, the order trials are handed out, whe
 pruned trial leaving the race, and a save/restore mid-race that asks no configuration twice."""
 from __future__ import annotations
 
+import math
+import shutil
 from pathlib import Path
 
 import optuna
@@ -303,7 +305,7 @@ def test_the_report_shows_each_configurations_folds_and_mean():
 
     header, body = race_table_rows(race_rows(), "val_miou", "max")
     assert header == ["rank", "config", "fold 0", "fold 1", "fold 2", "folds", "mean val_miou", "loss.name"]
-    assert [[(round(c, 6) if c == c else "nan") if isinstance(c, float) else c for c in row] for row in body] == [
+    assert [[("nan" if math.isnan(c) else round(c, 6)) if isinstance(c, float) else c for c in row] for row in body] == [
         [1, "1", 0.60, 0.50, 0.55, 3, 0.55, "dice"],
         [2, "0", 0.50, 0.62, "stopped 0.3", 2, 0.56, "ce"],
         [3, "3", 0.40, "", "", 1, 0.40, "dice"],
@@ -331,3 +333,50 @@ def test_a_judged_trial_that_tune_runs_again_keeps_its_promotion(tmp_path):
     assert second.race["0"]["scores"] == [0.5] and [t.value for t in stored(tmp_path, 0)] == [0.5]
     complete(second, "b", 0.4)
     assert handed(second.suggest("c")) == (0, 2)
+
+
+# -- a Ray run of tune/run.py ---------------------------------------------------------------
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_racing_run_end_to_end(tmp_path):
+    """tune/run.py with racing on CamVid (2 folds, 2 configurations, 2 epochs): Tune ends when the race
+    does, trials.csv joins each fold-1 trial to a configuration that completed fold 0, with its parameters."""
+    from tests.tune.test_tune import (
+        TRAIN_JSON,
+        clean_up_ray,
+        cli,
+        private_ray_dir,
+        read_rows,
+        run_args,
+        scratch_dir,
+        tail,
+    )
+
+    if not TRAIN_JSON.exists():
+        pytest.skip(f"CamVid not found at {TRAIN_JSON}")
+    space = tmp_path / "race.yaml"
+    space.write_text(TINY.read_text().replace("search:\n", "search:\n  racing: {eta: 2}\n", 1))
+    base = scratch_dir("race")
+    ray_dir = private_ray_dir()
+    try:
+        proc = cli(*run_args(base / "runs", "race", "--num-samples", "2", "--max-epochs", "2", "--space", space),
+                   ray_dir=ray_dir, cache=base / "cache", timeout=900)
+    finally:
+        clean_up_ray(ray_dir)
+    assert proc.returncode == 0, tail(proc.stdout + proc.stderr)
+    run_dir = base / "runs" / "race"
+    rows = read_rows(run_dir / "trials.csv")
+    fold0 = {r["config_id"]: r for r in rows if r["fold"] == "0"}
+    later = [r for r in rows if r["fold"] == "1"]
+    assert len(fold0) == 2 and len(rows) <= 4 and later  # the first configuration to complete fold 0 passes
+    params = lambda r: {k: v for k, v in r.items() if k.startswith("param:")}
+    for r in later:
+        assert fold0[r["config_id"]]["status"] == "completed" and params(r) == params(fold0[r["config_id"]])
+    storage = f"sqlite:///{run_dir / 'studies.db'}"
+    for fold in (0, 1):
+        trials = optuna.load_study(study_name=study_name("tiny", fold), storage=storage).trials
+        assert {str(t.user_attrs["config_id"]) for t in trials} == {r["config_id"] for r in rows
+                                                                  if r["fold"] == str(fold)}
+    shutil.rmtree(base, ignore_errors=True)

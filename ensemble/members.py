@@ -2,7 +2,10 @@
 
 ``top_k``: per fold, up to k of the best completed trials by the experiment's metric (ties: fewer
 epochs). Trials stopped early by ASHA trained on a fraction of the budget and would drag the
-average down; they are used only for a fold without any completed trial.
+average down; they are used only for a fold without any completed trial. A racing run
+(tune/racing.py; trials.csv has a ``config_id`` column) is ranked by configuration instead
+(:func:`race_top_k`): the k configurations that completed every fold, best mean over the folds first,
+one member per fold each.
 ``greedy_select``: Caruana et al. (2004) forward selection with replacement on out-of-fold
 score, driven by a scoring function so it is testable without models.
 
@@ -21,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from trainables.errors import InputError
-from trainables.runfiles import FINISHED, TRIALS_CSV, score_column
+from trainables.runfiles import FINISHED, TRIALS_CSV, race_configs, score_column
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +36,31 @@ def _score(row: dict, metric: str) -> float:
         return math.nan
 
 
-def top_k(rows: list[dict], metric: str, mode: str, k: int) -> dict[int, list[dict]]:
+def race_top_k(rows: list[dict], metric: str, mode: str, k: int, num_folds: int | None = None
+               ) -> dict[int, list[dict]] | None:
+    """A racing run's members: the ``k`` configurations that completed every fold (``num_folds``, else
+    every fold trials.csv has), ranked by their mean over the folds, each one member per fold (its trial
+    on that fold). None for a run without racing, or when no configuration completed every fold."""
+    configs = race_configs(rows, metric, mode)
+    if not configs:
+        return None
+    folds = range(num_folds) if num_folds is not None else sorted({int(r["fold"]) for r in rows})
+    complete = [c for c in configs if all(f in c["scores"] and c["rows"][f].get("checkpoint") for f in folds)][:k]
+    if not complete:
+        logger.warning("racing run: no configuration completed every fold; members chosen per fold instead")
+        return None
+    logger.info("racing run: members are configurations %s (mean %s over %d folds)",
+                ", ".join(c["config_id"] for c in complete), ", ".join(f"{c['mean']:.4f}" for c in complete),
+                len(folds))
+    return {f: [c["rows"][f] for c in complete] for f in folds}
+
+
+def top_k(rows: list[dict], metric: str, mode: str, k: int, num_folds: int | None = None) -> dict[int, list[dict]]:
+    """Per fold, its ``k`` best trials; a racing run's ``k`` best configurations (:func:`race_top_k`)."""
+    members = race_top_k(rows, metric, mode, k, num_folds)
+    if members is not None:
+        _check_checkpoints(members)
+        return members
     sign = -1.0 if mode == "max" else 1.0
     by_fold: dict[int, list[dict]] = {}
     for row in rows:
@@ -48,11 +75,15 @@ def top_k(rows: list[dict], metric: str, mode: str, k: int) -> dict[int, list[di
         members[fold] = (completed or candidates)[:k]
     if not members:
         raise InputError(TRIALS_CSV, "no completed trial with a checkpoint: nothing to ensemble")
+    _check_checkpoints(members)
+    return members
+
+
+def _check_checkpoints(members: dict[int, list[dict]]) -> None:
     for fold, chosen in members.items():
         for row in chosen:
             if not checkpoint_exists(row["checkpoint"]):
                 raise InputError(row["checkpoint"], f"checkpoint of trial {row['trial_id']} (fold {fold}) is missing")
-    return members
 
 
 def _fs(ref: str):

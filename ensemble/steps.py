@@ -170,7 +170,8 @@ def select_members(run: ExperimentRun, options: EnsembleOptions) -> Members:
     """Each fold's members: its top-k trials, or greedy forward selection among its top 2k, then,
     with a latency budget, the members and TTA views that fit it; writes members.json."""
     tta = TTA.parse(options.tta)
-    pool = top_k(run.rows, run.metric, run.mode, options.top_k * (2 if options.selection == "greedy" else 1))
+    pool = top_k(run.rows, run.metric, run.mode, options.top_k * (2 if options.selection == "greedy" else 1),
+                 num_folds=len(run.folds))  # a racing run: configurations that ran every fold
     checkpoints = RunFiles(run.run_dir).checkpoints_dir
     ensembles = {}
     for fold, chosen in pool.items():

@@ -274,3 +274,27 @@ def best_per_fold(rows: list[dict], metric: str, mode: str) -> dict[int, dict]:
         if fold not in best or sign * score > sign * number(best[fold][column]):
             best[fold] = row
     return best
+
+
+def race_configs(rows: list[dict], metric: str, mode: str) -> list[dict]:
+    """A racing run's configurations (tune/racing.py: trials.csv has a ``config_id`` column), best first:
+    ``{"config_id", "rows": {fold: finished row}, "scores": {fold: score of a completed trial}, "mean"}``
+    with ``mean`` over the completed folds (NaN without one); ranked by completed folds (most first), then
+    mean, then config id. Empty for a run without racing."""
+    sign = 1 if mode == "max" else -1
+    column = score_column(metric)
+    configs: dict[str, dict] = {}
+    for row in rows:
+        cid = str(row.get("config_id") or "")
+        if not cid or row.get("status") not in FINISHED or math.isnan(number(row.get(column))):
+            continue
+        entry = configs.setdefault(cid, {"config_id": cid, "rows": {}, "scores": {}})
+        fold = int(row["fold"])
+        entry["rows"][fold] = row
+        if row["status"] == "completed":
+            entry["scores"][fold] = number(row[column])
+    for entry in configs.values():
+        entry["mean"] = sum(entry["scores"].values()) / len(entry["scores"]) if entry["scores"] else math.nan
+    return sorted(configs.values(), key=lambda e: (-len(e["scores"]), -sign * e["mean"] if e["scores"] else 0,
+                                                   int(e["config_id"]) if e["config_id"].isdigit() else 0,
+                                                   e["config_id"]))

@@ -5,6 +5,7 @@ Search (imports ``trainables`` only):
   space         the space YAML and its checks; ``distributions`` its parameters
   distributions parsing, dependencies and Optuna sampling of searched parameters
   searcher      one Optuna study per fold behind one Ray Tune searcher
+  racing        fold racing: a configuration earns the next fold while its mean ranks in the top 1/eta
   scheduler     ASHA with one bracket set per fold
   budget        epoch and wall-clock budgets
   experiment    the Tune callback that keeps trials.csv current

@@ -271,7 +271,10 @@ def not_run_rows(rows: list[dict], planned_per_fold: dict[int, int], metric: str
 
 def planned_per_fold(search: dict, num_folds: int) -> dict[int, int]:
     """Trials planned per fold: ``num_samples`` on each searched fold; in two-stage mode up to
-    ``retrain_top`` per searched fold on each other fold."""
+    ``retrain_top`` per searched fold on each other fold. With racing (tune/racing.py) ``num_samples`` new
+    configurations on fold 0; what later folds would have run depends on the race, so none is counted."""
+    if search.get("racing"):
+        return {f: int(search["num_samples"]) if f == 0 else 0 for f in range(num_folds)}
     searched = list(search["search_folds"]) if search.get("search_folds") is not None else list(range(num_folds))
     retrain = int(search.get("retrain_top") or 0) * len(searched)
     return {f: int(search["num_samples"]) if f in searched else retrain for f in range(num_folds)}

@@ -99,12 +99,13 @@ def trial_row(trial, metric: str, max_epochs: int, ended: bool = False, result: 
     checkpoint = trial.checkpoint
     error = trial_error(trial) if trial.status == "ERROR" else ""
     params = {k: json.dumps(v) if isinstance(v, (list, dict)) else v
-              for k, v in trial.config.items() if k not in ("fold", "retrain")}
+              for k, v in trial.config.items() if k not in ("fold", "retrain", "config_id")}
     return {
         "trial_id": trial.trial_id,
         "fold": trial.config.get("fold"),
         "status": trial_status(trial, max_epochs, ended),
         "retrain": bool(trial.config.get("retrain")),
+        **({"config_id": trial.config["config_id"]} if "config_id" in trial.config else {}),  # racing (tune/racing.py)
         "epochs": result.get("epoch", 0),
         "best_epoch": result.get("best_epoch"),
         score_column(metric): result.get("best_score"),

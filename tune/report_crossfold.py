@@ -3,14 +3,15 @@
 Each fold is searched separately, so a setting the best trials of every fold share is a finding
 about the data, while one that wins a single fold may be luck of that split. Two tables, from
 ``trials.csv`` alone: the ``top`` best trials of each fold with their parameters, and one row per
-parameter saying where each value ranked.
+parameter saying where each value ranked. A racing run (tune/racing.py) adds a third: each
+configuration's score on every fold it ran and its mean.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
 
-from trainables.runfiles import FINISHED, PARAM_PREFIX, score_column
+from trainables.runfiles import FINISHED, PARAM_PREFIX, race_configs, score_column
 from tune.report_html import Text, as_number, fmt, table
 
 
@@ -89,6 +90,39 @@ def parameter_summary(top: dict[int, list[dict]], all_rows: list[dict]) -> list[
     return rows
 
 
+def race_table_rows(rows: list[dict], metric: str, mode: str, top: int = 20) -> tuple[list, list[list]]:
+    """(header, rows) of the racing table: per configuration (best first, :func:`race_configs`) its score on
+    each fold (``stopped 0.41``: stopped early there, out of the race; a dash: not run), the folds it
+    completed and its mean over them, and its parameters."""
+    configs = race_configs(rows, metric, mode)[:top]
+    folds = sorted({int(r["fold"]) for r in rows if r.get("fold") not in (None, "")})
+    cols = param_columns([r for c in configs for r in c["rows"].values()])
+    out = []
+    for i, c in enumerate(configs):
+        cells = []
+        for f in folds:
+            row = c["rows"].get(f)
+            score = _score(row, metric) if row else math.nan
+            cells.append(score if f in c["scores"] else f"stopped {fmt(score)}" if row else "")
+        first = c["rows"][min(c["rows"])]
+        out.append([i + 1, Text(c["config_id"]), *cells, len(c["scores"]), c["mean"],
+                    *(first.get(col, "") for col in cols)])
+    header = ["rank", "config", *(f"fold {f}" for f in folds), "folds", f"mean {metric}",
+              *(c[len(PARAM_PREFIX):] for c in cols)]
+    return header, out
+
+
+def racing_html(rows: list[dict], metric: str, mode: str, top: int = 20) -> str:
+    """The racing section (empty for a run without racing)."""
+    header, body = race_table_rows(rows, metric, mode, top)
+    if not body:
+        return ""
+    return (f"<h3>Racing: configurations across folds</h3><p class='note'>Each configuration trained on fold 0 "
+            f"and earned the next fold while its mean {metric} over the folds it ran ranked in the top 1/eta of "
+            f"those that had run as many (tune/racing.py). Ranked by folds completed, then mean; the best "
+            f"{len(body)} shown.</p>{table(header, body)}")
+
+
 def crossfold_html(rows: list[dict], metric: str, mode: str, top: int = 3) -> str:
     """The cross-fold section: per-parameter summary, then the top configurations of each fold."""
     ranked = top_per_fold(rows, metric, mode, top)
@@ -104,4 +138,4 @@ def crossfold_html(rows: list[dict], metric: str, mode: str, top: int = 3) -> st
     return (f"<h2>Across folds</h2><p class='note'>Each fold is searched on its own: a setting the best trials "
             f"of every fold share is a property of the data, one that wins a single fold may be the luck of that "
             f"split. Top {top} finished trials per fold by {metric} ({mode}).</p>"
-            f"{summary}<h3>Top {top} configurations per fold</h3>{configs}")
+            f"{summary}<h3>Top {top} configurations per fold</h3>{configs}{racing_html(rows, metric, mode)}")

@@ -30,7 +30,7 @@ from tune.space import SearchSpec
 # fixed settings that say where the data is or how a trial runs, not what it trains
 UNCOMPARED = {"data.path", "data.images", "data.cache_dir", "train.preview_images", "train.num_workers",
               "train.device", "train.metric", "train.mode"}  # the last two follow search.metric/mode
-COMPARED_SEARCH = ("metric", "mode", "seed", "n_startup_trials", "asha", "search_folds", "retrain_top")
+COMPARED_SEARCH = ("metric", "mode", "seed", "n_startup_trials", "asha", "search_folds", "retrain_top", "racing")
 # search.asha settings a run need not record (older experiment.json files, spaces that leave them
 # out): the value they then have
 ASHA_UNRECORDED = {"recheck": False}

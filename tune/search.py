@@ -24,6 +24,7 @@ from tune.budget import (Budget, BudgetStopper, attach_budget, fold_report, mark
                          record_limits)
 from tune.experiment import TrialsTable, summary_table
 from tune.progress import FoldProgress, verbose_reporter
+from tune.racing import RacingSearch
 from tune.resume import apply_run_settings, grow_samples, reconcile, reopen_search
 from tune.rundir import check_resume_settings, clear_earlier_run, earlier_state, run_settings
 from tune.scheduler import PerFoldASHA
@@ -147,7 +148,8 @@ def searched_folds(spec: SearchSpec, num_folds: int) -> int:
 
 
 def total_trials(spec: SearchSpec, num_folds: int) -> int:
-    """The trials of the whole search (the searcher's ``total_trials``)."""
+    """The trials of the whole search (the searcher's ``total_trials``; with racing its upper bound,
+    ``num_samples`` configurations each on every fold, which the same formula gives)."""
     search = spec.search
     search_folds = searched_folds(spec, num_folds)
     return planned_trials(int(search["num_samples"]), search_folds, num_folds - search_folds,
@@ -187,8 +189,8 @@ def build_tuner(spec: SearchSpec, base: dict, *, folds: list, data: SegData, run
         internal._tune_config.max_concurrent_trials = concurrent
         internal._tune_config.reuse_actors = reuse_actors(res)
         return attach_budget(tuner, budget) if budget is not None else tuner
-    searcher = FoldedOptunaSearch(spec, len(folds), data.num_classes, files.studies_url,
-                                  spec.name, max_epochs, budget)
+    searcher_class = RacingSearch if search.get("racing") else FoldedOptunaSearch  # racing: tune/racing.py
+    searcher = searcher_class(spec, len(folds), data.num_classes, files.studies_url, spec.name, max_epochs, budget)
     asha = search.get("asha")
     scheduler = (PerFoldASHA(metric, mode, max_epochs, state_path=str(files.asha_state), **asha)
                  if asha else None)

@@ -54,7 +54,9 @@ def study_name(experiment: str, fold: int) -> str:
 
 def planned_trials(num_samples: int, search_folds: int, retrain_folds: int, retrain_top: int) -> int:
     """Trials of a search: ``num_samples`` per searched fold, then (two-stage mode) the
-    ``retrain_top`` best of each searched fold retrained on each other fold."""
+    ``retrain_top`` best of each searched fold retrained on each other fold. With racing
+    (tune/racing.py: every fold searched, ``num_samples`` configurations in all) the same
+    ``num_samples * folds`` is the most it can run: every configuration promoted to every fold."""
     return num_samples * search_folds + (retrain_top * search_folds * retrain_folds if retrain_folds else 0)
 
 
@@ -282,7 +284,7 @@ class FoldedOptunaSearch(Searcher):
             # would be PRUNED with no intermediate value at all
             study._storage.set_trial_intermediate_value(internal, epochs, float(value))
         study._storage.set_trial_user_attr(internal, "best_epoch", int(result.get("best_epoch", epochs)))
-        config = {k: v for k, v in info["config"].items() if k not in ("fold", "retrain")}
+        config = {k: v for k, v in info["config"].items() if k not in ("fold", "retrain", "config_id")}
         study._storage.set_trial_user_attr(internal, "config", config)
         if epochs < planned_epochs(info["config"], self.max_epochs):
             study.tell(number, state=TrialState.PRUNED)

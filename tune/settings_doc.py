@@ -40,6 +40,8 @@ def space_rows() -> Iterator[tuple[str, Any]]:
         yield f"search.{key}", space.SEARCH_DEFAULTS.get(key, unset)
         if key == "asha":
             yield from ((f"search.asha.{k}", space.ASHA_DEFAULTS.get(k, unset)) for k in space.ASHA_CHECKS)
+        if key == "racing":
+            yield from ((f"search.racing.{k}", space.RACING_DEFAULTS.get(k, unset)) for k in space.RACING_CHECKS)
     yield from ((f"resources.{k}", space.RESOURCES_DEFAULTS.get(k, unset)) for k in space.RESOURCES_CHECKS)
 
 

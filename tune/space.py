@@ -24,6 +24,9 @@ Every key is optional except ``space``; defaults are in brackets::
                                    #   train.epochs can be searched only with asha: null
       search_folds: null           # folds searched [null = every fold]; [0]: search fold 0 only,
       retrain_top: 3               #   then retrain its best `retrain_top` configs on the others [3]
+      racing: null                 # {eta: 3}: fold racing (tune/racing.py): a config runs on fold 0,
+                                   #   and on each next fold while its mean ranks in the top 1/eta;
+                                   #   num_samples then counts configs in total [null: none]
       epoch_budget: null           # total training epochs of all trials and folds [null: none]
       time_budget: null            # wall-clock limit of the search: 2h, 90m, 3600s [null: none]
     resources: {cpus_per_trial: 1, gpus_per_trial: 0, max_concurrent: null, workers_per_trial: 1}
@@ -84,11 +87,13 @@ DRIVER_SECTIONS = {
 ASHA_DEFAULTS = {"grace_period": 2, "reduction_factor": 3, "brackets": 1}
 SEARCH_DEFAULTS = {"num_samples": 8, "metric": "val_miou", "mode": "max", "seed": 0, "n_startup_trials": 10,
                    "share_folds": False, "asha": ASHA_DEFAULTS, "search_folds": None, "retrain_top": 3,
-                   "epoch_budget": None, "time_budget": None}
+                   "epoch_budget": None, "time_budget": None, "racing": None}
+RACING_DEFAULTS = {"eta": 3}
 RESOURCES_DEFAULTS = {"cpus_per_trial": 1, "gpus_per_trial": 0, "max_concurrent": None, "workers_per_trial": 1,
                       "reuse_actors": True}
 MEANINGS = {  # of the search.* and resources.* keys (docs/reference/settings.md: tune/settings_doc.py)
-    "search.num_samples": "trials per fold",
+    "search.num_samples": "trials per fold; with racing, new configurations in total (each runs on fold 0, "
+                          "and on later folds while it wins: at most num_samples x folds trials)",
     "search.metric": "reported metric to optimise: val_miou, val_dice, val_biou, val_pixel_acc, val_loss, "
                      "val_miou_image, val_dice_image (per-image means, see metrics.*)",
     "search.mode": "max | min (a new metric ending in loss makes it min)",
@@ -106,6 +111,10 @@ MEANINGS = {  # of the search.* and resources.* keys (docs/reference/settings.md
     "search.retrain_top": "configs of each searched fold retrained on the other folds",
     "search.epoch_budget": "total training epochs of all trials and folds (null: none)",
     "search.time_budget": "wall-clock limit of the search: 2h, 90m, 3600s (null: none)",
+    "search.racing": "fold racing (tune/racing.py): a new configuration trains on fold 0, then on the next fold "
+                     "while its mean over the folds it ran ranks in the top 1/eta of the configurations that "
+                     "completed as many folds (null: every fold searched on its own)",
+    "search.racing.eta": "keep the top 1/eta of the configurations at each fold (a lone first arrival passes)",
     "resources.cpus_per_trial": "CPUs of a trial (per worker with workers_per_trial > 1)",
     "resources.gpus_per_trial": "GPUs of a trial, may be fractional: 0.5 puts two trials on a GPU (per worker, "
                                 "then whole, with workers_per_trial > 1)",
@@ -219,7 +228,10 @@ SEARCH_CHECKS = {
     "retrain_top": _int_min(1),
     "epoch_budget": lambda v: None if v is None else _int_min(1)(v),
     "time_budget": lambda v: None if v is None else _duration_problem(v),
+    "racing": lambda v: None if v is None or isinstance(v, dict) else f"expected a mapping such as {{eta: 3}} "
+                                                                      f"or null, got {v!r}",
 }
+RACING_CHECKS = {"eta": _int_min(2)}
 ASHA_CHECKS = {"grace_period": _int_min(1), "reduction_factor": _number_min(1, strict=True), "brackets": _int_min(1),
                "recheck": lambda v: None if isinstance(v, bool) else f"expected true or false, {config.got(v)}"}
 RESOURCES_CHECKS = {
@@ -246,6 +258,8 @@ def _parse_search(source: str, prefix: str, raw: Any) -> dict[str, Any]:
     out = _check_mapping(source, prefix, raw, SEARCH_CHECKS)
     if out.get("asha") is not None:
         out["asha"] = _check_mapping(source, f"{prefix}asha.", out["asha"], ASHA_CHECKS)
+    if out.get("racing") is not None:
+        out["racing"] = {**RACING_DEFAULTS, **_check_mapping(source, f"{prefix}racing.", out["racing"], RACING_CHECKS)}
     return out
 
 
@@ -326,6 +340,9 @@ def _check_spec(spec: SearchSpec, source: str, fixed_at: str, search_at: str, sp
     except ConfigError as err:
         raise ConfigError(source, where(err.key), err.problem) from None
     folds = base["folds"]
+    if spec.search.get("racing") and spec.search["search_folds"] is not None:
+        raise ConfigError(source, f"{search_at}racing", "racing runs every configuration on fold 0 first and "
+                          "promotes it fold by fold: it replaces two-stage mode; set search_folds: null")
     for fold in spec.search["search_folds"] or ():
         if fold >= folds["k"]:
             raise ConfigError(source, f"{search_at}search_folds",

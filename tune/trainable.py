@@ -29,7 +29,7 @@ from tune.experiment import node_label
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
-RESERVED = ("fold", "retrain")  # config keys that are not trial-config settings
+RESERVED = ("fold", "retrain", "config_id")  # config keys that are not trial-config settings (config_id: racing)
 
 
 def split_config(config: dict) -> tuple[int, dict]:

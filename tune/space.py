@@ -114,7 +114,8 @@ MEANINGS = {  # of the search.* and resources.* keys (docs/reference/settings.md
     "search.racing": "fold racing (tune/racing.py): a new configuration trains on fold 0, then on the next fold "
                      "while its mean over the folds it ran ranks in the top 1/eta of the configurations that "
                      "completed as many folds (null: every fold searched on its own)",
-    "search.racing.eta": "keep the top 1/eta of the configurations at each fold (a lone first arrival passes)",
+    "search.racing.eta": "keep the top 1/eta of the configurations at each fold (a lone first arrival passes); "
+                         "1: every configuration runs on every fold",
     "resources.cpus_per_trial": "CPUs of a trial (per worker with workers_per_trial > 1)",
     "resources.gpus_per_trial": "GPUs of a trial, may be fractional: 0.5 puts two trials on a GPU (per worker, "
                                 "then whole, with workers_per_trial > 1)",
@@ -231,7 +232,7 @@ SEARCH_CHECKS = {
     "racing": lambda v: None if v is None or isinstance(v, dict) else f"expected a mapping such as {{eta: 3}} "
                                                                       f"or null, got {v!r}",
 }
-RACING_CHECKS = {"eta": _int_min(2)}
+RACING_CHECKS = {"eta": _int_min(1)}
 ASHA_CHECKS = {"grace_period": _int_min(1), "reduction_factor": _number_min(1, strict=True), "brackets": _int_min(1),
                "recheck": lambda v: None if isinstance(v, bool) else f"expected true or false, {config.got(v)}"}
 RESOURCES_CHECKS = {

@@ -94,7 +94,8 @@ def test_racing_setting_is_checked():
     assert spec.search["racing"] is None  # default: no racing
     assert with_overrides(spec, search={"racing": {}}).search["racing"] == {"eta": 3}
     assert with_overrides(spec, search={"racing": {"eta": 2}}).search["racing"] == {"eta": 2}
-    for bad, key in (({"eta": 1}, "search.racing.eta"), ({"rate": 2}, "search.racing.rate"), (3, "search.racing")):
+    assert with_overrides(spec, search={"racing": {"eta": 1}}).search["racing"] == {"eta": 1}  # every fold
+    for bad, key in (({"eta": 0}, "search.racing.eta"), ({"rate": 2}, "search.racing.rate"), (3, "search.racing")):
         with pytest.raises(ConfigError) as err:
             with_overrides(spec, search={"racing": bad})
         assert err.value.key == key
@@ -194,6 +195,22 @@ def test_a_pruned_or_failed_configuration_leaves_the_race(tmp_path):
     assert s.suggest("e") == Searcher.FINISHED
     assert {c: e["status"] for c, e in s.race.items()} == {"0": "pruned", "1": "failed", "2": "pruned"}
     assert [t.state for t in stored(tmp_path, 0)] == [TrialState.PRUNED, TrialState.FAIL, TrialState.COMPLETE]
+
+
+def test_eta_1_runs_every_configuration_on_every_fold(tmp_path):
+    """The k-fold evaluation: whatever the scores, each configuration earns every fold."""
+    s = make_searcher(tmp_path, num_samples=3, racing={"eta": 1})
+    assert [handed(s.suggest(t)) for t in "abc"] == [(0, 0), (1, 0), (2, 0)]
+    for tid, best in zip("abc", (0.5, 0.1, 0.3)):
+        complete(s, tid, best)
+    order = []
+    for i in range(6):
+        config = s.suggest(f"p{i}")
+        order.append(handed(config))
+        complete(s, f"p{i}", 0.2)
+    assert order == [(0, 1), (1, 1), (2, 1), (0, 2), (1, 2), (2, 2)]
+    assert s.suggest("z") == Searcher.FINISHED
+    assert {c: len(e["scores"]) for c, e in s.race.items()} == {"0": K, "1": K, "2": K}
 
 
 def test_the_search_waits_while_a_running_trial_may_earn_a_fold(tmp_path):

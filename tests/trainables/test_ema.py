@@ -168,6 +168,21 @@ def test_ema_off_trains_as_before(sample, split):
     assert all(torch.equal(a[k], b[k]) for a, b in zip(after_off, after_on) for k in a)
 
 
+def test_a_step_the_grad_scaler_skips_is_not_averaged(sample, split, monkeypatch):
+    """fp16's GradScaler skips a step with inf/NaN gradients (and lowers its scale): no EMA update."""
+    trainer = make(sample, split, **{"train.ema_decay": 0.9})
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, enabled=True)  # as fp16 on CUDA
+    run_steps(trainer, 1)
+    before = copied(trainer.ema.module.state_dict())
+    loss_fn = trainer.loss_fn
+    monkeypatch.setattr(trainer, "loss_fn", lambda logits, target: loss_fn(logits, target) * float("inf"))
+    run_steps(trainer, 1)
+    assert trainer.scaler.get_scale() == 2.0 ** 7 and trainer.ema_steps == 1  # skipped, not averaged
+    for key, value in trainer.ema.module.state_dict().items():
+        if value.is_floating_point():  # BatchNorm statistics of the forward would have moved it
+            assert torch.equal(value, before[key]), key
+
+
 @pytest.mark.parametrize("key, value, ok", [
     ("train.ema_decay", None, True), ("train.ema_decay", 0.999, True), ("train.ema_decay", 0, False),
     ("train.ema_decay", 1, False), ("train.ema_decay", "0.99", False), ("train.ema_decay", True, False),
@@ -185,3 +200,41 @@ def test_ema_decay_is_searchable_as_a_choice(tmp_path):
     spec = load_space(str(tmp_path / "space.yaml"), tmp_path)
     assert spec.space["train.ema_decay"] is not None
     assert trial_config(spec, {"train.ema_decay": None})["train"]["ema_decay"] is None
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, cache: str, out: str) -> None:
+    """One gloo rank of a 2-worker EMA trainer: one epoch, then its raw and averaged weights."""
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        from trainables.data import load_dataset
+
+        cfg = tiny_config(**{"train.epochs": 1, "train.batch_size": 4, "train.image_size": [32, 48],
+                             "train.max_train_batches": 2, "train.ema_decay": 0.9})
+        trainer = FoldTrainer(cfg, load_dataset(cache_dir=cache), list(range(8)), list(range(40, 44)), fold=0)
+        next(trainer.epochs())
+        torch.save({"ema": copied(trainer.ema.module.state_dict()), "raw": copied(trainer.model.state_dict()),
+                    "best": trainer.best_checkpoint()["state_dict"], "steps": trainer.ema_steps},
+                   os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_ranks_keep_one_ema_of_the_unwrapped_model(tmp_path, sample_cache):
+    """Under DDP each rank averages ``self.model`` (plain keys); after the epoch every rank holds the
+    same EMA (parameters from identical steps, BatchNorm statistics broadcast from rank 0)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(sample_cache), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 2
+    assert ranks[0]["ema"].keys() == ranks[0]["raw"].keys()  # the plain model's: no "module." keys
+    for key, value in ranks[0]["ema"].items():
+        assert torch.equal(ranks[1]["ema"][key], value), key
+        assert torch.equal(ranks[0]["best"][key], value), key
+    assert any(not torch.equal(ranks[0]["raw"][k], v) for k, v in ranks[0]["ema"].items() if v.is_floating_point())

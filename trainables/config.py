@@ -35,7 +35,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "train": {"epochs": 20, "batch_size": 8, "image_size": [256, 256], "amp": "auto", "channels_last": True,
               "grad_clip": 1.0, "accum_steps": 1, "seed": 0, "num_workers": 0, "metric": "val_miou", "mode": "max",
               "device": "auto", "max_train_batches": None, "boundary_iou": "last", "preview_images": 4,
-              "oversample": 0.0, "oversample_cap": 5.0},
+              "oversample": 0.0, "oversample_cap": 5.0, "ema_decay": None, "ema_warmup": True, "ema_start_epoch": 0},
     "metrics": {"average": "dataset", "empty": 1},
 }
 
@@ -111,6 +111,11 @@ MEANINGS: dict[str, str] = {
     "train.preview_images": "validation images + predictions kept with each best checkpoint (W&B); 0: none",
     "train.oversample": "draw images with rare classes more often: strength, 0 = off (trainables/sampling.py)",
     "train.oversample_cap": "most an image's sampling weight can be (the commonest images have 1)",
+    "train.ema_decay": "exponential moving average of the weights, updated after every optimiser step: its decay "
+                       "in (0, 1) (0.999); validation and the best checkpoint use the average; null: off",
+    "train.ema_warmup": "the n-th averaged step uses decay min(ema_decay, 1 - n ** (-2/3)) (timm's warmup; short "
+                        "runs need it); false: ema_decay from the second step (the first copies the weights)",
+    "train.ema_start_epoch": "epochs trained before the averaging starts (until then the EMA is the raw weights)",
     "metrics.average": "dataset | image: also report val_miou_image, val_dice_image (per-image means, Kaggle "
                        "style; implied when one is train.metric); val_miou/val_dice are always dataset-level",
     "metrics.empty": "per-image scores: a pair with empty truth and empty prediction scores 1 | nan (left out)",
@@ -171,7 +176,7 @@ ALLOWED = {"data.task": ("multiclass", "multilabel"), "data.unannotated": ("back
            "data.crowd": ("ignore", "class"), "folds.strategy": ("kfold", "stratified", "multilabel", "group"),
            "train.amp": ("auto", "bf16", "fp16", "off"), "train.mode": ("max", "min"),
            "train.boundary_iou": ("every", "last", "off"), "metrics.average": ("dataset", "image")}
-MINIMUM = {"folds.k": 2, "train.epochs": 1, "train.batch_size": 1, "train.accum_steps": 1}
+MINIMUM = {"folds.k": 2, "train.epochs": 1, "train.batch_size": 1, "train.accum_steps": 1, "train.ema_start_epoch": 0}
 NULLABLE = {"model.weights"}  # settings with a non-null default that also accept null
 HOLDOUT = "a share of the images in (0, 0.5), a list of image names or a regular expression on them"
 
@@ -257,6 +262,8 @@ CHECKS = {  # settings whose values need more than the type of their default
     "train.oversample": lambda v: None if v is None or v is False or (is_number(v) and v >= 0)
     else f"expected a strength >= 0 (0 = off), {got(v)}",
     "train.oversample_cap": lambda v: None if is_number(v) and v >= 1 else f"expected a weight cap >= 1, {got(v)}",
+    "train.ema_decay": lambda v: None if v is None or (is_number(v) and 0 < v < 1)
+    else f"expected a decay in (0, 1) such as 0.999, or null (off), {got(v)}",
     "augment.copy_paste": lambda v: None if is_number(v) and 0 <= v <= 1
     else f"expected a probability in [0, 1], {got(v)}",
     "augment.copy_paste_classes": _copy_paste_classes,

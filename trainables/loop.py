@@ -18,6 +18,14 @@ weights: DDP broadcasts rank 0's), each rank validates a consecutive slice of th
 images (exactly, no padding) and the counts are summed over ranks before any score is computed.
 Every rank yields the same records; the caller writes checkpoints from rank 0 (``is_main``).
 BatchNorm statistics stay per rank (as with plain DDP).
+
+Weight averaging (``train.ema_decay``): timm's ``ModelEmaV3`` keeps an exponential moving average of
+``self.model`` (never the DDP wrapper), updated after every optimiser step that was taken (an fp16
+step the GradScaler skipped is not averaged). It averages the whole state dict: parameters and the
+floating-point buffers (BatchNorm running statistics) are lerped, integer buffers
+(``num_batches_tracked``) copied. With it, validation, previews and the best checkpoint use the
+averaged network (``eval_model``) while ``self.model`` keeps training; its state dict has the plain
+model's keys, so checkpoints load into a plain model as before.
 """
 from __future__ import annotations
 
@@ -34,6 +42,7 @@ import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
+from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 
@@ -70,6 +79,15 @@ def process_group() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def build_ema(model: torch.nn.Module, train: dict) -> ModelEmaV3 | None:
+    """timm's EMA of ``model`` for the ``train`` settings (None when ``train.ema_decay`` is null)."""
+    decay = train.get("ema_decay")
+    if decay is None:
+        return None
+    check_setting("train.ema_decay", decay)
+    return ModelEmaV3(model, decay=float(decay), use_warmup=bool(train.get("ema_warmup", True)))
 
 
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, amp: torch.dtype | None) -> torch.Tensor:
@@ -127,8 +145,12 @@ class FoldTrainer:
         self.weights = getattr(self.model, "weights_loaded", None)  # imagenet | random-init | a path
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        # a copy of the model made before any DDP wrapper (it would hook into the model's parameters)
+        self.ema = build_ema(self.model, train)
+        self.ema_steps = 0  # optimiser steps averaged so far (timm's warmup counts them)
         # the network trained through: DDP over the process group, else the model itself; validation,
-        # previews and checkpoints use ``self.model`` (no collective in an eval forward, no "module." keys)
+        # previews and checkpoints use ``eval_model``, ``self.model`` or its EMA (no collective in an eval
+        # forward, no "module." keys)
         self.net = self.model if self.world_size == 1 else DistributedDataParallel(
             self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         sizes = np.array([h * w for h, w in data.sizes], dtype=float)[train_idx]
@@ -187,11 +209,27 @@ class FoldTrainer:
             clip = float(self.cfg["train"]["grad_clip"])
             if clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            scale = self.scaler.get_scale() if self.ema is not None and self.scaler.is_enabled() else None
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
             self.schedule.step()
+            # the scale drops only when the scaler found inf/NaN gradients and skipped the step
+            if self.ema is not None and (scale is None or self.scaler.get_scale() >= scale):
+                self.update_ema()
         return loss.detach()
+
+    def update_ema(self) -> None:
+        """Average the weights of the step just taken into the EMA; before ``train.ema_start_epoch``
+        the EMA just copies them (timm's decay is 0 at step 0 and at the first counted step)."""
+        if self.epoch >= int(self.cfg["train"]["ema_start_epoch"]):
+            self.ema_steps += 1
+        self.ema.update(self.model, step=self.ema_steps)
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The network validated, previewed and checkpointed: the EMA's when ``train.ema_decay`` is set."""
+        return self.model if self.ema is None else self.ema.module
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch whose draws and augmentations the train loader yields from its next iteration."""
@@ -226,6 +264,9 @@ class FoldTrainer:
             # last step they differ: validate and checkpoint the same model on every rank
             for buffer in self.model.buffers():
                 dist.broadcast(buffer.data, 0)
+            if self.ema is not None:  # the EMA averaged each rank's own buffers
+                for buffer in self.ema.module.buffers():
+                    dist.broadcast(buffer.data, 0)
         train_loss = float(total) / max(batches, 1)
         if not math.isfinite(train_loss):
             raise DivergedError(f"training loss became {train_loss} in epoch {self.epoch + 1}")
@@ -260,7 +301,7 @@ class FoldTrainer:
         x = x.to(self.device, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        logits = predict_logits(self.model, x.flip(-1) if flip else x, self.amp)
+        logits = predict_logits(self.eval_model, x.flip(-1) if flip else x, self.amp)
         probs = activate(logits, self.data.task)
         return probs.flip(-1) if flip else probs
 
@@ -278,7 +319,7 @@ class FoldTrainer:
         working size through :mod:`trainables.preprocess` (resized, or sliding windows for members
         trained on crops), probabilities back at the working size, counted against the mask there.
         The loss is the training loss of those probabilities."""
-        self.model.eval()
+        self.eval_model.eval()
         per_image, empty = self._per_image_settings()
         metrics = SegMetrics(self.data.num_classes, self.data.task, self.data.ignore_index,
                              boundary=self._boundary_this_epoch(), per_image=per_image, empty=empty)
@@ -338,7 +379,8 @@ class FoldTrainer:
             improved = self._improved(score)
             if improved:
                 self.best_score, self.best_epoch = score, self.epoch
-                self._best_state = copy.deepcopy({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
+                weights = self.eval_model.state_dict()  # the EMA's with train.ema_decay
+                self._best_state = copy.deepcopy({k: v.detach().cpu() for k, v in weights.items()})
             record.update(epoch=self.epoch, improved=improved, best_score=self.best_score, best_epoch=self.best_epoch,
                           epoch_time_s=time.perf_counter() - start, fold=self.fold, weights=self.weights)
             yield record
@@ -348,7 +390,7 @@ class FoldTrainer:
         """The first ``n`` validation images (uint8), their true and predicted labels (multiclass) or
         channels (multilabel), predicted as validation scores them and shown at ``train.image_size``
         (for dashboards)."""
-        self.model.eval()
+        self.eval_model.eval()
         height, width = (int(v) for v in self.cfg["train"]["image_size"])
 
         def shown(a: np.ndarray) -> np.ndarray:  # (H, W[, C]) labels at image_size, channels first
@@ -377,14 +419,28 @@ class FoldTrainer:
                                self.fold, extra={"dataset": self.data.fingerprint}, weights=self.weights)
 
     def state_dict(self) -> dict:
-        """Everything needed to continue this run later (resume after a crash)."""
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(), "schedule": self.schedule.state_dict(), "epoch": self.epoch,
-                "best_score": self.best_score, "best_epoch": self.best_epoch, "best_state": self._best_state,
-                "rng": torch.get_rng_state(), "loader_rng": self.generator.get_state()}
+        """Everything needed to continue this run later (resume after a crash); with ``train.ema_decay``
+        also the EMA's weights (``ema``, the plain model's keys) and its step count."""
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scaler": self.scaler.state_dict(), "schedule": self.schedule.state_dict(), "epoch": self.epoch,
+                 "best_score": self.best_score, "best_epoch": self.best_epoch, "best_state": self._best_state,
+                 "rng": torch.get_rng_state(), "loader_rng": self.generator.get_state()}
+        if self.ema is not None:
+            state.update(ema=self.ema.module.state_dict(), ema_steps=self.ema_steps)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        """A state of :meth:`state_dict`. A state without an EMA (saved with ``train.ema_decay: null``
+        or before it existed) starts the EMA afresh from the restored weights; an EMA in the state of a
+        trainer without one is ignored."""
         self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            if state.get("ema") is not None:
+                self.ema.module.load_state_dict(state["ema"])
+                self.ema_steps = int(state.get("ema_steps", 0))
+            else:
+                self.ema.set(self.model)
+                self.ema_steps = 0
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.schedule.load_state_dict(state["schedule"])

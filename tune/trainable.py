@@ -55,7 +55,9 @@ def load_trial_state(trainer: FoldTrainer, ckpt_dir: str | Path) -> None:
     state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location=trainer.device, weights_only=True)
     weights = load_checkpoint(ckpt_dir)["state_dict"]  # kept once, in model.pt
     state["best_state"] = weights
-    state.setdefault("model", weights)  # checkpoints are written at the best epoch: the same weights
+    # checkpoints are written at the best epoch: model.pt holds the evaluated weights of this state,
+    # the EMA's when state.pt has the raw ones (train.ema_decay), else the model's
+    state.setdefault("ema" if "model" in state else "model", weights)
     trainer.load_state_dict(state)
     logger.info("trial resumed after epoch %d", trainer.epoch)
 
@@ -64,8 +66,9 @@ def write_trial_checkpoint(trainer: FoldTrainer, cfg: dict, folder: str | Path) 
     """The best epoch's files (this is the best epoch): model.pt, state.pt, and W&B's preview."""
     save_checkpoint(trainer.best_checkpoint(), folder)
     state = trainer.state_dict()
-    # the best and the current weights are model.pt's (this is the best epoch): written once
-    del state["best_state"], state["model"]
+    # the best and the current evaluated weights are model.pt's (this is the best epoch): written once.
+    # With train.ema_decay they are the EMA's, and the raw weights that keep training go in state.pt
+    del state["best_state"], state["ema" if "ema" in state else "model"]
     torch.save(state, Path(folder) / STATE_FILE)
     if cfg["train"]["preview_images"]:  # only W&B shows them (tune/run.py sets 0 without it)
         np.savez_compressed(Path(folder) / PREVIEW_FILE, **trainer.preview(int(cfg["train"]["preview_images"])))

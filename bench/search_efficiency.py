@@ -60,7 +60,11 @@ ARMS = ("random", "independent", "shared", "stock")
 TOOL_ARMS = {"independent": {"share_folds": False},  # one TPE study per fold (the default until 2026-12-07)
              "shared": {"share_folds": True},  # one TPE model over both folds' normalised trials
              "before": {"n_startup_trials": 4, "share_folds": False},  # start-up 4 (the default until 2026-12-01)
-             "recheck": {"asha": {"recheck": True}}}
+             "recheck": {"asha": {"recheck": True}},
+             # the racing rule and its reference, on the same 10 seeded random configurations (start-up
+             # trials >= num_samples: fold 0's study draws the same sequence in both arms)
+             "racing": {"racing": {"eta": 2}, "n_startup_trials": 10 ** 6, "num_samples": 10},
+             "exhaustive": {"racing": {"eta": 1}, "asha": None, "n_startup_trials": 10 ** 6, "num_samples": 10}}
 EXTRA_ARMS = tuple(a for a in TOOL_ARMS if a not in ARMS)
 SEEDS = (0, 1)
 STEP = 2  # the epoch at which the TPE-proposed and the random trials are compared (the first rung)
@@ -98,7 +102,8 @@ def spec_for(quick: bool, cache_dir: Path, arm: str, seed: int):
     if arm == "random":
         spec = with_overrides(spec, search={"n_startup_trials": int(spec.search["num_samples"]), "asha": None})
     elif arm in TOOL_ARMS:
-        spec = with_overrides(spec, search=TOOL_ARMS[arm])
+        spec = with_overrides(spec, search={k: v for k, v in TOOL_ARMS[arm].items()
+                                            if not (quick and k == "num_samples")})
     return spec
 
 
@@ -301,11 +306,43 @@ def one_run(arm: str, seed: int, quick: bool, cache: Path, tmp: Path) -> dict:
     rows = stock_search(spec, run_dir, seed) if arm == "stock" else tool_search(spec, run_dir, recorder)
     wall = time.perf_counter() - start
     stats = per_fold(rows, k)
+    scores = fold_scores(run_dir) if arm in ("racing", "exhaustive") else None
     common.log(f"  {arm} seed {seed}: {wall:.0f}s, best per fold {[round(b, 4) for b in stats['best']]}, "
                f"epochs {stats['epochs']}")
     return {"arm": arm, "seed": seed, "rows": rows, "stats": stats, "wall_s": wall, "folds": k,
             "max_t": int(spec.base_config()["train"]["epochs"]), "asha": spec.search.get("asha"),
-            "events": recorder.events if recorder else None}
+            "events": recorder.events if recorder else None, "fold_scores": scores}
+
+
+def fold_scores(run_dir: Path) -> dict[str, dict[str, float]]:
+    """Per configuration (its parameters as JSON), its best score on each fold where it trained its
+    planned epochs (COMPLETE), from the run's studies."""
+    import optuna
+    from optuna.trial import TrialState
+
+    storage = f"sqlite:///{run_dir / 'studies.db'}"
+    out: dict[str, dict[str, float]] = {}
+    for name in optuna.get_all_study_names(storage):
+        fold = name.rsplit("fold", 1)[1]
+        for t in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False):
+            if t.state == TrialState.COMPLETE and t.value is not None:
+                out.setdefault(json.dumps(t.params, sort_keys=True), {})[fold] = float(t.value)
+    return out
+
+
+def race_against_reference(racing: dict, exhaustive: dict, folds: int) -> dict:
+    """What racing selects (its best mean over the configurations that completed every fold) scored by
+    the exhaustive arm's k-fold mean of the same configuration, against the exhaustive arm's best."""
+    def means(run):
+        return {key: statistics.fmean(s.values()) for key, s in run["fold_scores"].items() if len(s) == folds}
+
+    raced, every = means(racing), means(exhaustive)
+    chosen = max(raced, key=raced.get)
+    best = max(every, key=every.get)
+    return {"chosen": json.loads(chosen), "chosen_racing_mean": raced[chosen], "chosen_kfold_mean": every.get(chosen),
+            "best": json.loads(best), "best_kfold_mean": every[best], "configs_every_fold": len(raced),
+            "configs": len(every), "gap": every[best] - every.get(chosen, float("nan")),
+            "epoch_ratio": sum(racing["stats"]["epochs"]) / max(sum(exhaustive["stats"]["epochs"]), 1)}
 
 
 def fold_mean(values: list[float]) -> float:
@@ -412,8 +449,20 @@ def summarise(runs: dict, seeds: list[int], quick: bool) -> dict:
     rows.append(common.row("epochs spent, shared vs random search (info)",
                            common.side("shared", epochs["shared"], "ep"), common.side("random", epochs["random"], "ep"),
                            mean_epochs["shared"] / mean_epochs["random"], "info"))
+    race_runs = [(runs[("racing", s)], runs[("exhaustive", s)]) for s in done
+                 if ("racing", s) in runs and ("exhaustive", s) in runs]
+    race = [race_against_reference(r, e, r["folds"]) for r, e in race_runs]
+    if race:
+        gap = statistics.fmean(r["gap"] for r in race)
+        ratio = statistics.fmean(r["epoch_ratio"] for r in race)
+        rows.append(common.row("k-fold mean: exhaustive best - racing's choice, per seed",
+                               common.side("gap", [r["gap"] for r in race]), None, gap, "<= 0.005", gap <= 0.005))
+        rows.append(common.row("fold-epochs: racing / every configuration on every fold, per seed",
+                               common.side("racing ep", [sum(r["stats"]["epochs"]) for r, _ in race_runs], "ep"),
+                               common.side("exhaustive ep", [sum(e["stats"]["epochs"]) for _, e in race_runs], "ep"),
+                               ratio, "<= 0.5", ratio <= 0.5))
     for arm in EXTRA_ARMS:
-        if arm in by_arm:
+        if arm in by_arm and arm not in ("racing", "exhaustive"):
             rows.append(common.row(f"best val mIoU, {arm} vs independent", common.side(arm, best[arm]),
                                    common.side("independent", best["independent"]),
                                    mean[arm] - mean["independent"], "info"))
@@ -443,6 +492,7 @@ def summarise(runs: dict, seeds: list[int], quick: bool) -> dict:
         "best_miou": {arm: spread(v) for arm, v in best.items()},
         "epochs": {arm: spread(v) for arm, v in epochs.items()},
         "proposals_at_step": proposals,
+        "racing": race,
         "per_fold": {arm: [r["stats"] for r in rs] for arm, rs in by_arm.items()},
         "replays_of_random_curves": replays,
         "wall_s": {arm: [r["wall_s"] for r in rs] for arm, rs in by_arm.items()},

@@ -293,3 +293,127 @@ def test_the_setting_is_parsed_and_checked():
     assert asha({"grace_period": 1}) == {"grace_period": 1, "reduction_factor": 3, "brackets": 1, "promotion": False}
     with pytest.raises(ConfigError, match="search.asha.promotion"):
         asha({"promotion": 1})
+
+
+# ---------------------------------------------------------------- the trainable's checkpoints
+
+
+@pytest.mark.slow
+def test_a_trial_checkpoints_at_its_pause_epochs_and_resumes_there(tmp_path, monkeypatch):
+    """A trial checkpoints at an improved epoch and, with promotion, at the epochs it may be paused at even
+    without an improvement; that checkpoint's state.pt holds the current weights (model.pt keeps the best
+    epoch's), so the trial resumes at the next epoch from where it paused, not from its best epoch."""
+    import contextlib
+    import shutil
+
+    import torch
+
+    from trainables.checkpoint import load_checkpoint
+    from trainables.loop import FoldTrainer
+    from tune import trainable
+    from tune.search import prepare
+    from tune.space import load_space, with_overrides
+
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.setenv("SEGHPO_CACHE", str(tmp_path / "cache"))
+    spec = with_overrides(load_space(str(root / "tests" / "spaces" / "tiny.yaml"), root / "search_spaces"),
+                          {"data.path": str(SAMPLE), "train.epochs": 3, "train.max_train_batches": 1,
+                           "train.preview_images": 0, "data.subset": 24})
+    base, _, folds = prepare(spec, tmp_path / "run")
+    config = {"fold": 0, "optimizer.lr": 3e-3, "loss.name": "ce"}
+    monkeypatch.setattr(FoldTrainer, "_improved", lambda self, score: self.epoch == 1)  # epoch 1 stays the best
+
+    def run(pause: tuple, restore: Path | None = None) -> list[tuple[int, Path | None]]:
+        reports = []
+
+        def report(record, checkpoint=None):
+            kept = None
+            if checkpoint is not None:
+                kept = tmp_path / f"{pause}-{restore is not None}-{record['epoch']}"
+                shutil.copytree(checkpoint, kept)
+            reports.append((record["epoch"], kept))
+
+        checkpoint = SimpleNamespace(as_directory=lambda: contextlib.nullcontext(str(restore))) if restore else None
+        fake = SimpleNamespace(report=report, get_checkpoint=lambda: checkpoint,
+                               Checkpoint=SimpleNamespace(from_directory=Path))
+        monkeypatch.setattr(trainable, "tune", fake)
+        trainable.train_trial(config, base, folds, cpus=1, pause_epochs=pause)
+        return reports
+
+    assert [(e, c is not None) for e, c in run(())] == [(1, True), (2, False), (3, False)]  # improved only
+    paused = run((2,))
+    assert [(e, c is not None) for e, c in paused] == [(1, True), (2, True), (3, False)]
+    at_best, at_pause = paused[0][1], paused[1][1]
+    assert "model" not in torch.load(at_best / trainable.STATE_FILE, weights_only=True)  # kept once, in model.pt
+    state = torch.load(at_pause / trainable.STATE_FILE, weights_only=True)
+    best = load_checkpoint(at_pause)["state_dict"]
+    assert state["epoch"] == 2 and state["best_epoch"] == 1
+    assert any(not torch.equal(state["model"][k], best[k]) for k in best)  # epoch 2's weights, not the best's
+
+    resumed, _ = trainable.build_trainer(config, base, folds)
+    trainable.load_trial_state(resumed, at_pause)
+    assert resumed.epoch == 2 and all(torch.equal(v, state["model"][k]) for k, v in resumed.model.state_dict().items())
+    assert [e for e, _ in run((2,), restore=at_pause)] == [3]  # continues at the next epoch
+
+
+# ---------------------------------------------------------------- a real search
+
+
+SAMPLE = Path(__file__).resolve().parents[2] / "data" / "camvid-sample" / "train" / "annotations.json"
+SPACE = """
+name: promo
+fixed:
+  data: {task: multiclass, unannotated: background, max_size: 64}
+  folds: {strategy: kfold, k: 2, seed: 0}
+  model: {arch: Unet, encoder: resnet18, weights: null, kwargs: {encoder_depth: 3, decoder_channels: [32, 16, 8]}}
+  train: {epochs: 3, batch_size: 8, image_size: [48, 64], max_train_batches: 2, preview_images: 0}
+search:
+  num_samples: 3
+  n_startup_trials: 1
+  asha: {grace_period: 1, reduction_factor: 3, promotion: true}
+resources: {cpus_per_trial: 1, gpus_per_trial: 0, max_concurrent: 2}
+space:
+  optimizer.lr: {loguniform: [1.0e-4, 1.0e-2]}
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_real_search_resumes_promoted_trials_from_their_rung_checkpoint():
+    """2 folds x 3 trials, rungs at epoch 1 (pause) and 3 (max_t): in each fold keep(3) = 1 trial trains 3 epochs,
+    the other two stop at epoch 1, and the search ends. Every trial's results count 1, 2, 3 (no epoch twice);
+    a fold's winner that reached epoch 1 before the fold's last trial did was paused there (the rung was
+    undecided), so it ran again from the checkpoint it paused with: Tune restored it (its iterations since
+    the restore start again) and the trainer continued at epoch 2. (The last arrival decides the rung and
+    goes on without a pause; with seed 0 here fold 1's winner arrives earlier.)"""
+    from tests.tune.test_tune import cli, clean_up_ray, private_ray_dir, read_rows, scratch_dir, tail
+
+    base, ray_dir = scratch_dir("promo"), private_ray_dir()
+    try:
+        (base / "promo.yaml").write_text(SPACE)
+        proc = cli("--space", str(base / "promo.yaml"), "--data", str(SAMPLE), "--storage", str(base / "runs"),
+                   "--name", "promo", "--wandb", "disabled", ray_dir=ray_dir, cache=base / "cache", timeout=600)
+        assert proc.returncode == 0, tail(proc.stdout + proc.stderr)
+        run_dir = base / "runs" / "promo"
+        rows = {r["trial_id"]: r for r in read_rows(run_dir / "trials.csv")}
+        state = json.loads((run_dir / "asha_state.json").read_text())
+        assert state["promotion"] and state["rungs"] == [1]
+        restored = []
+        for fold in ("0", "1"):
+            assert sorted(int(r["epochs"]) for r in rows.values() if r["fold"] == fold) == [1, 1, 3], rows
+            arrivals, (winner,) = list(state["folds"][fold]["scores"][0]), state["folds"][fold]["promoted"][0]
+            assert int(rows[winner]["epochs"]) == 3 and rows[winner]["checkpoint"]
+            for tid in arrivals:
+                lines = (run_dir / "tune" / f"fold{fold}_{tid}" / "result.json").read_text().splitlines()
+                results = [json.loads(line) for line in lines]
+                assert [r["epoch"] for r in results] == list(range(1, int(rows[tid]["epochs"]) + 1)), results
+                assert [r["training_iteration"] for r in results] == [r["epoch"] for r in results]
+                if tid == winner and arrivals[-1] != winner:  # paused at epoch 1, promoted later
+                    assert [r["iterations_since_restore"] for r in results] == [1, 1, 2], results
+                    restored.append(tid)
+        assert restored, "no winner was paused: the run did not exercise a resume"
+    finally:
+        clean_up_ray(ray_dir)
+        import shutil
+
+        shutil.rmtree(base, ignore_errors=True)

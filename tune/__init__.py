@@ -6,6 +6,7 @@ Search (imports ``trainables`` only):
   distributions parsing, dependencies and Optuna sampling of searched parameters
   searcher      one Optuna study per fold behind one Ray Tune searcher
   scheduler     ASHA with one bracket set per fold
+  promotion     successive halving with promotion per fold: paused at a rung, resumed if in its top
   budget        epoch and wall-clock budgets
   experiment    the Tune callback that keeps trials.csv current
   trainable     the thin adapter between Ray Tune and ``trainables.loop.FoldTrainer``

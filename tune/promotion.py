@@ -15,9 +15,9 @@ successive halving: all ``n`` trials train to the first rung, ``k`` of them to t
 
 Concurrency: Tune's ``max_concurrent_trials`` (a ``ConcurrencyLimiter`` around the searcher) counts
 a trial as live until it ends, so two paused trials would hold both places of ``max_concurrent: 2``
-and nothing could run. A paused trial is therefore taken out of the limiter's live trials (the
-searcher suggests the next trial in its place) and put back when it is promoted, before it runs
-again; a promoted trial runs before new ones once a place is free. Should nothing be running or
+and nothing could run. A paused trial is therefore taken out of the limiter's live trials once
+Tune has paused it (the searcher suggests the next trial in its place) and put back when it is
+promoted, before it runs again; a promoted trial runs before new ones once a place is free. Should nothing be running or
 waiting to start all the same (a budget that refuses further trials, a searcher that waits for
 paused ones), the undecided rungs are decided with the trials that reached them: Tune always has
 something to run, or nothing left.
@@ -286,8 +286,7 @@ class PerFoldPromotion(FIFOScheduler):
         if any(tid in cut for cut in f.cut):
             f.waiting.pop(tid, None)
             decision = TrialScheduler.STOP
-        elif tid in f.waiting:
-            self._limiter_release(tune_controller, tid)  # a paused trial does not hold a place
+        elif tid in f.waiting:  # its place is given up once it is PAUSED (choose_trial_to_run)
             decision = TrialScheduler.PAUSE
         self._save()
         return decision
@@ -320,10 +319,17 @@ class PerFoldPromotion(FIFOScheduler):
         never a paused trial that waits at its rung. When nothing runs or waits to start twice in a row (the
         searcher had its turn in between), the lowest undecided rung of each fold is decided as it stands."""
         for fold, f in sorted(self.folds.items()):
-            for tid in list(f.waiting):  # keep the limiter in step (--resume restores it as it was saved)
-                self._limiter_release(tune_controller, tid)
             if f.waiting:  # the searcher may have finished since the last decision
                 self._settle(tune_controller, fold)
+        waiting = {tid for f in self.folds.values() for tid in f.waiting}
+        cut = {tid for f in self.folds.values() for rung in f.cut for tid in rung}
+        for trial in tune_controller.get_trials():
+            if trial.status != Trial.PAUSED:
+                continue
+            if trial.trial_id in waiting:  # a paused trial gives its place up (also after --resume)
+                self._limiter_release(tune_controller, trial.trial_id)
+            elif trial.trial_id in cut:  # cut while its pause was being saved (RUNNING then)
+                self._stop_paused(tune_controller, trial.trial_id)
         trials = tune_controller.get_trials()
         for trial in trials:
             if trial.status == Trial.PENDING:
@@ -334,8 +340,11 @@ class PerFoldPromotion(FIFOScheduler):
         if chosen is not None or active:
             self._idle = 0
             return chosen
+        known = {tid for f in self.folds.values() for tid in f.added}
         if not any(f.waiting for f in self.folds.values()):
-            return None
+            # a paused trial this scheduler knows nothing of (its asha_state.json lost): run it, as FIFO would
+            return next((t for t in trials if t.status == Trial.PAUSED and t.trial_id not in known
+                         and not self._skip(t)), None)
         self._idle += 1
         if self._idle < 2:
             return None

@@ -65,7 +65,7 @@ class Loop:
     """Tune's loop around ``scheduler``: ``score(trial number, fold, epoch)`` is what a trial reports."""
 
     def __init__(self, scheduler, score, folds: int = 1, per_fold: int = 9, max_t: int = 6,
-                 max_concurrent: int | None = 1, stall_after: int | None = None):
+                 max_concurrent: int | None = 1, stall_after: int | None = None, slow_pause: bool = False):
         self.scheduler, self.score, self.max_t = scheduler, score, max_t
         self.inner = FoldSearcher(folds, per_fold, stall_after)
         searcher = ConcurrencyLimiter(self.inner, max_concurrent) if max_concurrent else self.inner
@@ -76,6 +76,9 @@ class Loop:
         self.paused_at: dict[str, list[int]] = {}  # epochs at which each trial was paused
         self.resumed: list[str] = []
         self.most_running = 0
+        self.slow_pause = slow_pause  # a pause takes 3 steps to save: the trial stays RUNNING meanwhile
+        self.pausing: dict[str, int] = {}
+        self.cut_while_pausing = 0
 
     # the part of Tune's controller a scheduler may use
     def get_trials(self):
@@ -110,6 +113,14 @@ class Loop:
 
     def step(self) -> bool:
         """One step of Tune's loop; False when nothing happened."""
+        for trial in self.trials:
+            if trial.trial_id in self.pausing:
+                self.pausing[trial.trial_id] -= 1
+                if self.pausing[trial.trial_id] == 0:
+                    del self.pausing[trial.trial_id]
+                    trial.status = PAUSED
+                    self.cut_while_pausing += any(trial.trial_id in c for c in
+                                                  self.scheduler.folds[trial.config["fold"]].cut)
         self._suggest()
         chosen = self.scheduler.choose_trial_to_run(self)
         if chosen is not None and chosen.status == PAUSED:
@@ -120,8 +131,9 @@ class Loop:
                 trial.status = RUNNING
         running = [t for t in self.trials if t.status == RUNNING]
         self.most_running = max(self.most_running, len(running))
+        running = [t for t in running if t.trial_id not in self.pausing]
         if not running:
-            return chosen is not None
+            return chosen is not None or bool(self.pausing)
         trial = min(running, key=lambda t: (self.epochs.get(t.trial_id, 0), t.number))
         epoch = self.epochs.get(trial.trial_id, 0) + 1  # a resumed trial continues from its checkpoint
         self.epochs[trial.trial_id] = epoch
@@ -135,7 +147,10 @@ class Loop:
         if decision == TrialScheduler.STOP:
             self._end(trial, result)
         elif decision == TrialScheduler.PAUSE:
-            trial.status = PAUSED
+            if self.slow_pause:
+                self.pausing[trial.trial_id] = 3
+            else:
+                trial.status = PAUSED
             self.paused_at.setdefault(trial.trial_id, []).append(epoch)
         return True
 
@@ -207,24 +222,29 @@ def test_per_fold_asha_lets_first_arrivals_through():
     assert epochs[0] == 6 and sum(epochs.values()) > 30
 
 
-def test_twenty_trials_a_fold_two_at_a_time_never_deadlock():
-    """The case of the brief: 2 folds x 20 trials, max_concurrent 2, rungs at 2 and 6 = max_t. Tune's
-    ConcurrencyLimiter counts a trial as live until it ends; paused trials give their place up, so all 20
-    reach epoch 2, keep(20) = 6 of each fold (the best 6 rung scores) go on, and never more than 2 run."""
-    rng = random.Random(0)
+@pytest.mark.parametrize("folds, slow_pause", [(2, False), (1, True)])
+def test_twenty_trials_a_fold_two_at_a_time_never_deadlock(folds, slow_pause):
+    """20 trials a fold, max_concurrent 2, rungs at 2 and 6 = max_t. Tune's ConcurrencyLimiter counts a
+    trial as live until it ends; paused trials give their place up, so all 20 reach epoch 2, keep(20) = 6 of
+    each fold (the best 6 rung scores) go on, and never more than 2 run. ``slow_pause``: a trial's pause is
+    saved 3 steps later, so another trial of its fold can arrive and cut it while it is still RUNNING; it is
+    stopped once PAUSED (seed 13 has two such cuts)."""
+    rng = random.Random(13 if slow_pause else 0)
     table = {(f, n): rng.random() for f in (0, 1) for n in range(40)}
-    loop = Loop(promotion(20), lambda n, f, e: table[(f, n)] + 0.01 * e, folds=2, per_fold=20, max_concurrent=2)
+    loop = Loop(promotion(20), lambda n, f, e: table[(f, n)] + 0.01 * e, folds=folds, per_fold=20, max_concurrent=2,
+                slow_pause=slow_pause)
     loop.run()
     assert loop.most_running <= 2
+    assert (loop.cut_while_pausing > 0) == slow_pause
     assert keep(20, 3) == 6
-    for fold in (0, 1):
+    for fold in range(folds):
         trials = loop.by_fold(fold)
         assert len(trials) == 20
         best6 = sorted(trials, key=lambda t: -table[(fold, t.number)])[:6]
         assert {t.trial_id for t in trials if loop.epochs[t.trial_id] == 6} == {t.trial_id for t in best6}
         assert all(loop.epochs[t.trial_id] == 2 for t in trials if t not in best6)
         assert sum(loop.epochs[t.trial_id] for t in trials) == 20 * 2 + 6 * 4
-    assert loop.scheduler.debug_string().count("20 reached, 6 promoted, 14 stopped") == 2
+    assert loop.scheduler.debug_string().count("20 reached, 6 promoted, 14 stopped") == folds
 
 
 def test_a_searcher_that_stops_suggesting_does_not_deadlock():

@@ -309,6 +309,13 @@ class PerFoldPromotion(FIFOScheduler):
         self._ended(tune_controller, trial)
 
     def on_trial_remove(self, tune_controller, trial) -> None:
+        f = None if self._skip(trial) else self.folds.get(int(trial.config["fold"]))
+        search_alg = getattr(tune_controller, "search_alg", None)
+        if f is not None and trial.trial_id in f.waiting and trial.status == Trial.PAUSED and search_alg is not None:
+            # Tune stops a trial that waits at its rung (not this scheduler): the searcher hears of it with its
+            # result, through the limiter that no longer counts it (Tune tells it next, without the result)
+            self._limiter_take(tune_controller, trial.trial_id)
+            search_alg.on_trial_complete(trial.trial_id, result=flatten_dict(trial.last_result or {}))
         self._ended(tune_controller, trial)
 
     def on_trial_error(self, tune_controller, trial) -> None:

@@ -282,6 +282,18 @@ def test_state_survives_reload_and_a_restored_waiting_trial_stays_paused(tmp_pat
     assert again.status == PAUSED
 
 
+def test_a_waiting_trial_stopped_by_tune_reaches_the_searcher_with_its_result():
+    loop = Loop(promotion(9), hand_score, max_concurrent=2)
+    while loop.epochs.get("t00") != 2:
+        loop.step()
+    loop.step()  # Tune paused it: its place is given up
+    waiting = loop.trials[0]
+    assert waiting.status == PAUSED and "t00" not in loop.search_alg.searcher.live_trials
+    loop.stop_trial(waiting)  # e.g. the user's stopper
+    assert loop.inner.completed["t00"]["epoch"] == 2
+    assert "t00" not in loop.scheduler.folds[0].waiting and "t00" in loop.scheduler.folds[0].ended
+
+
 def test_retrain_trials_are_never_paused():
     scheduler = promotion(9)
     retrain = SimpleNamespace(trial_id="r", config={"fold": 1, "retrain": {"epochs": 6}}, status=RUNNING)

@@ -322,8 +322,8 @@ class PerFoldPromotion(FIFOScheduler):
         self._ended(tune_controller, trial)
 
     def choose_trial_to_run(self, tune_controller):
-        """PENDING trials (Tune starts them anyway), then promoted paused trials while a place is free;
-        never a paused trial that waits at its rung. When nothing runs or waits to start twice in a row (the
+        """A promoted paused trial while a place is free (before new trials, which Tune starts anyway), else a
+        PENDING trial; never a paused trial that waits at its rung. When nothing runs or waits to start twice in a row (the
         searcher had its turn in between), the lowest undecided rung of each fold is decided as it stands."""
         for fold, f in sorted(self.folds.items()):
             if f.waiting:  # the searcher may have finished since the last decision
@@ -338,12 +338,9 @@ class PerFoldPromotion(FIFOScheduler):
             elif trial.trial_id in cut:  # cut while its pause was being saved (RUNNING then)
                 self._stop_paused(tune_controller, trial.trial_id)
         trials = tune_controller.get_trials()
-        for trial in trials:
-            if trial.status == Trial.PENDING:
-                self._idle = 0
-                return trial
-        active = sum(t.status == Trial.RUNNING for t in trials)
-        chosen = self._promoted_to_run(tune_controller, trials, active)
+        active = sum(t.status in (Trial.RUNNING, Trial.PENDING) for t in trials)
+        chosen = self._promoted_to_run(tune_controller, trials, active) or next(
+            (t for t in trials if t.status == Trial.PENDING), None)
         if chosen is not None or active:
             self._idle = 0
             return chosen

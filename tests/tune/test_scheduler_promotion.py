@@ -44,7 +44,9 @@ class FoldSearcher(Searcher):
         return {"fold": self.order.pop(0)}
 
     def on_trial_complete(self, trial_id, result=None, error=False):
-        assert trial_id not in self.completed, f"{trial_id} told twice"
+        if trial_id in self.completed:  # Tune's stop_trial of a paused trial tells it again, without the result
+            assert result is None, f"{trial_id} told twice"  # (FoldedOptunaSearch ignores that call)
+            return
         self.completed[trial_id] = result
 
 
@@ -65,7 +67,8 @@ class Loop:
     """Tune's loop around ``scheduler``: ``score(trial number, fold, epoch)`` is what a trial reports."""
 
     def __init__(self, scheduler, score, folds: int = 1, per_fold: int = 9, max_t: int = 6,
-                 max_concurrent: int | None = 1, stall_after: int | None = None, slow_pause: bool = False):
+                 max_concurrent: int | None = 1, stall_after: int | None = None, slow_pause: bool = False,
+                 cpus: int | None = None):
         self.scheduler, self.score, self.max_t = scheduler, score, max_t
         self.inner = FoldSearcher(folds, per_fold, stall_after)
         searcher = ConcurrencyLimiter(self.inner, max_concurrent) if max_concurrent else self.inner
@@ -76,6 +79,8 @@ class Loop:
         self.paused_at: dict[str, list[int]] = {}  # epochs at which each trial was paused
         self.resumed: list[str] = []
         self.most_running = 0
+        self.cpus = cpus  # trials that fit at once (None: any number)
+        self.started: list[str] = []  # trial ids in the order they started or resumed
         self.slow_pause = slow_pause  # a pause takes 3 steps to save: the trial stays RUNNING meanwhile
         self.pausing: dict[str, int] = {}
         self.cut_while_pausing = 0
@@ -93,7 +98,8 @@ class Loop:
     def _suggest(self) -> None:
         if self.search_alg.finished:
             return
-        while True:
+        while self.max_concurrent or not any(t.status == PENDING for t in self.trials):  # Tune: 1 pending
+            # without a ConcurrencyLimiter (max_pending_trials 1 for a custom searcher)
             tid = f"t{len(self.trials):02d}"
             config = self.search_alg.searcher.suggest(tid)
             if config is Searcher.FINISHED:
@@ -126,9 +132,11 @@ class Loop:
         if chosen is not None and chosen.status == PAUSED:
             chosen.status = PENDING
             self.resumed.append(chosen.trial_id)
-        for trial in self.trials:
-            if trial.status == PENDING:
+        for trial in ([chosen] if chosen is not None else []) + self.trials:  # the chosen one first
+            fits = self.cpus is None or sum(t.status == RUNNING for t in self.trials) < self.cpus
+            if trial.status == PENDING and fits:
                 trial.status = RUNNING
+                self.started.append(trial.trial_id)
         running = [t for t in self.trials if t.status == RUNNING]
         self.most_running = max(self.most_running, len(running))
         running = [t for t in running if t.trial_id not in self.pausing]
@@ -245,6 +253,15 @@ def test_twenty_trials_a_fold_two_at_a_time_never_deadlock(folds, slow_pause):
         assert all(loop.epochs[t.trial_id] == 2 for t in trials if t not in best6)
         assert sum(loop.epochs[t.trial_id] for t in trials) == 20 * 2 + 6 * 4
     assert loop.scheduler.debug_string().count("20 reached, 6 promoted, 14 stopped") == folds
+
+
+def test_without_max_concurrent_a_promoted_trial_runs_before_new_ones():
+    """No ConcurrencyLimiter, one CPU, and Tune keeps one new trial PENDING: the promoted trial is chosen
+    first, so 0.90 (promoted once the 7th trial arrived) resumes before the 8th trial starts."""
+    loop = Loop(promotion(9), hand_score, max_concurrent=None, cpus=1).run()
+    assert loop.most_running == 1
+    assert loop.started.index("t04", loop.started.index("t04") + 1) < loop.started.index("t07")
+    assert sum(loop.epochs.values()) == 30
 
 
 def test_a_searcher_that_stops_suggesting_does_not_deadlock():

@@ -222,6 +222,19 @@ def test_early_decisions_with_the_planned_count():
     assert "t08" not in known.paused_at and {"t04", "t06"} <= set(known.paused_at)
 
 
+def test_two_rungs_rank_again_at_the_second():
+    """8 trials, 8 epochs, rungs at 2 and 6: keep(8) = 2 go on from epoch 2 (0.8 and 0.7), keep(2) = 1 from
+    epoch 6, where the order has turned (0.85 over 0.75): 8 x 2 + 2 x 4 + 1 x 2 = 26 epochs."""
+    at2 = [0.3, 0.8, 0.1, 0.7, 0.2, 0.5, 0.4, 0.6]
+    later = {1: 0.75, 3: 0.85}
+    scheduler = PerFoldPromotion("val_miou", "max", max_t=8, grace_period=2, reduction_factor=3, planned=8)
+    assert scheduler.rungs == [2, 6]
+    loop = Loop(scheduler, lambda n, f, e: at2[n] if e <= 2 else later[n], per_fold=8, max_t=8).run()
+    epochs = {t.number: loop.epochs[t.trial_id] for t in loop.trials}
+    assert epochs == {0: 2, 1: 6, 2: 2, 3: 8, 4: 2, 5: 2, 6: 2, 7: 2} and sum(epochs.values()) == 26
+    assert loop.paused_at[loop.trials[1].trial_id] == [2, 6]  # waited at both rungs; stopped at the second
+
+
 def test_per_fold_asha_lets_first_arrivals_through():
     """The control: Ray's ASHA, one trial at a time, passes the first arrivals at the rung (0.30 is the 7th of
     the 9), so its epochs exceed successive halving's 30."""

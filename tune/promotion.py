@@ -17,10 +17,15 @@ Concurrency: Tune's ``max_concurrent_trials`` (a ``ConcurrencyLimiter`` around t
 a trial as live until it ends, so two paused trials would hold both places of ``max_concurrent: 2``
 and nothing could run. A paused trial is therefore taken out of the limiter's live trials once
 Tune has paused it (the searcher suggests the next trial in its place) and put back when it is
-promoted, before it runs again; a promoted trial runs before new ones once a place is free. Should nothing be running or
-waiting to start all the same (a budget that refuses further trials, a searcher that waits for
-paused ones), the undecided rungs are decided with the trials that reached them: Tune always has
-something to run, or nothing left.
+promoted, before it runs again; a promoted trial runs before new ones once a place is free. Should
+nothing be running or waiting to start all the same (a budget that refuses further trials, a
+searcher that waits for paused ones), the undecided rungs are decided with the trials that reached
+them: Tune always has something to run, or nothing left.
+
+Not Ray's ``HyperBandScheduler``: it sizes its brackets by its own formula (``ceil(s_max / (s + 1)
+* eta**s)`` trials, first rung at ``max_t / eta**s``), has no grace period, fills brackets from one
+stream of trials rather than per fold and by the planned count, and its paused trials hold their
+``ConcurrencyLimiter`` places the same way.
 
 The state (per fold: trials, rungs and their scores, who waits and who was promoted) is written to
 ``asha_state.json`` after every change and read back when ``Tuner.restore`` unpickles the scheduler

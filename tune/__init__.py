@@ -7,6 +7,7 @@ Search (imports ``trainables`` only):
   searcher      one Optuna study per fold behind one Ray Tune searcher
   racing        fold racing: a configuration earns the next fold while its mean ranks in the top 1/eta
   scheduler     ASHA with one bracket set per fold
+  promotion     successive halving with promotion per fold: paused at a rung, resumed if in its top
   budget        epoch and wall-clock budgets
   experiment    the Tune callback that keeps trials.csv current
   trainable     the thin adapter between Ray Tune and ``trainables.loop.FoldTrainer``

@@ -33,7 +33,7 @@ UNCOMPARED = {"data.path", "data.images", "data.cache_dir", "train.preview_image
 COMPARED_SEARCH = ("metric", "mode", "seed", "n_startup_trials", "asha", "search_folds", "retrain_top", "racing")
 # search.asha settings a run need not record (older experiment.json files, spaces that leave them
 # out): the value they then have
-ASHA_UNRECORDED = {"recheck": False}
+ASHA_UNRECORDED = {"recheck": False, "promotion": False}
 
 
 def earlier_state(run_dir: Path) -> list[str]:

@@ -12,6 +12,9 @@ against the trials recorded there so far, so the first arrivals at every rung pa
 that passed a rung is ranked again at each of its later epochs against everything recorded at that
 rung by then, and stopped as soon as it falls below the rung's cut (the same top 1/reduction_factor
 quantile): what waiting at the rung for more arrivals would decide, without pausing the trial.
+
+``promotion`` (``search.asha.promotion``) waits instead: trials are paused at a rung and promoted
+once the rung is decided (:class:`tune.promotion.PerFoldPromotion`; :func:`build_scheduler` chooses).
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from pathlib import Path
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from trainables.io import atomic_write_text
+from tune.promotion import PerFoldPromotion
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +33,10 @@ logger = logging.getLogger(__name__)
 class PerFoldASHA(FIFOScheduler):
     def __init__(self, metric: str, mode: str, max_t: int, grace_period: int = 1, reduction_factor: float = 3,
                  brackets: int = 1, state_path: str | None = None, time_attr: str = "training_iteration",
-                 recheck: bool = False):
+                 recheck: bool = False, promotion: bool = False):
         super().__init__()
+        if promotion:  # a search.asha mapping passed whole: promotion is another scheduler
+            raise ValueError("search.asha.promotion is PerFoldPromotion's (tune/promotion.py): use build_scheduler")
         self._metric, self._mode = metric, mode
         if grace_period > max_t:  # e.g. --max-epochs 1: nothing to stop early, ASHA would refuse
             logger.info("ASHA grace period %s is above the %s epochs of a trial: using %s", grace_period, max_t, max_t)
@@ -137,3 +143,13 @@ class PerFoldASHA(FIFOScheduler):
             asha._trial_info = {tid: asha._brackets[i] for tid, i in saved["trial_bracket"].items()}
             asha._num_stopped = saved["num_stopped"]
         logger.info("restored ASHA rungs of folds %s from %s", sorted(self.folds), self.state_path)
+
+
+def build_scheduler(metric: str, mode: str, max_t: int, asha: dict, state_path: str | None = None,
+                    planned: int | None = None) -> FIFOScheduler:
+    """The scheduler of ``search.asha`` (a mapping): :class:`PerFoldPromotion` with ``promotion: true``
+    (``planned``: trials per fold, None if unknown), else :class:`PerFoldASHA`."""
+    settings = {k: v for k, v in asha.items() if k != "promotion"}
+    if asha.get("promotion"):
+        return PerFoldPromotion(metric, mode, max_t, planned=planned, state_path=state_path, **settings)
+    return PerFoldASHA(metric, mode, max_t, state_path=state_path, **settings)

@@ -27,7 +27,8 @@ from tune.progress import FoldProgress, verbose_reporter
 from tune.racing import RacingSearch
 from tune.resume import apply_run_settings, grow_samples, reconcile, reopen_search
 from tune.rundir import check_resume_settings, clear_earlier_run, earlier_state, run_settings
-from tune.scheduler import PerFoldASHA
+from tune.promotion import pause_epochs
+from tune.scheduler import build_scheduler
 from tune.searcher import FoldedOptunaSearch, planned_trials, random_start_warning
 from tune.space import SearchSpec, check_classes
 from tune.storage import storage_filesystem, unreadable_state
@@ -165,7 +166,8 @@ def build_tuner(spec: SearchSpec, base: dict, *, folds: list, data: SegData, run
                 verbose: bool = False, budget: Budget | None = None) -> tune.Tuner:
     search, res, files = spec.search, spec.resources, RunFiles(run_dir)
     metric, mode, max_epochs = search["metric"], search["mode"], int(base["train"]["epochs"])
-    trainable = trial_trainable(res, base, folds, run_dir, trial_storage)  # one process, or N Ray Train workers
+    trainable = trial_trainable(res, base, folds, run_dir, trial_storage,  # one process, or N Ray Train workers
+                                pause_epochs(search.get("asha"), max_epochs))
     filesystem = storage_filesystem(trial_storage)  # whole files on a disk path (tune/storage.py)
     table = TrialsTable(files.trials_csv, metric, max_epochs, trial_storage)
     concurrent = max_concurrent(res)
@@ -192,7 +194,7 @@ def build_tuner(spec: SearchSpec, base: dict, *, folds: list, data: SegData, run
     searcher_class = RacingSearch if search.get("racing") else FoldedOptunaSearch  # racing: tune/racing.py
     searcher = searcher_class(spec, len(folds), data.num_classes, files.studies_url, spec.name, max_epochs, budget)
     asha = search.get("asha")
-    scheduler = (PerFoldASHA(metric, mode, max_epochs, state_path=str(files.asha_state), **asha)
+    scheduler = (build_scheduler(metric, mode, max_epochs, asha, str(files.asha_state), int(search["num_samples"]))
                  if asha else None)
     return tune.Tuner(
         trainable,

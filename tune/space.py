@@ -21,6 +21,7 @@ Every key is optional except ``space``; defaults are in brackets::
                                    #   max_t is train.epochs; null: no early stopping. Grace 2: a
                                    #   first-epoch score ranks from-scratch trials poorly (bench/).
                                    #   recheck: true: see tune/scheduler.py [false]
+                                   #   promotion: true: pause at rungs, see tune/promotion.py [false]
                                    #   train.epochs can be searched only with asha: null
       search_folds: null           # folds searched [null = every fold]; [0]: search fold 0 only,
       retrain_top: 3               #   then retrain its best `retrain_top` configs on the others [3]
@@ -84,7 +85,7 @@ DRIVER_SECTIONS = {
     "data": "the driver loads the data once for every trial and the ensemble reads fixed.data",
     "folds": "the driver makes the folds once and every trial trains on them",
 }
-ASHA_DEFAULTS = {"grace_period": 2, "reduction_factor": 3, "brackets": 1}
+ASHA_DEFAULTS = {"grace_period": 2, "reduction_factor": 3, "brackets": 1, "promotion": False}
 SEARCH_DEFAULTS = {"num_samples": 8, "metric": "val_miou", "mode": "max", "seed": 0, "n_startup_trials": 10,
                    "share_folds": False, "asha": ASHA_DEFAULTS, "search_folds": None, "retrain_top": 3,
                    "epoch_budget": None, "time_budget": None, "racing": None}
@@ -107,6 +108,8 @@ MEANINGS = {  # of the search.* and resources.* keys (docs/reference/settings.md
     "search.asha.reduction_factor": "keep the top 1/reduction_factor at each rung",
     "search.asha.brackets": "ASHA brackets",
     "search.asha.recheck": "rank a trial that passed a rung again at each later epoch (tune/scheduler.py)",
+    "search.asha.promotion": "pause trials at each rung and promote the top 1/reduction_factor of the fold's trials "
+                             "once they are known (tune/promotion.py)",
     "search.search_folds": "folds searched (null: every fold); [0]: search fold 0, then retrain on the others",
     "search.retrain_top": "configs of each searched fold retrained on the other folds",
     "search.epoch_budget": "total training epochs of all trials and folds (null: none)",
@@ -234,7 +237,8 @@ SEARCH_CHECKS = {
 }
 RACING_CHECKS = {"eta": _int_min(1)}
 ASHA_CHECKS = {"grace_period": _int_min(1), "reduction_factor": _number_min(1, strict=True), "brackets": _int_min(1),
-               "recheck": lambda v: None if isinstance(v, bool) else f"expected true or false, {config.got(v)}"}
+               "recheck": lambda v: None if isinstance(v, bool) else f"expected true or false, {config.got(v)}",
+               "promotion": lambda v: None if isinstance(v, bool) else f"expected true or false, {config.got(v)}"}
 RESOURCES_CHECKS = {
     "cpus_per_trial": _number_min(0, strict=True),
     "gpus_per_trial": _number_min(0),
@@ -341,6 +345,9 @@ def _check_spec(spec: SearchSpec, source: str, fixed_at: str, search_at: str, sp
     except ConfigError as err:
         raise ConfigError(source, where(err.key), err.problem) from None
     folds = base["folds"]
+    if spec.search.get("racing") and (spec.search.get("asha") or {}).get("promotion"):
+        raise ConfigError(source, f"{search_at}racing", "racing hands out a fold's trials as configurations earn "
+                          "it, so asha.promotion cannot know when a fold's rung is complete; use one of them")
     if spec.search.get("racing") and spec.search["search_folds"] is not None:
         raise ConfigError(source, f"{search_at}racing", "racing runs every configuration on fold 0 first and "
                           "promotes it fold by fold: it replaces two-stage mode; set search_folds: null")

@@ -69,12 +69,13 @@ def worker_loop(config: dict) -> None:
     if restored:
         with restored.as_directory() as ckpt_dir:
             load_trial_state(trainer, ckpt_dir)
-    best = config["checkpoint_ref"].replace(NAME, checkpoint_name(trainer.best_epoch)) if restored else ""
+    # the restored checkpoint is the latest, whose model.pt holds the best weights
+    best = config["checkpoint_ref"].replace(NAME, checkpoint_name(trainer.epoch)) if restored else ""
     node = node_label()
     for record in trainer.epochs():
         record["node"] = node
         name = checkpoint_name(trainer.epoch)
-        if record.pop("improved"):
+        if record.pop("improved") or trainer.epoch in config.get("pause_epochs", ()):
             best = config["checkpoint_ref"].replace(NAME, name)
             record["best_checkpoint"] = best
             if trainer.is_main:
@@ -120,7 +121,7 @@ def remove_placement_group_of(trial_id: str) -> None:
 
 
 def train_trial_workers(config: dict, base: dict, folds: list[list[str]], cpus: float, gpus: float,
-                        workers: int, run_dir: str, trial_storage: str | None) -> None:
+                        workers: int, run_dir: str, trial_storage: str | None, pause_epochs=()) -> None:
     """Ray Tune function trainable of a multi-worker trial: runs the trial as a Ray Train run."""
     from ray import tune
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -133,12 +134,12 @@ def train_trial_workers(config: dict, base: dict, folds: list[list[str]], cpus: 
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"trial": config, "base": base, "folds": folds, "cpus": cpus, "gpus": gpus,
-                           "checkpoint_ref": ref},
+                           "checkpoint_ref": ref, "pause_epochs": list(pause_epochs)},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus > 0, resources_per_worker=resources),
         run_config=RunConfig(
             name=trial_dir, storage_path=experiment_location(Path(run_dir), trial_storage, TRAIN_DIR),
             storage_filesystem=storage_filesystem(trial_storage),
-            # checkpoints are written only at improved epochs: the latest is the best
+            # checkpoints are written at improved epochs (and pause epochs): the latest holds the best model.pt
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             failure_config=FailureConfig(max_failures=0),  # a lost worker fails the Tune trial, which Tune retries
             callbacks=[TuneReportCallback(),
@@ -177,20 +178,23 @@ def concurrent_trials(resources: dict, cluster: dict) -> int:
     return max(1, int(min(fits)))
 
 
-def trial_trainable(resources: dict, base: dict, folds: list, run_dir: Path, trial_storage: str | None):
+def trial_trainable(resources: dict, base: dict, folds: list, run_dir: Path, trial_storage: str | None,
+                    pause_epochs: list[int] | None = None):
     """The Tune trainable of a trial with its resources: one process (tune/trainable.py), or a driver of
-    ``workers_per_trial`` Ray Train workers that reserves almost nothing itself."""
+    ``workers_per_trial`` Ray Train workers that reserves almost nothing itself. ``pause_epochs``: where the
+    scheduler may pause a trial (tune/promotion.py), which checkpoints there."""
     from ray import tune
 
     cpus, gpus = float(resources["cpus_per_trial"]), float(resources["gpus_per_trial"])
     if workers(resources) == 1:
-        return tune.with_resources(tune.with_parameters(train_trial, base=base, folds=folds, cpus=cpus),
+        return tune.with_resources(tune.with_parameters(train_trial, base=base, folds=folds, cpus=cpus,
+                                                        pause_epochs=tuple(pause_epochs or ())),
                                    {"cpu": cpus, "gpu": gpus})
     from ray.tune.trainable import wrap_function
 
     function = wrap_function(tune.with_parameters(
         train_trial_workers, base=base, folds=folds, cpus=cpus, gpus=gpus, workers=workers(resources),
-        run_dir=str(run_dir), trial_storage=trial_storage))
+        run_dir=str(run_dir), trial_storage=trial_storage, pause_epochs=tuple(pause_epochs or ())))
 
     class WorkersTrial(function):
         """The trial's function, and on stop the release of its workers' placement group."""

@@ -4,6 +4,9 @@ Each Tune trial trains one sampled config on one fold. Per epoch it reports the 
 the selection metric improves it also reports a checkpoint holding the best model
 (``model.pt``, self-describing) and the state to continue from (``state.pt``), so Tune's
 ``CheckpointConfig(num_to_keep=1)`` keeps exactly the best epoch and a restored trial resumes.
+With ``search.asha.promotion`` a trial also checkpoints at the epochs where the scheduler may pause it
+(``pause_epochs``, tune/promotion.py): ``model.pt`` still holds the best epoch's weights and ``state.pt``
+then the current ones too, so a promoted trial continues from the epoch it paused at, not from its best.
 A trial on several workers (``resources.workers_per_trial``) runs the same pieces in each worker
 of a Ray Train run instead (tune/train_adapter.py).
 """
@@ -55,27 +58,32 @@ def load_trial_state(trainer: FoldTrainer, ckpt_dir: str | Path) -> None:
     state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location=trainer.device, weights_only=True)
     weights = load_checkpoint(ckpt_dir)["state_dict"]  # kept once, in model.pt
     state["best_state"] = weights
-    # checkpoints are written at the best epoch: model.pt holds the evaluated weights of this state,
-    # the EMA's when state.pt has the raw ones (train.ema_decay), else the model's
+    # at the best epoch model.pt holds the evaluated weights of this state: the EMA's when state.pt has the
+    # raw ones (train.ema_decay), else the model's. At a pause epoch that was not the best, state.pt has both
+    # (an "ema" added for a trainer without one is ignored)
     state.setdefault("ema" if "model" in state else "model", weights)
     trainer.load_state_dict(state)
     logger.info("trial resumed after epoch %d", trainer.epoch)
 
 
 def write_trial_checkpoint(trainer: FoldTrainer, cfg: dict, folder: str | Path) -> None:
-    """The best epoch's files (this is the best epoch): model.pt, state.pt, and W&B's preview."""
+    """The best epoch's files: model.pt, state.pt (with the current weights unless this is the best epoch),
+    and W&B's preview."""
     save_checkpoint(trainer.best_checkpoint(), folder)
     state = trainer.state_dict()
-    # the best and the current evaluated weights are model.pt's (this is the best epoch): written once.
-    # With train.ema_decay they are the EMA's, and the raw weights that keep training go in state.pt
-    del state["best_state"], state["ema" if "ema" in state else "model"]
+    del state["best_state"]  # model.pt's
+    if trainer.best_epoch == trainer.epoch:
+        # the current evaluated weights are the best, model.pt's: written once. With train.ema_decay they
+        # are the EMA's, and the raw weights that keep training stay in state.pt
+        del state["ema" if "ema" in state else "model"]
     torch.save(state, Path(folder) / STATE_FILE)
     if cfg["train"]["preview_images"]:  # only W&B shows them (tune/run.py sets 0 without it)
         np.savez_compressed(Path(folder) / PREVIEW_FILE, **trainer.preview(int(cfg["train"]["preview_images"])))
 
 
-def train_trial(config: dict, base: dict, folds: list[list[str]], cpus: float) -> None:
-    """Ray Tune function trainable: ``base`` is the fixed config, ``config`` the sampled part."""
+def train_trial(config: dict, base: dict, folds: list[list[str]], cpus: float, pause_epochs=()) -> None:
+    """Ray Tune function trainable: ``base`` is the fixed config, ``config`` the sampled part;
+    ``pause_epochs``: epochs that checkpoint even without an improvement (the scheduler may pause there)."""
     torch.set_num_threads(max(1, int(cpus)))
     trainer, cfg = build_trainer(config, base, folds)
     restored = tune.get_checkpoint()
@@ -85,7 +93,7 @@ def train_trial(config: dict, base: dict, folds: list[list[str]], cpus: float) -
     node = node_label()
     for record in trainer.epochs():
         record["node"] = node
-        if not record.pop("improved"):
+        if not record.pop("improved") and trainer.epoch not in pause_epochs:
             tune.report(record)
             continue
         with tempfile.TemporaryDirectory() as tmp:

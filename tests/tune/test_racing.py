@@ -101,6 +101,8 @@ def test_racing_setting_is_checked():
         assert err.value.key == key
     with pytest.raises(ConfigError, match="two-stage"):
         with_overrides(spec, search={"racing": {"eta": 2}, "search_folds": [0]})
+    with pytest.raises(ConfigError, match="asha.promotion"):
+        with_overrides(spec, search={"racing": {"eta": 2}, "asha": {"promotion": True}})
 
 
 # -- a race over three folds ----------------------------------------------------------------

@@ -219,6 +219,17 @@ def test_an_older_record_without_asha_recheck_had_it_off():
         and '"recheck": true' in diff[0], diff
 
 
+def test_an_older_record_without_asha_promotion_had_it_off():
+    """search.asha.promotion (default false) came later too: a record without it resumes with it off."""
+    from tune.rundir import settings_changes
+
+    saved = recorded(tiny())
+    assert saved["search"]["asha"].pop("promotion") is False  # what an older experiment.json lacks
+    assert settings_changes(saved, recorded(tiny())) == []
+    diff = settings_changes(saved, recorded(tiny(asha={"promotion": True})))
+    assert len(diff) == 1 and '"promotion": false' in diff[0] and '"promotion": true' in diff[0], diff
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_resume_with_changed_settings_is_refused_in_one_line(tmp_path):

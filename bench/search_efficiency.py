@@ -354,6 +354,38 @@ def spread(values: list[float]) -> dict:
             "min": min(values), "max": max(values), "n": len(values)}
 
 
+def promotion_replay(run: dict, grace: int, rf: float) -> dict:
+    """Successive halving with promotion per fold (what ``search.asha.promotion`` does: a fold's trials
+    pause at each rung and its top ``max(1, n // rf)`` there go on; tests/tune/test_scheduler_promotion.py
+    holds the scheduler to this on 20 trials a fold) on the random arm's full curves. Exact for these
+    curves: which trials go on depends only on their scores at the rungs, not on arrival order."""
+    from tune.budget import milestones
+    from tune.promotion import keep
+
+    max_t, k = run["max_t"], run["folds"]
+    curves: dict[str, dict[int, float]] = {}
+    fold_of: dict[str, int] = {}
+    for e in run["events"]:
+        if e["val_miou"] is not None:
+            curves.setdefault(e["trial_id"], {})[e["epoch"]] = e["val_miou"]
+            fold_of[e["trial_id"]] = e["fold"]
+    rungs = [m for m in milestones(max_t, {"grace_period": grace, "reduction_factor": rf, "brackets": 1}, max_t)
+             if m < max_t]
+    out = {"epochs": [], "best": []}
+    for fold in range(k):
+        alive = [t for t in curves if fold_of[t] == fold]
+        ran = {t: 0 for t in alive}
+        for rung in rungs:
+            for t in alive:
+                ran[t] = rung
+            alive = sorted(alive, key=lambda t: -curves[t][rung])[: keep(len(alive), rf)]
+        for t in alive:
+            ran[t] = max_t
+        out["epochs"].append(sum(ran.values()))
+        out["best"].append(max(max(v for e, v in curves[t].items() if e <= ran[t]) for t in ran))
+    return out
+
+
 def replays_of(random_runs: list[dict], asha: dict) -> dict:
     """Every REPLAYS setting on each seed's random curves: epochs ratio and mIoU difference, per seed."""
     from tune.scheduler import PerFoldASHA
@@ -458,8 +490,8 @@ def summarise(runs: dict, seeds: list[int], quick: bool) -> dict:
         rows.append(common.row("k-fold mean: exhaustive best - racing's choice, per seed",
                                common.side("gap", [r["gap"] for r in race]), None, gap, "<= 0.005", gap <= 0.005))
         rows.append(common.row("fold-epochs: racing / every configuration on every fold, per seed",
-                               common.side("racing ep", [sum(r["stats"]["epochs"]) for r, _ in race_runs], "ep"),
-                               common.side("exhaustive ep", [sum(e["stats"]["epochs"]) for _, e in race_runs], "ep"),
+                               common.side("racing", [sum(r["stats"]["epochs"]) for r, _ in race_runs], "ep"),
+                               common.side("exhaustive", [sum(e["stats"]["epochs"]) for _, e in race_runs], "ep"),
                                ratio, "<= 0.5", ratio <= 0.5))
     for arm in EXTRA_ARMS:
         if arm in by_arm and arm not in ("racing", "exhaustive"):
@@ -475,6 +507,23 @@ def summarise(runs: dict, seeds: list[int], quick: bool) -> dict:
                            common.safe_ratio(statistics.fmean(r["wall_s"] for r in by_arm["shared"]),
                                              statistics.fmean(r["wall_s"] for r in by_arm["stock"])), "info"))
     asha = by_arm["shared"][0]["asha"] or {}
+    promoted = [promotion_replay(r, asha.get("grace_period", 2), asha.get("reduction_factor", 3))
+                for r in by_arm["random"]]
+    asha_replay = [replay(r["events"], __import__("tune.scheduler", fromlist=["PerFoldASHA"]).PerFoldASHA(
+        "val_miou", "max", r["max_t"], **{k: v for k, v in asha.items() if k != "promotion"}), r["max_t"], r["folds"])
+        for r in by_arm["random"]]
+    ratio_p = statistics.fmean(sum(p["epochs"]) / sum(r["stats"]["epochs"]) for p, r in zip(promoted, by_arm["random"]))
+    diff_p = statistics.fmean(fold_mean(p["best"]) - fold_mean(r["stats"]["best"])
+                              for p, r in zip(promoted, by_arm["random"]))
+    rows.append(common.row("promotion on the random curves: epochs / random's, per seed",
+                           common.side("promotion", [sum(p["epochs"]) for p in promoted], "ep"),
+                           common.side("random", epochs["random"], "ep"), ratio_p, "<= 0.45", ratio_p <= 0.45))
+    rows.append(common.row("promotion on the random curves: best mIoU - random's, per seed",
+                           common.side("promotion", [fold_mean(p["best"]) for p in promoted]),
+                           common.side("random", best["random"]), diff_p, ">= -0.01", diff_p >= -0.01))
+    rows.append(common.row("ASHA (first arrivals pass) on the same curves, per seed",
+                           common.side("asha", [sum(a["epochs"]) for a in asha_replay], "ep"),
+                           common.side("asha best", [fold_mean(a["best"]) for a in asha_replay]), None, "info"))
     replays = replays_of(by_arm["random"], {k: v for k, v in asha.items() if k == "brackets"})
     for name, r in replays.items():
         rows.append(common.row(f"replay on random curves: {name}",
@@ -493,6 +542,7 @@ def summarise(runs: dict, seeds: list[int], quick: bool) -> dict:
         "epochs": {arm: spread(v) for arm, v in epochs.items()},
         "proposals_at_step": proposals,
         "racing": race,
+        "promotion_on_random_curves": promoted,
         "per_fold": {arm: [r["stats"] for r in rs] for arm, rs in by_arm.items()},
         "replays_of_random_curves": replays,
         "wall_s": {arm: [r["wall_s"] for r in rs] for arm, rs in by_arm.items()},

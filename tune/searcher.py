@@ -64,11 +64,14 @@ def random_start_warning(search: dict, folds: int = 1) -> str | None:
     """Whether TPE will propose few or none of the search's trials, in the user's words (None: it will
     propose most). Optuna's TPE draws at random until ``n_startup_trials`` trials of its study have
     finished: of each fold's study (one per fold), or with ``share_folds`` of all ``folds`` searched
-    folds together. Trials started while those run are random too."""
+    folds together (with racing, the ``num_samples`` new configurations are all it proposes). Trials started
+    while those run are random too."""
     n, startup = int(search["num_samples"]), int(search["n_startup_trials"])
     shared = bool(search.get("share_folds")) and folds > 1
     total, per = (n * folds, f"over the {folds} folds together") if shared else (n, "per fold")
     what = f"search.num_samples={n} x {folds} folds" if shared else f"search.num_samples={n}"
+    if search.get("racing"):  # num_samples new configurations in all, the only trials TPE proposes
+        total, per, what = n, "in all", f"search.num_samples={n} (configurations, racing)"
     if startup >= total:
         return (f"search.n_startup_trials={startup} >= {what}: every trial is drawn at random and TPE never "
                 f"proposes one; lower n_startup_trials (e.g. {max(1, total // 4)}) or raise num_samples"

@@ -175,3 +175,11 @@ def test_shared_start_up_warning_counts_every_fold(num_samples, startup, folds):
         assert f"TPE proposes at most {proposed} trials over the {folds} folds together" in warning
     else:
         assert warning is None
+
+
+def test_racing_start_up_warning_counts_the_new_configurations():
+    """Racing: TPE proposes only the num_samples new configurations (promotions repeat them)."""
+    never = random_start_warning({"num_samples": 8, "n_startup_trials": 10, "share_folds": True, "racing": {"eta": 3}},
+                                 5)
+    assert "TPE never proposes one" in never and "configurations, racing" in never
+    assert random_start_warning({"num_samples": 40, "n_startup_trials": 10, "racing": {"eta": 3}}, 5) is None

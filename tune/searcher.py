@@ -5,11 +5,11 @@ truncated score, so TPE learns from partial-budget numbers as if they were final
 
 * each fold has its own study in persistent storage (SQLite under the run directory): the record of
   its trials, which ``--resume`` reconciles and the two-stage mode ranks;
-* what proposes a fold's next trial is, by default (``search.share_folds: false``), the fold's own
-  TPE (seeded per fold), which learns from that fold's trials only; with ``share_folds: true`` it
-  is one TPE model over every fold's trials (:func:`shared_history`): the folds are random splits of
-  one dataset, so what is good on one is largely good on the others, and their ``n_startup_trials``
-  random trials count over all folds together. Folds differ in difficulty, so each trial's scores
+* what proposes a fold's next trial is, by default (``search.share_folds: true``), one TPE model
+  over every fold's trials (:func:`shared_history`), or with ``share_folds: false`` the fold's own
+  TPE (seeded per fold), which learns from that fold's trials only. Shared: the folds are random
+  splits of one dataset, so what is good on one is largely good on the others, and the
+  ``n_startup_trials`` random trials count over all folds together. Folds differ in difficulty, so each trial's scores
   are shifted by its fold's offset (:func:`fold_offset`: the median score of the fold's trials at
   the first ASHA rung) before TPE ranks them. The fold is still assigned by the searcher (round
   robin), never sampled, and the model is rebuilt from the studies at each proposal, so

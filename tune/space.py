@@ -15,8 +15,10 @@ Every key is optional except ``space``; defaults are in brackets::
                                    #   (per-image means, Kaggle style: see metrics.* below), ...
       mode: max                    # max | min [min for a metric ending in "loss", else max]
       seed: 0                      # Optuna TPE seed [0]
-      n_startup_trials: 10         # random trials per fold before TPE takes over [10, Optuna's
-                                   #   default: TPE after 4 of 8 lost to random, bench/README.md]
+      n_startup_trials: 10         # random trials before TPE takes over [10, Optuna's default],
+                                   #   counted over all folds with share_folds (per fold without)
+      share_folds: true            # one TPE model over every fold's trials, scores shifted by their
+                                   #   fold's median at the first rung [true]; false: a study per fold
       asha: {grace_period: 2, reduction_factor: 3, brackets: 1}   # early stopping [these];
                                    #   max_t is train.epochs; null: no early stopping. Grace 2: a
                                    #   first-epoch score ranks from-scratch trials poorly (bench/).
@@ -87,7 +89,7 @@ DRIVER_SECTIONS = {
 }
 ASHA_DEFAULTS = {"grace_period": 2, "reduction_factor": 3, "brackets": 1, "promotion": False}
 SEARCH_DEFAULTS = {"num_samples": 8, "metric": "val_miou", "mode": "max", "seed": 0, "n_startup_trials": 10,
-                   "share_folds": False, "asha": ASHA_DEFAULTS, "search_folds": None, "retrain_top": 3,
+                   "share_folds": True, "asha": ASHA_DEFAULTS, "search_folds": None, "retrain_top": 3,
                    "epoch_budget": None, "time_budget": None, "racing": None}
 RACING_DEFAULTS = {"eta": 3}
 RESOURCES_DEFAULTS = {"cpus_per_trial": 1, "gpus_per_trial": 0, "max_concurrent": None, "workers_per_trial": 1,

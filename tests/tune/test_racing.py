@@ -18,6 +18,8 @@ from tune.racing import RacingSearch, level_means, promotable
 from tune.searcher import study_name
 from tune.space import load_space, with_overrides
 
+from tests.tune.searcher_driver import run_epochs, stored
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tests" / "spaces" / "tiny.yaml"
 K = 3  # folds
@@ -31,19 +33,6 @@ def make_searcher(tmp_path: Path, **search) -> RacingSearch:
                         experiment="t", max_epochs=3)
 
 
-def run_epochs(searcher, trial_id: str, scores: list[float]) -> dict:
-    """One result per epoch as Tune passes them; the last (the one a scheduler stopped on) only to
-    on_trial_complete."""
-    best = None
-    for epoch, score in enumerate(scores, 1):
-        best = score if best is None else max(best, score)
-        result = {"epoch": epoch, "val_miou": score, "best_score": best, "best_epoch": scores.index(best) + 1}
-        if epoch < len(scores):
-            searcher.on_trial_result(trial_id, result)
-    searcher.on_trial_complete(trial_id, result)
-    return result
-
-
 def complete(searcher, trial_id: str, best: float) -> None:
     """Trains its 3 planned epochs (COMPLETE), best score ``best``."""
     run_epochs(searcher, trial_id, [best - 0.2, best, best - 0.1])
@@ -52,10 +41,6 @@ def complete(searcher, trial_id: str, best: float) -> None:
 def pruned(searcher, trial_id: str) -> None:
     """Stopped by ASHA after 2 of 3 epochs (PRUNED)."""
     run_epochs(searcher, trial_id, [0.9, 0.95])
-
-
-def stored(tmp_path: Path, fold: int) -> list[optuna.trial.FrozenTrial]:
-    return optuna.load_study(study_name=study_name("t", fold), storage=f"sqlite:///{tmp_path}/s.db").trials
 
 
 def handed(config: dict) -> tuple[int, int]:

@@ -12,8 +12,10 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 from ray.tune.search import Searcher
 
-from tune.searcher import FoldedOptunaSearch, fold_offset, random_start_warning, shared_history, study_name
+from tune.searcher import FoldedOptunaSearch, fold_offset, random_start_warning, shared_history
 from tune.space import load_space, with_overrides
+
+from tests.tune.searcher_driver import run_epochs, stored
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tests" / "spaces" / "tiny.yaml"
@@ -31,23 +33,6 @@ def make_searcher(tmp_path: Path, **search) -> FoldedOptunaSearch:
     spec = with_overrides(load_space(str(TINY), ROOT / "search_spaces"), search=search)
     return FoldedOptunaSearch(spec, num_folds=2, num_classes=11, storage=f"sqlite:///{tmp_path}/s.db",
                               experiment="t", max_epochs=3)
-
-
-def run_epochs(searcher, trial_id: str, scores: list[float]) -> dict:
-    """One result per epoch as Tune passes them; the last (the one a scheduler stopped on) only to
-    on_trial_complete."""
-    best = None
-    for epoch, score in enumerate(scores, 1):
-        best = score if best is None else max(best, score)
-        result = {"epoch": epoch, "val_miou": score, "best_score": best, "best_epoch": scores.index(best) + 1}
-        if epoch < len(scores):
-            searcher.on_trial_result(trial_id, result)
-    searcher.on_trial_complete(trial_id, result)
-    return result
-
-
-def stored(tmp_path: Path, fold: int) -> list[optuna.trial.FrozenTrial]:
-    return optuna.load_study(study_name=study_name("t", fold), storage=f"sqlite:///{tmp_path}/s.db").trials
 
 
 def test_fold_offset_and_shared_history_against_a_hand_computation():

@@ -345,6 +345,29 @@ def race_against_reference(racing: dict, exhaustive: dict, folds: int) -> dict:
             "epoch_ratio": sum(racing["stats"]["epochs"]) / max(sum(exhaustive["stats"]["epochs"]), 1)}
 
 
+def race_replay(exhaustive: dict, eta: int, folds: int, max_t: int) -> dict:
+    """Racing without ASHA replayed on the exhaustive arm's fold scores: configurations arrive in the order
+    they were proposed, each judged at every fold it completes by :func:`tune.racing.promotable`, one at a
+    time (the race run sequentially). Its choice (best mean over the configurations that reached every
+    fold) is scored by the k-fold mean, its epochs against the exhaustive arm's."""
+    from tune.racing import promotable
+
+    scores = [[s[str(f)] for f in range(folds)] for s in exhaustive["fold_scores"].values() if len(s) == folds]
+    reached: list[list[float]] = []
+    for config in scores:
+        ran = [config[0]]
+        while len(ran) < folds:
+            level = [statistics.fmean(r[:len(ran)]) for r in reached if len(r) >= len(ran)] + [statistics.fmean(ran)]
+            if not promotable(statistics.fmean(ran), level, eta, "max"):
+                break
+            ran.append(config[len(ran)])
+        reached.append(ran)
+    full = [statistics.fmean(r) for r in reached if len(r) == folds]
+    every = [statistics.fmean(c) for c in scores]
+    return {"eta": eta, "gap": max(every) - max(full), "epoch_ratio": sum(len(r) for r in reached) / (len(scores) * folds),
+            "configs_every_fold": len(full)}
+
+
 def fold_mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
@@ -489,6 +512,11 @@ def summarise(runs: dict, seeds: list[int], quick: bool) -> dict:
         ratio = statistics.fmean(r["epoch_ratio"] for r in race)
         rows.append(common.row("k-fold mean: exhaustive best - racing's choice, per seed",
                                common.side("gap", [r["gap"] for r in race]), None, gap, "<= 0.005", gap <= 0.005))
+        for eta in (2, 3):
+            replayed = [race_replay(e, eta, r["folds"], r["max_t"]) for r, e in race_runs]
+            rows.append(common.row(f"racing without ASHA, eta {eta}, replayed on the exhaustive scores: gap, per seed",
+                                   common.side("gap", [x["gap"] for x in replayed]),
+                                   common.side("fold-epochs x", [x["epoch_ratio"] for x in replayed]), None, "info"))
         rows.append(common.row("fold-epochs: racing / every configuration on every fold, per seed",
                                common.side("racing", [sum(r["stats"]["epochs"]) for r, _ in race_runs], "ep"),
                                common.side("exhaustive", [sum(e["stats"]["epochs"]) for _, e in race_runs], "ep"),

@@ -24,3 +24,20 @@ def run_epochs(searcher, trial_id: str, scores: list[float]) -> dict:
 def stored(tmp_path: Path, fold: int, experiment: str = "t") -> list[optuna.trial.FrozenTrial]:
     """The trials of ``fold``'s study in ``tmp_path/s.db``."""
     return optuna.load_study(study_name=study_name(experiment, fold), storage=f"sqlite:///{tmp_path}/s.db").trials
+
+
+def tpe_proposals(trials: int, startup: int) -> int:
+    """How many of ``trials`` Optuna's TPE proposes (rather than its start-up sampler drawing them at
+    random) in one study run one trial at a time with ``n_startup_trials=startup``: counted, not computed."""
+    sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=startup, constant_liar=True)
+    drawn = set()
+    at_random = sampler._random_sampler.sample_independent
+
+    def counted(study, trial, name, dist):
+        drawn.add(trial.number)
+        return at_random(study, trial, name, dist)
+
+    sampler._random_sampler.sample_independent = counted
+    study = optuna.create_study(sampler=sampler)
+    study.optimize(lambda t: (t.suggest_float("x", 0, 1) - 0.3) ** 2, n_trials=trials)
+    return trials - len(drawn)

@@ -15,7 +15,7 @@ from ray.tune.search import Searcher
 from tune.searcher import FoldedOptunaSearch, fold_offset, random_start_warning, shared_history
 from tune.space import load_space, with_overrides
 
-from tests.tune.searcher_driver import run_epochs, stored
+from tests.tune.searcher_driver import run_epochs, stored, tpe_proposals
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tests" / "spaces" / "tiny.yaml"
@@ -143,15 +143,8 @@ def test_a_restored_shared_search_continues_without_running_a_trial_again(tmp_pa
 def test_shared_start_up_warning_counts_every_fold(num_samples, startup, folds):
     """Held against Optuna: one study fed ``num_samples * folds`` trials one at a time, counting the trials
     its start-up sampler drew."""
-    sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=startup, constant_liar=True)
-    drawn = []
-    at_random = sampler._random_sampler.sample_independent
-    sampler._random_sampler.sample_independent = \
-        lambda study, t, name, dist: drawn.append(t.number) or at_random(study, t, name, dist)
-    study = optuna.create_study(sampler=sampler)
     total = num_samples * folds
-    study.optimize(lambda t: (t.suggest_float("x", 0, 1) - 0.3) ** 2, n_trials=total)
-    proposed = total - len(set(drawn))
+    proposed = tpe_proposals(total, startup)
     warning = random_start_warning({"num_samples": num_samples, "n_startup_trials": startup, "share_folds": True},
                                    folds)
     if proposed == 0:

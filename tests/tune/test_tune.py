@@ -664,18 +664,9 @@ def test_random_start_warning_says_what_tpe_proposes(num_samples, startup):
     parameter TPE drew at random (its start-up sampler) rather than proposed."""
     from tune.searcher import random_start_warning
 
-    sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=startup, constant_liar=True)
-    drawn = []
-    at_random = sampler._random_sampler.sample_independent
+    from tests.tune.searcher_driver import tpe_proposals
 
-    def counted(study, trial, name, dist):
-        drawn.append(trial.number)
-        return at_random(study, trial, name, dist)
-
-    sampler._random_sampler.sample_independent = counted
-    study = optuna.create_study(sampler=sampler)
-    study.optimize(lambda t: (t.suggest_float("x", 0, 1) - 0.3) ** 2, n_trials=num_samples)
-    proposed = num_samples - len(set(drawn))
+    proposed = tpe_proposals(num_samples, startup)
     warning = random_start_warning({"num_samples": num_samples, "n_startup_trials": startup})
     if proposed == 0:
         assert "TPE never proposes one" in warning

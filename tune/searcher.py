@@ -9,9 +9,9 @@ truncated score, so TPE learns from partial-budget numbers as if they were final
   over every fold's trials (:func:`shared_history`), or with ``share_folds: false`` the fold's own
   TPE (seeded per fold), which learns from that fold's trials only. Shared: the folds are random
   splits of one dataset, so what is good on one is largely good on the others, and the
-  ``n_startup_trials`` random trials count over all folds together. Folds differ in difficulty, so each trial's scores
-  are shifted by its fold's offset (:func:`fold_offset`: the median score of the fold's trials at
-  the first ASHA rung) before TPE ranks them. The fold is still assigned by the searcher (round
+  ``n_startup_trials`` random trials count over all folds together. Folds differ in difficulty,
+  so each trial's scores are shifted by its fold's offset (:func:`fold_offset`: the median score
+  of the fold's trials at the first ASHA rung) before TPE ranks them. The fold is still assigned by the searcher (round
   robin), never sampled, and the model is rebuilt from the studies at each proposal, so
   ``--resume`` needs nothing more;
 * every epoch's metric is reported to the Optuna trial as an intermediate value;
@@ -123,6 +123,7 @@ def finished(trials: list[FrozenTrial]) -> int:
 
 class FoldedOptunaSearch(Searcher):
     budget: Budget | None = None  # an experiment pickled before budgets existed has none
+    share_folds, reference_step = False, None  # one pickled before share_folds: per-fold studies, as it began
 
     def __init__(self, spec: SearchSpec, num_folds: int, num_classes: int, storage: str, experiment: str,
                  max_epochs: int, budget: Budget | None = None):

@@ -161,3 +161,14 @@ def test_racing_start_up_warning_counts_the_new_configurations():
                                  5)
     assert "TPE never proposes one" in never and "configurations, racing" in never
     assert random_start_warning({"num_samples": 40, "n_startup_trials": 10, "racing": {"eta": 3}}, 5) is None
+
+
+def test_a_searcher_pickled_before_share_folds_resumes_with_per_fold_studies(tmp_path):
+    """Tuner.restore unpickles the searcher the run began with: one from before share_folds existed has
+    neither attribute and goes on as it began."""
+    searcher = make_searcher(tmp_path, num_samples=2, share_folds=True)
+    del searcher.__dict__["share_folds"], searcher.__dict__["reference_step"]
+    config = searcher.suggest("a")
+    assert config["fold"] == 0 and not searcher.share_folds
+    (record,) = stored(tmp_path, 0)
+    assert record.user_attrs["proposed_by"] == "random" and not record.system_attrs.get("fixed_params")

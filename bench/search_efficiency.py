@@ -63,8 +63,10 @@ TOOL_ARMS = {"independent": {"share_folds": False},  # one TPE study per fold (t
              "recheck": {"asha": {"recheck": True}},
              # the racing rule and its reference, on the same 10 seeded random configurations (start-up
              # trials >= num_samples: fold 0's study draws the same sequence in both arms)
-             "racing": {"racing": {"eta": 2}, "n_startup_trials": 10 ** 6, "num_samples": 10},
-             "exhaustive": {"racing": {"eta": 1}, "asha": None, "n_startup_trials": 10 ** 6, "num_samples": 10}}
+             # (share_folds false: the shared model's draws depend on the history, which differs)
+             "racing": {"racing": {"eta": 2}, "n_startup_trials": 10 ** 6, "num_samples": 10, "share_folds": False},
+             "exhaustive": {"racing": {"eta": 1}, "asha": None, "n_startup_trials": 10 ** 6, "num_samples": 10,
+                            "share_folds": False}}
 EXTRA_ARMS = tuple(a for a in TOOL_ARMS if a not in ARMS)
 SEEDS = (0, 1)
 STEP = 2  # the epoch at which the TPE-proposed and the random trials are compared (the first rung)

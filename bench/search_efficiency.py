@@ -539,9 +539,11 @@ def summarise(runs: dict, seeds: list[int], quick: bool) -> dict:
     asha = by_arm["shared"][0]["asha"] or {}
     promoted = [promotion_replay(r, asha.get("grace_period", 2), asha.get("reduction_factor", 3))
                 for r in by_arm["random"]]
-    asha_replay = [replay(r["events"], __import__("tune.scheduler", fromlist=["PerFoldASHA"]).PerFoldASHA(
-        "val_miou", "max", r["max_t"], **{k: v for k, v in asha.items() if k != "promotion"}), r["max_t"], r["folds"])
-        for r in by_arm["random"]]
+    from tune.scheduler import PerFoldASHA
+
+    asha_replay = [replay(r["events"], PerFoldASHA("val_miou", "max", r["max_t"],
+                                                   **{k: v for k, v in asha.items() if k != "promotion"}),
+                          r["max_t"], r["folds"]) for r in by_arm["random"]]
     ratio_p = statistics.fmean(sum(p["epochs"]) / sum(r["stats"]["epochs"]) for p, r in zip(promoted, by_arm["random"]))
     diff_p = statistics.fmean(fold_mean(p["best"]) - fold_mean(r["stats"]["best"])
                               for p, r in zip(promoted, by_arm["random"]))

@@ -39,6 +39,7 @@ import logging
 import math
 from typing import Sequence
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -53,12 +54,32 @@ _BOUNDARY_CHUNK_ELEMENTS = 2**24
 def boundary_region(mask: torch.Tensor, d: int) -> torch.Tensor:
     """Return the pixels of the bool masks ``mask`` (N,K,H,W) within ``d`` pixels of their edge.
 
-    The region is ``mask`` minus its erosion by a (2d+1)-square, computed as
-    ``erode(M) = 1 - maxpool(1 - M)``. ``max_pool2d`` pads with -inf, so pixels outside the
-    image never count as background and the image border is not a boundary.
+    The region is ``mask`` minus its erosion by a (2d+1)-square: the pixels of ``mask`` with a
+    background pixel in their (2d+1)-square. Pixels outside the image never count as background,
+    so the image border is not a boundary. The square's maximum is taken as a row pass then a
+    column pass (it is separable): on a CPU by OpenCV's ``dilate`` (cost independent of ``d``),
+    elsewhere by two 1-D ``max_pool2d`` (padding -inf), not by one (2d+1)^2 pool, which cost
+    minutes a validation at 360x480 (d = 12).
     """
-    background_near = F.max_pool2d((~mask).float(), kernel_size=2 * d + 1, stride=1, padding=d)
-    return mask & (background_near > 0)
+    if mask.device.type == "cpu":
+        return mask & background_near_cpu(~mask, d)
+    return mask & background_near_torch(~mask, d)
+
+
+def background_near_torch(background: torch.Tensor, d: int) -> torch.Tensor:
+    """Pixels with a ``background`` pixel in their (2d+1)-square, by two 1-D max pools."""
+    near = F.max_pool2d(background.float(), kernel_size=(2 * d + 1, 1), stride=1, padding=(d, 0))
+    return F.max_pool2d(near, kernel_size=(1, 2 * d + 1), stride=1, padding=(0, d)) > 0
+
+
+def background_near_cpu(background: torch.Tensor, d: int) -> torch.Tensor:
+    """The same as ``background_near_torch`` by OpenCV's dilation of each (H, W) plane (outside: 0)."""
+    planes = background.numpy().astype(np.uint8).reshape(-1, *background.shape[-2:])
+    kernel = np.ones((2 * d + 1, 2 * d + 1), np.uint8)
+    out = np.empty_like(planes)
+    for i, plane in enumerate(planes):
+        cv2.dilate(plane, kernel, dst=out[i], borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    return torch.from_numpy(out.reshape(background.shape).astype(bool))
 
 
 def _boundary_width(height: int, width: int, dilation: float) -> int:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from trainables import metrics
-from trainables.metrics import SegMetrics, boundary_region, summary_line
+from trainables.metrics import SegMetrics, background_near_torch, boundary_region, summary_line
 
 NAN = math.nan
 
@@ -196,11 +196,14 @@ def test_boundary_shifted_square_matches_hand_computation():
 def test_boundary_region_matches_reference_on_random_masks():
     gen = torch.Generator().manual_seed(2)
     masks = torch.rand(3, 2, 13, 10, generator=gen) > 0.4
-    for d in (1, 2, 3):
+    masks[1, 1] = True  # one plane without background: no boundary
+    for d in (1, 2, 3, 7):  # 7: the square is wider than the 10-pixel image
         got = boundary_region(masks, d).numpy()
+        torch_way = (masks & background_near_torch(~masks, d)).numpy()  # the path a GPU takes
         for i in range(3):
             for k in range(2):
                 np.testing.assert_array_equal(got[i, k], reference_boundary(masks[i, k].numpy(), d))
+                np.testing.assert_array_equal(torch_way[i, k], reference_boundary(masks[i, k].numpy(), d))
 
 
 def test_image_border_is_not_a_boundary():

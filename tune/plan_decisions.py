@@ -350,6 +350,18 @@ def longest(folds: Folds, capacity: float, wanted: int, folds_searched: int, ret
     return epochs, trials, grace
 
 
+def startup_trials(base: SearchSpec, trials: int, folds_searched: int) -> tuple[int, str]:
+    """Random trials before TPE: the base space's count, at most a third of the trials one model sees
+    (every searched fold's when the folds share one model, ``search.share_folds``; else one fold's)."""
+    shared = bool(base.search.get("share_folds", True)) and folds_searched > 1
+    seen = trials * folds_searched if shared else trials
+    n = max(1, min(int(base.search["n_startup_trials"]), seen // 3))
+    over = f"the {seen} trials of the {folds_searched} folds that share one model" if shared else \
+        f"the {seen} trials of a fold"
+    kept = "the base space's count" if n == int(base.search["n_startup_trials"]) else "a third"
+    return n, f"random trials before TPE: {n} of {over} ({kept}, at most a third), so TPE chooses the other {seen - n}"
+
+
 def choose_epochs_and_trials(plan: Plan, base: SearchSpec, folds: Folds, concurrent: int, batch: int,
                              m_batch: Measurement, budget_s: float, budget_text: str) -> None:
     """Epochs, trials per fold, ASHA and the folds searched, from the time budget."""
@@ -380,8 +392,7 @@ def choose_epochs_and_trials(plan: Plan, base: SearchSpec, folds: Folds, concurr
              f"x {steps} steps + validation, x{OVERHEAD} for loading); {budget_text} x {concurrent} trials at once "
              f"hold {capacity:.0f} trial-epochs: {trials} trials a fold use {spent:.0f}"
              + ("" if trials < MAX_TRIALS else f" (capped at {MAX_TRIALS})"))
-    plan.add("search.n_startup_trials", max(1, min(int(base.search["n_startup_trials"]), trials // 3)),
-             f"random trials before TPE: a third of the {trials} trials, so TPE chooses the other two thirds")
+    plan.add("search.n_startup_trials", *startup_trials(base, trials, k if search_folds is None else 1))
     plan.add("search.search_folds", search_folds, "every fold is searched" if search_folds is None else
              f"the budget cannot search {k} folds with {MIN_TRIALS} trials each: search fold 0, then retrain its "
              f"best {RETRAIN_TOP} configs on the other folds")

@@ -20,6 +20,7 @@ from tests.tune.test_tune import clean_up_ray, cli_env, private_ray_dir, read_ro
 from trainables.data import load_dataset
 from trainables.folds import group_keys, make_folds
 from tune import plan as planner
+from tune import plan_decisions
 from tune.fingerprint import GROUP_REGEX, fingerprint
 from tune.measure import Machine, Measurement
 from tune.space import load_space
@@ -147,7 +148,8 @@ def test_time_budget_sets_epochs_trials_and_folds_on_a_cpu(sample):
     capacity = 1200 * 2 / epoch_s
     assert int(capacity // (5 * (4 + 8 / 3 + 5 / 9))) == 8 and int(capacity // (5 * (4 + 8 / 3 + 10 / 9))) == 7
     assert got["train.epochs"] == 17 and got["search.num_samples"] == 8 and got["search.search_folds"] is None
-    assert got["search.n_startup_trials"] == 2  # a third of 8
+    # the 5 folds share one TPE model (search.share_folds), which sees 40 trials: smp.yaml's 10 random ones
+    assert got["search.n_startup_trials"] == 10
     # 13 min: 194.5 trial-epochs. The grace period is at most a quarter of the epochs: 12 epochs have grace 3,
     # rungs 3, 9: 3 + 6/3 + 3/9 = 5.33 expected; 5 folds x 8 x 5.33 = 213 > 194.5 (7 trials a fold at best),
     # so search fold 0 and retrain 3 configs on 4 folds (12 x 12 epochs): (194.5 - 144) / 5.33 = 9 trials
@@ -157,6 +159,19 @@ def test_time_budget_sets_epochs_trials_and_folds_on_a_cpu(sample):
     assert got["search.search_folds"] == [0] and got["search.retrain_top"] == 3
     assert got["train.epochs"] == 12 and got["search.num_samples"] == 9 and got["search.n_startup_trials"] == 3
     assert got["search.asha"]["grace_period"] == 3
+
+
+def test_startup_trials_count_the_trials_one_model_sees():
+    base = load_space("smp.yaml", SPACES)  # n_startup_trials 10, share_folds true
+    n, why = plan_decisions.startup_trials(base, 8, 5)  # one model over 5 x 8 = 40 trials: 10, under a third (13)
+    assert n == 10 and "10 of the 40 trials of the 5 folds" in why and "other 30" in why
+    assert plan_decisions.startup_trials(base, 8, 1)[0] == 2  # one searched fold (search_folds [0]): a third of 8
+    assert plan_decisions.startup_trials(base, 5, 2)[0] == 3  # 10 trials: a third
+    base.search["share_folds"] = False  # a study per fold: each fold's TPE starts after a third of its 8
+    n, why = plan_decisions.startup_trials(base, 8, 5)
+    assert n == 2 and "8 trials of a fold" in why
+    base.search.update(share_folds=True, n_startup_trials=1)
+    assert plan_decisions.startup_trials(base, 2, 1)[0] == 1  # never below one
 
 
 @pytest.mark.slow

@@ -42,12 +42,11 @@ from ensemble.infer import list_inputs, score_rows
 from ensemble.latency import time_ms
 from ensemble.predictor import Ensemble, best_member_index, load_member
 from trainables.checkpoint import load_checkpoint, save_checkpoint
-from trainables.data import IMAGE_SUFFIXES, dataset_options, read_image
-from trainables.dataset import downscale
+from trainables.data import IMAGE_SUFFIXES, dataset_options
 from trainables.errors import ConfigError, InputError
 from trainables.folds import read_holdout
 from trainables.io import atomic_path, atomic_write_json
-from trainables.kd import DistillTrainer, SoftItem
+from trainables.kd import DistillTrainer, SoftItem, working_image
 from trainables.models import arch_names, is_hf_arch, model_problem, smp_archs
 from trainables.rows import ROWS
 from trainables.runfiles import EnsembleFiles, RunFiles
@@ -119,22 +118,18 @@ def oof_targets(images: list[int], out_root: Path) -> list[SoftItem]:
     return items
 
 
-def unlabeled_targets(ens: Ensemble, paths: list[Path], max_size: int | None, out_dir: Path,
+def unlabeled_targets(ens: Ensemble, paths: list[Path], *, max_size: int | None, out_dir: Path,
                       batch_size: int = 8) -> list[SoftItem]:
     """The ensemble's probabilities of each image at its working size (float16 ``out_dir/<k>.npy``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     items = []
     for start in range(0, len(paths), batch_size):
         batch = paths[start:start + batch_size]
-        images = []
-        for path in batch:
-            image = read_image(path)
-            images.append(downscale(image, np.zeros(image.shape[:2], np.uint8), max_size)[0])
-        for k, (path, probs) in enumerate(zip(batch, ens.predict_batch(images)), start):
+        probs = ens.predict_batch([working_image(path, max_size) for path in batch])
+        for k, (path, p) in enumerate(zip(batch, probs), start):
             target = out_dir / f"{k}.npy"
-            with atomic_path(target) as tmp:
-                with open(tmp, "wb") as fh:
-                    np.save(fh, probs.astype(np.float16))
+            with atomic_path(target) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, p.astype(np.float16))
             items.append(SoftItem(target, image=path))
     return items
 
@@ -154,7 +149,7 @@ def student_config(cfg: dict, options: DistillOptions, device: str) -> dict:
     return out
 
 
-def train_student(cfg: dict, data, items: list[SoftItem], options: DistillOptions, out: Path) -> Path:
+def train_student(cfg: dict, data, *, items: list[SoftItem], options: DistillOptions, out: Path) -> Path:
     """Train the student on ``items``; its checkpoint (the last epoch) -> ``out/model.pt``."""
     trainer = DistillTrainer(cfg, data, items, temperature=options.temperature, alpha=options.alpha)
     for rec in trainer.epochs():
@@ -162,19 +157,17 @@ def train_student(cfg: dict, data, items: list[SoftItem], options: DistillOption
     return save_checkpoint(trainer.best_checkpoint(), out / "model.pt")
 
 
-def write_student_bundle(run, checkpoint: Path, out: Path, teacher_bundle: Path) -> Path:
+def write_student_bundle(run, checkpoint: Path, *, out: Path, teacher_bundle: Path) -> Path:
     """The student as a one-member bundle (no TTA, argmax / 0.5) in ``out``."""
     member = load_member(checkpoint, "student", "cpu")
-    d = run.data_settings
     return write_bundle(out, [member], tta="none", voting="soft",
                         rule={"thresholds": None, "crf": None, "max_size": run.max_size}, metric=run.metric,
                         mode=run.mode, source={"experiment": str(run.run_dir.resolve()),
                                                "distilled_from": str(Path(teacher_bundle).resolve())},
-                        data={"unannotated": d["unannotated"], **dataset_options(d),
-                              "has_background": run.data.has_background})
+                        data=run.bundle_data)
 
 
-def side_by_side(teacher, student, data, indices: list[int], device, batch_size: int = 8,
+def side_by_side(teacher, student, *, data, indices: list[int], device, batch_size: int = 8,
                  teacher_rows: dict | None = None) -> dict:
     """Rows (a)-(c) of the teacher bundle (as the bundle predicts; ``teacher_rows`` when already
     scored) and the student's row, on images ``indices`` of ``data``."""
@@ -194,7 +187,7 @@ def gain_kept(rows: dict, key: str) -> float:
     return (rows["student"][key] - rows["single"][key]) / gain if gain > 0 else math.nan
 
 
-def latency(teacher, student, image: np.ndarray, device, reps: int = 5) -> dict:
+def latency(teacher, student, *, image: np.ndarray, device, reps: int = 5) -> dict:
     """Milliseconds per image of both bundles (median of ``reps``, after a warm-up) on ``image``."""
     ens, one = teacher.ensemble(device), student.ensemble(device)
     return {"device": str(ens.device), "image": list(image.shape[:2]), "reps": reps,
@@ -213,11 +206,11 @@ def distill_step(run, members, *, oof, combined, bundle_dir: Path, options, dist
     items = oof_targets(oof.result["images"], run.out.root)
     if distill.unlabeled is not None:
         teacher = Ensemble(combined.shipped, members.tta, options.voting, run.device)
-        items += unlabeled_targets(teacher, unlabeled_images(distill.unlabeled), run.max_size,
-                                   out / "unlabeled_probs", options.batch_size)
+        items += unlabeled_targets(teacher, unlabeled_images(distill.unlabeled), max_size=run.max_size,
+                                   out_dir=out / "unlabeled_probs", batch_size=options.batch_size)
     student_cfg = student_config(cfg, distill, str(run.device))
-    checkpoint = train_student(student_cfg, run.data, items, distill, out / "student")
-    student_dir = write_student_bundle(run, checkpoint, out / "bundle", bundle_dir)
+    checkpoint = train_student(student_cfg, run.data, items=items, options=distill, out=out / "student")
+    student_dir = write_student_bundle(run, checkpoint, out=out / "bundle", teacher_bundle=bundle_dir)
     teacher_b, student_b = load_bundle(bundle_dir, run.device), load_bundle(student_dir, run.device)
     key = score_key(run.data.task, run.metric)
     arch, encoder = student_cfg["model"]["arch"], student_cfg["model"]["encoder"]
@@ -226,8 +219,8 @@ def distill_step(run, members, *, oof, combined, bundle_dir: Path, options, dist
                           "labelled_images": sum(it.index is not None for it in items),
                           "unlabeled_images": sum(it.index is None for it in items),
                           "bundle": str(student_dir)},
-              "targets": "training images: out-of-fold probabilities (the members of the fold where each was "
-                         "validation); unlabeled images: the shipped ensemble's",
+              "targets": ("training images: out-of-fold probabilities (the members of the fold where each was "
+                          "validation); unlabeled images: the shipped ensemble's"),
               "metric": key, "holdout": None, "test": None}
     holdout = read_holdout(RunFiles(run.run_dir).folds_json)
     image = None
@@ -235,21 +228,21 @@ def distill_step(run, members, *, oof, combined, bundle_dir: Path, options, dist
         index = holdout_indices(run.data, holdout)
         shipped_rows = None if combined.holdout is None else {k: combined.holdout[k] for k in ROWS
                                                                if k in combined.holdout}
-        record["holdout"] = side_by_side(teacher_b, student_b, run.data, index, run.device, options.batch_size,
-                                         shipped_rows)
+        record["holdout"] = side_by_side(teacher_b, student_b, data=run.data, indices=index, device=run.device,
+                                         batch_size=options.batch_size, teacher_rows=shipped_rows)
         record["holdout"]["gain_kept"] = gain_kept(record["holdout"], key)
         image = run.data.read_image(index[0])
     if test is not None:
         d = run.data_settings
         _, _, data = list_inputs(Path(test), run.data.task, d["unannotated"], d["cache_dir"], dataset_options(d))
         if data is not None and data.has_annotations:
-            record["test"] = side_by_side(teacher_b, student_b, data, list(range(len(data))), run.device,
-                                          options.batch_size)
+            record["test"] = side_by_side(teacher_b, student_b, data=data, indices=list(range(len(data))),
+                                          device=run.device, batch_size=options.batch_size)
             record["test"]["gain_kept"] = gain_kept(record["test"], key)
             record["test"]["source"] = str(test)
     if image is None:
         image = run.data.read_image(items[0].index)
-    record["latency"] = latency(teacher_b, student_b, image, run.device)
+    record["latency"] = latency(teacher_b, student_b, image=image, device=run.device)
     atomic_write_json(out / "distill.json", record)
     print(summary(record))
     return record
@@ -259,9 +252,9 @@ def summary(record: dict) -> str:
     """The student's table: rows (a)-(c) and the student on the holdout and the test data, then the
     milliseconds per image of the ensemble and the student."""
     s, key = record["student"], record["metric"]
-    lines = [f"\nstudent {s['arch']}:{s['encoder']} (T={s['temperature']:g}, alpha={s['alpha']:g}, "
-             f"{s['epochs']} epochs; {s['labelled_images']} training images taught out-of-fold, "
-             f"{s['unlabeled_images']} unlabeled) -> {s['bundle']}"]
+    lines = [(f"\nstudent {s['arch']}:{s['encoder']} (T={s['temperature']:g}, alpha={s['alpha']:g}, "
+              f"{s['epochs']} epochs; {s['labelled_images']} training images taught out-of-fold, "
+              f"{s['unlabeled_images']} unlabeled) -> {s['bundle']}")]
     sets = [(name, record[name]) for name in ("holdout", "test") if record.get(name)]
     if not sets:
         lines.append("no holdout (folds.holdout) and no annotated --predict inputs: the student is not scored")

@@ -41,6 +41,12 @@ from trainables.sampling import Draw, EpochSampler
 logger = logging.getLogger(__name__)
 
 
+def working_image(path: Path, max_size: int | None) -> np.ndarray:
+    """The image file at its working size: ``max_size`` applied as :class:`SegDataset` applies it."""
+    image = read_image(path)
+    return downscale(image, np.zeros(image.shape[:2], np.uint8), max_size)[0]
+
+
 @dataclass(frozen=True)
 class SoftItem:
     """One training image of the student: ``index`` into the dataset (labelled) or an ``image`` file
@@ -56,7 +62,8 @@ class SoftTargetSet(Dataset):
     :class:`trainables.losses.DistillLoss` unpacks: (K + C, h, w) float32, the labels (255 where
     ignored; all 255 for an unlabeled image) then the teacher's probabilities."""
 
-    def __init__(self, data: SegData, items: list[SoftItem], transform, max_size: int | None, seed: int | None = None):
+    def __init__(self, data: SegData, items: list[SoftItem], *, transform, max_size: int | None,
+                 seed: int | None = None):
         self.data, self.items, self.max_size = data, list(items), max_size
         labelled = [it.index for it in self.items if it.index is not None]
         self.images = SegDataset(data, labelled, transform, max_size, seed=seed)
@@ -75,8 +82,7 @@ class SoftTargetSet(Dataset):
         if item.index is not None:
             image, mask = self.images.load(item.index)
         else:
-            image = read_image(item.image)
-            image, _ = downscale(image, np.zeros(image.shape[:2], np.uint8), self.max_size)
+            image = working_image(item.image, self.max_size)
             shape = image.shape[:2] if self.data.task == "multiclass" else (*image.shape[:2], num)
             mask = np.full(shape, IGNORE_INDEX, np.uint8)
         probs = np.load(item.probs)
@@ -110,8 +116,9 @@ class DistillTrainer(FoldTrainer):
             raise RuntimeError("a student is trained in one process")
         train = cfg["train"]
         seed = int(train["seed"])
-        self.train_set = SoftTargetSet(data, items, build_transforms(cfg["augment"], train["image_size"], True, seed),
-                                       cfg["data"]["max_size"], seed=seed)
+        self.train_set = SoftTargetSet(data, items, transform=build_transforms(cfg["augment"], train["image_size"],
+                                                                               True, seed),
+                                       max_size=cfg["data"]["max_size"], seed=seed)
         batch = int(train["batch_size"])
         workers = int(train["num_workers"])
         self.train_loader = DataLoader(self.train_set, batch_size=batch, sampler=EpochSampler(len(items), seed),
@@ -123,8 +130,8 @@ class DistillTrainer(FoldTrainer):
         self.steps_per_epoch = self._steps_per_epoch()
         self.schedule = Schedule(self.optimizer, cfg["scheduler"], int(train["epochs"]), self.steps_per_epoch,
                                  self.mode)
-        self.loss_fn = DistillLoss(self.loss_fn, data.task, data.num_classes, temperature, alpha,
-                                   data.ignore_index).to(self.device)
+        self.loss_fn = DistillLoss(self.loss_fn, data.task, data.num_classes, temperature=temperature, alpha=alpha,
+                                   ignore_index=data.ignore_index).to(self.device)
 
     def validate(self) -> dict:
         return {}  # no validation images: nothing to score

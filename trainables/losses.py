@@ -211,7 +211,7 @@ class DistillLoss(nn.Module):
     1 the soft term alone (the labels are not read).
     """
 
-    def __init__(self, hard: nn.Module, task: str, num_classes: int, temperature: float = 1.0, alpha: float = 0.5,
+    def __init__(self, hard: nn.Module, task: str, num_classes: int, *, temperature: float = 1.0, alpha: float = 0.5,
                  ignore_index: int = 255):
         super().__init__()
         if not temperature > 0:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,18 +77,19 @@ def test_kd_loss_alpha_zero_is_the_hard_loss_and_alpha_one_ignores_labels():
     logits, teacher, labels, packed = _multiclass_case(1)
     hard = nn.CrossEntropyLoss(ignore_index=255)
     labelled = packed[:2]  # every image with labels: alpha 0 is exactly the hard loss
-    assert float(DistillLoss(hard, "multiclass", 4, 3.0, 0.0)(logits[:2], labelled)) == \
+    assert float(DistillLoss(hard, "multiclass", 4, temperature=3.0, alpha=0.0)(logits[:2], labelled)) == \
         float(hard(logits[:2], labels[:2]))
     other = packed.clone()
     other[:, 0] = torch.randint(0, 4, other[:, 0].shape).float()  # different labels, same teacher
-    one = DistillLoss(hard, "multiclass", 4, 3.0, 1.0)
+    one = DistillLoss(hard, "multiclass", 4, temperature=3.0, alpha=1.0)
     assert float(one(logits, packed)) == float(one(logits, other))
     valid = (teacher <= 1).all(1)
     assert float(one(logits, packed)) == pytest.approx(9 * float(_kl_by_hand(logits, teacher.clamp(0, 1), 3.0, valid)),
                                                        rel=1e-5)
     # the teacher itself at T=1 is a minimum of the soft term: its loss is 0
     exact = torch.log(teacher.clamp(0, 1).clamp_min(1e-8))
-    assert float(DistillLoss(hard, "multiclass", 4, 1.0, 1.0)(exact, packed)) == pytest.approx(0.0, abs=1e-6)
+    at_one = DistillLoss(hard, "multiclass", 4, temperature=1.0, alpha=1.0)
+    assert float(at_one(exact, packed)) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_kd_loss_multilabel_is_bce_against_the_teachers_sigmoid():
@@ -104,10 +104,11 @@ def test_kd_loss_multilabel_is_bce_against_the_teachers_sigmoid():
     hard = MultilabelBCE(None, 255)
     valid = torch.ones(2, 4, 5, dtype=torch.bool)
     for T, alpha in ((1.0, 0.5), (2.5, 0.7)):
-        loss = DistillLoss(hard, "multilabel", 3, T, alpha)(logits, packed)
+        loss = DistillLoss(hard, "multilabel", 3, temperature=T, alpha=alpha)(logits, packed)
         expected = alpha * T ** 2 * _bce_by_hand(logits, teacher, T, valid) + (1 - alpha) * hard(logits, labels)
         assert float(loss) == pytest.approx(float(expected), rel=1e-5)
-    assert float(DistillLoss(hard, "multilabel", 3, 2.0, 0.0)(logits, packed)) == float(hard(logits, labels))
+    hard_only = DistillLoss(hard, "multilabel", 3, temperature=2.0, alpha=0.0)
+    assert float(hard_only(logits, packed)) == float(hard(logits, labels))
 
 
 def test_kd_loss_refuses_bad_settings():
@@ -187,7 +188,7 @@ def test_targets_are_the_out_of_fold_and_the_shipped_ensembles_probabilities(sam
     paths = [folder / f"u{k}.png" for k in range(3)]
     for k, p in enumerate(paths):
         write_image(p, 50 + 10 * k, 90, seed=k)
-    extra = unlabeled_targets(shipped, paths, 64, tmp_path / "u_probs", batch_size=2)
+    extra = unlabeled_targets(shipped, paths, max_size=64, out_dir=tmp_path / "u_probs", batch_size=2)
     expected = np.zeros(C, np.float16)
     expected[[1, 2, 3, 4]] = 0.25
     ds = SoftTargetSet(data, items[:1] + extra, transform=None, max_size=64)
@@ -206,19 +207,20 @@ def test_student_trains_on_packed_targets_through_augmentation(sample, tmp_path)
     from ensemble.predictor import Ensemble, load_member
     from tests.conftest import tiny_config
     from trainables.checkpoint import save_checkpoint
-    from trainables.kd import DistillTrainer, SoftItem, SoftTargetSet
     from trainables.dataset import SegDataset, build_transforms
+    from trainables.kd import DistillTrainer, SoftItem, SoftTargetSet
 
     data, C = sample, sample.num_classes
     items = []
     for i in range(6):
-        image, mask = SegDataset(data, [i], None, 64).load(i)
+        _, mask = SegDataset(data, [i], None, 64).load(i)
         onehot = np.eye(C, dtype=np.float16)[np.minimum(mask, C - 1)].transpose(2, 0, 1)
         np.save(tmp_path / f"{i}.npy", onehot)
         items.append(SoftItem(tmp_path / f"{i}.npy", index=i))
     cfg = tiny_config(**{"data.max_size": 64, "train.image_size": [32, 48], "train.batch_size": 4,
                          "train.epochs": 1, "augment.hflip": 1.0})
-    flip = SoftTargetSet(data, items, build_transforms(cfg["augment"], [32, 48], True, 0), 64, seed=0)
+    flip = SoftTargetSet(data, items, transform=build_transforms(cfg["augment"], [32, 48], True, 0), max_size=64,
+                         seed=0)
     _, packed = flip[0]
     labels, teacher = packed[0], packed[1:]
     known = labels != 255

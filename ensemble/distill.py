@@ -196,9 +196,10 @@ def latency(teacher, student, *, image: np.ndarray, device, reps: int = 5) -> di
 
 
 def distill_step(run, members, *, oof, combined, bundle_dir: Path, options, distill: DistillOptions,
-                 test: Path | None = None) -> dict:
+                 test: Path | None = None, test_rows: dict | None = None) -> dict:
     """Train the student, write its bundle and ``distill/distill.json`` (its rows beside the
-    ensemble's on the holdout and on ``test`` when annotated, and both latencies); returns the record."""
+    ensemble's on the holdout and on ``test`` when annotated, and both latencies); returns the record.
+    ``test_rows``: the ensemble's rows on ``test`` when ``--predict`` scored them already."""
     out = run.out.root / "distill"
     best = combined.shipped[best_member_index(combined.shipped, run.mode)]  # whose configuration it keeps
     cfg = load_checkpoint(best.meta["path"])["config"]
@@ -211,41 +212,47 @@ def distill_step(run, members, *, oof, combined, bundle_dir: Path, options, dist
     student_cfg = student_config(cfg, distill, str(run.device))
     checkpoint = train_student(student_cfg, run.data, items=items, options=distill, out=out / "student")
     student_dir = write_student_bundle(run, checkpoint, out=out / "bundle", teacher_bundle=bundle_dir)
-    teacher_b, student_b = load_bundle(bundle_dir, run.device), load_bundle(student_dir, run.device)
-    key = score_key(run.data.task, run.metric)
-    arch, encoder = student_cfg["model"]["arch"], student_cfg["model"]["encoder"]
-    record = {"student": {"arch": arch, "encoder": encoder, "epochs": student_cfg["train"]["epochs"],
+    model = student_cfg["model"]
+    record = {"student": {"arch": model["arch"], "encoder": model["encoder"], "epochs": student_cfg["train"]["epochs"],
                           "temperature": distill.temperature, "alpha": distill.alpha, "config_of": best.name,
                           "labelled_images": sum(it.index is not None for it in items),
                           "unlabeled_images": sum(it.index is None for it in items),
                           "bundle": str(student_dir)},
               "targets": ("training images: out-of-fold probabilities (the members of the fold where each was "
                           "validation); unlabeled images: the shipped ensemble's"),
-              "metric": key, "holdout": None, "test": None}
+              "metric": score_key(run.data.task, run.metric)}
+    record.update(score_student(run, combined, teacher=load_bundle(bundle_dir, run.device),
+                                student=load_bundle(student_dir, run.device), key=record["metric"],
+                                test=test, test_rows=test_rows, batch_size=options.batch_size,
+                                first_image=items[0].index))
+    atomic_write_json(out / "distill.json", record)
+    print(summary(record))
+    return record
+
+
+def score_student(run, combined, *, teacher, student, key: str, test: Path | None, test_rows: dict | None,
+                  batch_size: int, first_image: int) -> dict:
+    """``holdout`` and ``test``: the student's row beside the ensemble bundle's (a)-(c) (None where
+    there is no holdout, or ``test`` is not annotated), and ``latency``: both bundles' ms per image
+    on a holdout image (else image ``first_image`` of the data)."""
+    out = {"holdout": None, "test": None}
     holdout = read_holdout(RunFiles(run.run_dir).folds_json)
-    image = None
-    if holdout:
-        index = holdout_indices(run.data, holdout)
-        shipped_rows = None if combined.holdout is None else {k: combined.holdout[k] for k in ROWS
-                                                               if k in combined.holdout}
-        record["holdout"] = side_by_side(teacher_b, student_b, data=run.data, indices=index, device=run.device,
-                                         batch_size=options.batch_size, teacher_rows=shipped_rows)
-        record["holdout"]["gain_kept"] = gain_kept(record["holdout"], key)
-        image = run.data.read_image(index[0])
+    index = holdout_indices(run.data, holdout) if holdout else []
+    if index:
+        shipped = None if combined.holdout is None else {k: combined.holdout[k] for k in ROWS if k in combined.holdout}
+        out["holdout"] = side_by_side(teacher, student, data=run.data, indices=index, device=run.device,
+                                      batch_size=batch_size, teacher_rows=shipped)
+        out["holdout"]["gain_kept"] = gain_kept(out["holdout"], key)
     if test is not None:
         d = run.data_settings
         _, _, data = list_inputs(Path(test), run.data.task, d["unannotated"], d["cache_dir"], dataset_options(d))
         if data is not None and data.has_annotations:
-            record["test"] = side_by_side(teacher_b, student_b, data=data, indices=list(range(len(data))),
-                                          device=run.device, batch_size=options.batch_size)
-            record["test"]["gain_kept"] = gain_kept(record["test"], key)
-            record["test"]["source"] = str(test)
-    if image is None:
-        image = run.data.read_image(items[0].index)
-    record["latency"] = latency(teacher_b, student_b, image=image, device=run.device)
-    atomic_write_json(out / "distill.json", record)
-    print(summary(record))
-    return record
+            out["test"] = side_by_side(teacher, student, data=data, indices=list(range(len(data))), device=run.device,
+                                       batch_size=batch_size, teacher_rows=test_rows)
+            out["test"].update(gain_kept=gain_kept(out["test"], key), source=str(test))
+    image = run.data.read_image(index[0] if index else first_image)
+    out["latency"] = latency(teacher, student, image=image, device=run.device)
+    return out
 
 
 def summary(record: dict) -> str:

@@ -130,8 +130,9 @@ def run(args: argparse.Namespace) -> None:
     bundle_dir = steps.bundle(exp, members, oof=oof, post=post, combined=combined, options=options)
     report = steps.oof_metrics(exp, members, oof=oof, post=post, combined=combined, compare=args.compare)
     print_report(report, exp.data.class_names)
+    predicted = {}
     if args.predict:
-        extras.predict(exp, bundle_dir, images=args.predict, out=args.out, save_probs=args.save_probs,
+        predicted = extras.predict(exp, bundle_dir, images=args.predict, out=args.out, save_probs=args.save_probs,
                        options=options, ray=ray)
     if args.pseudo_label:
         extras.pseudo_labels(exp, members, oof=oof, post=post, bundle_dir=bundle_dir, shipped=combined.shipped,
@@ -144,7 +145,7 @@ def run(args: argparse.Namespace) -> None:
         from ensemble.distill import distill_step  # lazy: start-up time (--help without torch/ray)
 
         distill_step(exp, members, oof=oof, combined=combined, bundle_dir=bundle_dir, options=options,
-                     distill=distilled, test=args.predict)
+                     distill=distilled, test=args.predict, test_rows=predicted.get("test_rows"))
     write_reports(exp, members, oof, report, args)
 
 

@@ -326,3 +326,29 @@ def test_distill_end_to_end_bundle_rows_and_latency(tmp_path, monkeypatch, capsy
     images = [exp.data.read_image(index[0])]
     onnx = load_bundle(out / "bundle", runtime="onnx").ensemble("cpu").predict_batch(images)[0]
     np.testing.assert_allclose(onnx, load_bundle(out / "bundle").ensemble("cpu").predict_batch(images)[0], atol=1e-4)
+
+
+def test_multilabel_student_packs_every_label_channel_then_the_teacher(sample_cache, tmp_path):
+    """Multilabel: C label channels (0/1, 255 ignored) then C teacher channels, and a short run trains."""
+    from tests.conftest import SAMPLE_DIR, tiny_config
+    from trainables.data import load_dataset
+    from trainables.dataset import SegDataset
+    from trainables.kd import DistillTrainer, SoftItem, SoftTargetSet
+
+    data = load_dataset(SAMPLE_DIR / "annotations-multilabel.json", task="multilabel", cache_dir=sample_cache)
+    C = data.num_classes
+    items = []
+    for i in range(4):
+        _, mask = SegDataset(data, [i], None, 64).load(i)
+        probs = np.clip(mask.transpose(2, 0, 1).astype(np.float16), 0, 1) * 0.5 + 0.25  # 0.25 / 0.75
+        np.save(tmp_path / f"{i}.npy", probs)
+        items.append(SoftItem(tmp_path / f"{i}.npy", index=i))
+    ds = SoftTargetSet(data, items, transform=None, max_size=64)
+    _, packed = ds.load(0)
+    _, mask = SegDataset(data, [0], None, 64).load(0)
+    assert packed.shape[-1] == 2 * C
+    assert (packed[..., :C] == mask).all() and (packed[..., C:] == np.load(items[0].probs).transpose(1, 2, 0)).all()
+    cfg = tiny_config(**{"data.task": "multilabel", "data.max_size": 64, "train.image_size": [32, 48],
+                         "train.batch_size": 2, "train.epochs": 1, "loss.name": "bce"})
+    records = list(DistillTrainer(cfg, data, items, temperature=2.0, alpha=0.5).epochs())
+    assert math.isfinite(records[0]["train_loss"])

@@ -10,7 +10,8 @@ confusion.png, overlays.png). With a holdout (folds.holdout), how the bundle com
 (uniform average, best member, or a fitted keep/drop that must beat both, cross-fitted on the
 holdout: ensemble/combine.py) is decided there and recorded under ``combination``; without one,
 that comparison is unknown and the uniform average is shipped. --predict runs the bundle's members
-on new images (see ensemble/infer.py for the output format).
+on new images (see ensemble/infer.py for the output format); --distill ARCH trains one student on
+the ensemble's probabilities, with a bundle and rows of its own (ensemble/distill.py).
 
 The work is done by the named steps of ensemble/steps.py (and ensemble/extras.py for --predict,
 --pseudo-label, --cam); this module parses the flags, calls them in order, then writes the report.
@@ -72,9 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unlabeled", type=Path, metavar="DIR",
                    help="with --distill: images without labels, taught by the shipped ensemble's probabilities")
     p.add_argument("--distill-temperature", type=float, default=2.0, metavar="T", help="softening of the targets [2]")
-    p.add_argument("--distill-alpha", type=float, default=0.5,
+    p.add_argument("--distill-alpha", type=float, default=0.5, metavar="ALPHA",
                    help="weight of the soft term; 1 - alpha on the true labels [0.5]")
-    p.add_argument("--distill-epochs", type=int, help="student epochs [the best member's train.epochs]")
+    p.add_argument("--distill-epochs", type=int, metavar="N", help="student epochs [the best member's train.epochs]")
     add_debug_flag(p, ENSEMBLE_DEBUG_HELP)
     add_ray_actor_flags(p, "--predict / --pseudo-label on a Ray cluster (a Ray Data actor pool: "
                            "ensemble/ray_predict.py)")

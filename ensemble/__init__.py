@@ -34,6 +34,7 @@ Fit (imports prediction, never the search or the report):
   cam           Grad-CAM overlays
   steps         the ensemble step as named steps, each writing its files
   extras        predict, pseudo-labels and Grad-CAM after the steps
+  distill       one student trained on the ensemble's probabilities, its bundle and rows
 
 Report: ``report`` (the out-of-fold plots). Entry point: ``run`` (``seghpo ensemble``).
 """

@@ -10,7 +10,8 @@ confusion.png, overlays.png). With a holdout (folds.holdout), how the bundle com
 (uniform average, best member, or a fitted keep/drop that must beat both, cross-fitted on the
 holdout: ensemble/combine.py) is decided there and recorded under ``combination``; without one,
 that comparison is unknown and the uniform average is shipped. --predict runs the bundle's members
-on new images (see ensemble/infer.py for the output format).
+on new images (see ensemble/infer.py for the output format); --distill ARCH trains one student on
+the ensemble's probabilities, with a bundle and rows of its own (ensemble/distill.py).
 
 The work is done by the named steps of ensemble/steps.py (and ensemble/extras.py for --predict,
 --pseudo-label, --cam); this module parses the flags, calls them in order, then writes the report.
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from trainables.cli import (add_debug_flag, add_ray_actor_flags, add_wandb_flags, command_parser, exit_on_user_error,
                             ray_actor_args, wandb_mode)
+from trainables.errors import ConfigError
 from trainables.rows import FIELDS, NO_HOLDOUT, OOF_NOTE, OOF_ROWS, ROWS, format_table
 
 logger = logging.getLogger("ensemble")
@@ -64,6 +66,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="another experiment on the same folds (e.g. without pseudo-labels): out-of-fold mIoU side by side")
     p.add_argument("--cam", metavar="CLASS", help="Grad-CAM overlays of this class (name or index) for each fold's best member")
     p.add_argument("--cam-images", default="4", help="number of out-of-fold images, or a folder of images [4]")
+    p.add_argument("--distill", metavar="ARCH",
+                   help="also train one student on the ensemble's probabilities (out-of-fold for the training "
+                        "images), e.g. Unet:resnet18 (ARCH alone keeps the best member's encoder); its own bundle "
+                        "and rows beside the ensemble's in runs/<name>/ensemble/distill (ensemble/distill.py)")
+    p.add_argument("--unlabeled", type=Path, metavar="DIR",
+                   help="with --distill: images without labels, taught by the shipped ensemble's probabilities")
+    p.add_argument("--distill-temperature", type=float, default=2.0, metavar="T", help="softening of the targets [2]")
+    p.add_argument("--distill-alpha", type=float, default=0.5, metavar="ALPHA",
+                   help="weight of the soft term; 1 - alpha on the true labels [0.5]")
+    p.add_argument("--distill-epochs", type=int, metavar="N", help="student epochs [the best member's train.epochs]")
     add_debug_flag(p, ENSEMBLE_DEBUG_HELP)
     add_ray_actor_flags(p, "--predict / --pseudo-label on a Ray cluster (a Ray Data actor pool: "
                            "ensemble/ray_predict.py)")
@@ -110,6 +122,7 @@ def run(args: argparse.Namespace) -> None:
     ray = (extras.RayOptions(args.address, args.actors, args.cpus_per_actor, args.gpus_per_actor)
            if args.on_ray else None)
     steps.check_options(options)
+    distilled = distill_options(args)
     exp = steps.load_experiment_run(args.experiment, options)
     members = steps.select_members(exp, options)
     oof = steps.out_of_fold(exp, members, options=options)
@@ -118,8 +131,9 @@ def run(args: argparse.Namespace) -> None:
     bundle_dir = steps.bundle(exp, members, oof=oof, post=post, combined=combined, options=options)
     report = steps.oof_metrics(exp, members, oof=oof, post=post, combined=combined, compare=args.compare)
     print_report(report, exp.data.class_names)
+    predicted = {}
     if args.predict:
-        extras.predict(exp, bundle_dir, images=args.predict, out=args.out, save_probs=args.save_probs,
+        predicted = extras.predict(exp, bundle_dir, images=args.predict, out=args.out, save_probs=args.save_probs,
                        options=options, ray=ray)
     if args.pseudo_label:
         extras.pseudo_labels(exp, members, oof=oof, post=post, bundle_dir=bundle_dir, shipped=combined.shipped,
@@ -128,7 +142,26 @@ def run(args: argparse.Namespace) -> None:
                              options=options, ray=ray)
     if args.cam:
         extras.cam(exp, members, cls=args.cam, images=args.cam_images)
+    if distilled:
+        from ensemble.distill import distill_step  # lazy: start-up time (--help without torch/ray)
+
+        distill_step(exp, members, oof=oof, combined=combined, bundle_dir=bundle_dir, options=options,
+                     distill=distilled, test=args.predict, test_rows=predicted.get("test_rows"))
     write_reports(exp, members, oof, report, args)
+
+
+def distill_options(args: argparse.Namespace):
+    """--distill and its companions, checked before anything loads (None without --distill)."""
+    from ensemble import distill  # lazy: start-up time (--help without torch/ray)
+
+    if not args.distill:
+        if args.unlabeled:
+            raise ConfigError("command line", "--unlabeled", "only with --distill ARCH")
+        return None
+    options = distill.DistillOptions(args.distill, args.unlabeled, args.distill_temperature, args.distill_alpha,
+                                     args.distill_epochs)
+    distill.check_options(options)
+    return options
 
 
 def print_report(report: dict, class_names: list[str]) -> None:

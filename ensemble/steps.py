@@ -85,6 +85,12 @@ class ExperimentRun:
         return self.settings["fixed"]["data"]
 
     @property
+    def bundle_data(self) -> dict:
+        """How the training data was read, as a bundle records it (``bundle.json``'s ``data``)."""
+        d = self.data_settings
+        return {"unannotated": d["unannotated"], **dataset_options(d), "has_background": self.data.has_background}
+
+    @property
     def max_size(self) -> int | None:
         return self.data_settings["max_size"]
 
@@ -253,12 +259,9 @@ def bundle(run: ExperimentRun, members: Members, *, oof: OutOfFold, post: PostPr
            options: EnsembleOptions) -> Path:
     """The bundle ``ensemble/predict.py`` runs anywhere: the shipped members, TTA, voting and the kept
     decision rule; returns its folder."""
-    d = run.data_settings
     return write_bundle(run.out.bundle_dir, combined.shipped, tta=members.tta_text, voting=options.voting,
                         rule=prediction_rule(oof.thresholds, post.post, run.max_size), metric=run.metric, mode=run.mode,
-                        source={"experiment": str(run.run_dir.resolve())},
-                        data={"unannotated": d["unannotated"], **dataset_options(d),
-                         "has_background": run.data.has_background})
+                        source={"experiment": str(run.run_dir.resolve())}, data=run.bundle_data)
 
 
 def oof_metrics(run: ExperimentRun, members: Members, *, oof: OutOfFold, post: PostProcessing,

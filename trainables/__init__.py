@@ -22,11 +22,12 @@ Training:
   sampling    rare-class oversampling
   copypaste   copy-paste augmentation
   models      smp and SegFormer models by name
-  losses      losses by name
+  losses      losses by name, and the distillation loss
   optim       optimisers and schedules by name
   metrics     IoU, Dice, boundary IoU, per-image scores
   checkpoint  self-describing checkpoints
   loop        :class:`FoldTrainer`: one fold with AMP, one record per epoch
+  kd          a student trained on a teacher's probabilities (knowledge distillation)
   train       one fold from the command line (``seghpo train``)
 
 tests/test_layers.py holds these layers against the imports.

@@ -10,6 +10,9 @@ pixels), ``sqrt_inverse``, ``median`` (median frequency balancing, Eigen & Fergu
 frequency is its pixels over the pixels of the training images that contain it, and its weight
 the median of these frequencies over its own), or an explicit vector with one weight per class;
 normalised to mean 1. Lovasz takes no weights.
+
+:class:`DistillLoss` trains a student on a teacher's probabilities (knowledge distillation): a
+temperature-softened soft term mixed with any of the losses above on the true labels.
 """
 from __future__ import annotations
 
@@ -167,3 +170,78 @@ def build_loss(loss_cfg: dict, task: str, num_classes: int, pixel_counts: np.nda
     weights = class_weights(loss_cfg.get("class_weights"), np.asarray(pixel_counts), image_pixels)
     terms = [(w, n, LOSSES[n](task, weights, loss_cfg, ignore_index)) for w, n in parse_combo(loss_cfg["name"])]
     return CombinedLoss(terms, task)
+
+
+def soft_targets(teacher: torch.Tensor, task: str, temperature: float, eps: float = 1e-8) -> torch.Tensor:
+    """The teacher's probabilities (B, C, H, W) softened by ``temperature``: multiclass
+    ``softmax(log p / T)`` over the classes (``p`` itself at T=1), multilabel
+    ``sigmoid(logit p / T)`` per class. Probabilities are all a teacher stored, so its logits are
+    read back as ``log p`` (``logit p``), which is what they are up to a per-pixel constant."""
+    if task == "multilabel":
+        p = teacher.clamp(eps, 1.0 - eps)
+        return torch.sigmoid((torch.log(p) - torch.log1p(-p)) / temperature)
+    return torch.softmax(torch.log(teacher.clamp_min(eps)) / temperature, dim=1)
+
+
+def kd_term(logits: torch.Tensor, teacher: torch.Tensor, task: str, temperature: float,
+            valid: torch.Tensor) -> torch.Tensor:
+    """The soft-target term without the T^2 factor, averaged over the ``valid`` (B, H, W) pixels:
+    multiclass ``KL(teacher_T || softmax(logits / T))`` summed over classes, multilabel the binary
+    cross-entropy of ``sigmoid(logits / T)`` against ``teacher_T`` averaged over classes."""
+    target = soft_targets(teacher, task, temperature)
+    scaled = logits / temperature
+    if task == "multilabel":
+        per_pixel = F.binary_cross_entropy_with_logits(scaled, target, reduction="none").mean(1)
+    else:
+        per_pixel = F.kl_div(F.log_softmax(scaled, dim=1), target, reduction="none").sum(1)
+    weight = valid.float()
+    return (per_pixel * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+class DistillLoss(nn.Module):
+    """Knowledge distillation (Hinton et al. 2015): ``alpha * T^2 * soft term + (1 - alpha) * hard``.
+
+    The target is packed in one tensor, so that one augmentation moves labels and teacher alike:
+    (B, K + C, H, W) float with K hard channels (multiclass: K = 1, the label as a float, 255
+    ignored; multilabel: K = C, 0/1 with 255 ignored) followed by the teacher's C probabilities.
+    A pixel whose teacher values are above 1 (an augmentation's fill, 255) has no teacher: it is
+    left out of the soft term. The hard term is ``hard(logits, labels)`` (the configured loss) over
+    the images that have a labelled pixel (images without labels, e.g. unlabeled images the teacher
+    predicted, add to the soft term only); 0 when none has. ``alpha`` 0 is the hard loss alone,
+    1 the soft term alone (the labels are not read).
+    """
+
+    def __init__(self, hard: nn.Module, task: str, num_classes: int, *, temperature: float = 1.0, alpha: float = 0.5,
+                 ignore_index: int = 255):
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        self.hard, self.task, self.num_classes = hard, task, num_classes
+        self.temperature, self.alpha, self.ignore_index = float(temperature), float(alpha), ignore_index
+
+    def unpack(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hard labels as the hard loss takes them, teacher probabilities (B, C, H, W))."""
+        k = 1 if self.task == "multiclass" else self.num_classes
+        if packed.shape[1] != k + self.num_classes:
+            raise ValueError(f"expected {k} label and {self.num_classes} teacher channels, got {packed.shape[1]}")
+        labels, teacher = packed[:, :k], packed[:, k:]
+        return (labels[:, 0].round().long() if self.task == "multiclass" else labels), teacher
+
+    def forward(self, logits: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            logits, packed = logits.float(), packed.float()
+            labels, teacher = self.unpack(packed)
+            total = logits.new_zeros(())
+            if self.alpha > 0:
+                valid = (teacher <= 1.0).all(1)
+                total = total + self.alpha * self.temperature ** 2 * kd_term(
+                    logits, teacher.clamp(0.0, 1.0), self.task, self.temperature, valid)
+            if self.alpha < 1:
+                labelled = (labels != self.ignore_index).flatten(1).any(1)
+                if bool(labelled.all()):
+                    total = total + (1.0 - self.alpha) * self.hard(logits, labels)
+                elif bool(labelled.any()):
+                    total = total + (1.0 - self.alpha) * self.hard(logits[labelled], labels[labelled])
+            return total

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from trainables.errors import ConfigError
+from trainables.inputs import window_starts, working_size
 from tune.fingerprint import smallest_objects
 from tune.measure import Machine, Measurement
 from tune.space import SearchSpec
@@ -362,11 +363,23 @@ def startup_trials(base: SearchSpec, trials: int, folds_searched: int) -> tuple[
     return n, f"random trials before TPE: {n} of {over} ({kept}, at most a third), so TPE chooses the other {seen - n}"
 
 
+def validation_windows(plan: Plan, fp: dict) -> int:
+    """Network passes one validation image costs: 1 when it is resized to the input; with crops, the
+    sliding windows (overlap 0.5, as :mod:`trainables.inputs` tiles) over the median image at its
+    working size (``data.max_size`` applied)."""
+    if not plan.value("augment.random_crop"):
+        return 1
+    h, w = working_size(*fp["size"]["median"], plan.value("data.max_size"))
+    th, tw = plan.value("train.image_size")
+    return len(window_starts(max(h, th), th)) * len(window_starts(max(w, tw), tw))
+
+
 def choose_epochs_and_trials(plan: Plan, base: SearchSpec, folds: Folds, concurrent: int, batch: int,
-                             m_batch: Measurement, budget_s: float, budget_text: str) -> None:
-    """Epochs, trials per fold, ASHA and the folds searched, from the time budget."""
+                             m_batch: Measurement, budget_s: float, budget_text: str, val_windows: int = 1) -> None:
+    """Epochs, trials per fold, ASHA and the folds searched, from the time budget. A validation image
+    costs ``VAL_COST`` of a training image per network pass, ``val_windows`` passes."""
     k, rf = folds.k, folds.rf
-    epoch_s = m_batch.step_s * (folds.n_train + VAL_COST * folds.n_val) / batch * OVERHEAD
+    epoch_s = m_batch.step_s * (folds.n_train + VAL_COST * val_windows * folds.n_val) / batch * OVERHEAD
     capacity = budget_s * concurrent / epoch_s  # trial-epochs the budget holds
     steps = math.ceil(folds.n_train / batch)
     wanted = int(min(max(round(TARGET_STEPS / steps), EPOCH_RANGE[0]), EPOCH_RANGE[1]))
@@ -389,7 +402,8 @@ def choose_epochs_and_trials(plan: Plan, base: SearchSpec, folds: Folds, concurr
              f"rungs at epochs {asha_rungs(epochs, grace, rf)}: a trial runs {expected_epochs(epochs, grace, rf):.1f} "
              f"epochs on average (the base space's grace {folds.grace0}, at most a quarter of the epochs)")
     plan.add("search.num_samples", trials, f"one epoch takes {epoch_s:.0f} s (measured {m_batch.step_s:.3f} s/step "
-             f"x {steps} steps + validation, x{OVERHEAD} for loading); {budget_text} x {concurrent} trials at once "
+             f"x {steps} steps + validation" + (f" by {val_windows} windows an image" if val_windows > 1 else "")
+             + f", x{OVERHEAD} for loading); {budget_text} x {concurrent} trials at once "
              f"hold {capacity:.0f} trial-epochs: {trials} trials a fold use {spent:.0f}"
              + ("" if trials < MAX_TRIALS else f" (capped at {MAX_TRIALS})"))
     plan.add("search.n_startup_trials", *startup_trials(base, trials, k if search_folds is None else 1))

@@ -219,6 +219,26 @@ def test_gray_2048_with_small_objects_gets_crops(big_gray, tmp_path):
     # 20 images: 2 folds, 10 training images; one class an image; batch capped at 2
     assert got["folds.k"] == 2 and got["folds.strategy"] == "multilabel"  # classes 1 and 2 in every image
     assert got["train.batch_size"] == 2
+    # validation runs sliding windows over the 1024x1024 working image: 832-pixel tiles at overlap 0.5 start
+    # at 0 and 192 on each side, 4 network passes an image, which the epoch's cost counts
+    assert plan_decisions.validation_windows(plan, fp) == 4 and "by 4 windows an image" in plan.reason("search.num_samples")
+
+
+def test_validation_windows_by_hand():
+    """CamVid's plan of a 25-minute search: 96x128 crops of the 222x296 working image (max_size 296).
+    Tiles at overlap 0.5 step at most half a tile: ceil((222 - 96) / 48) + 1 = 4 starts down and
+    ceil((296 - 128) / 64) + 1 = 4 across: 16 passes,
+    where a resized image costs one."""
+    plan = plan_decisions.Plan()
+    fp = {"size": {"median": [360, 480]}}
+    plan.add("train.image_size", [96, 128], "")
+    plan.add("augment.random_crop", True, "")
+    plan.add("data.max_size", 296, "")
+    assert plan_decisions.validation_windows(plan, fp) == 16
+    plan.add("data.max_size", None, "")  # native 360x480: ceil(264 / 48) + 1 = 7 down, ceil(352 / 64) + 1 = 7 across
+    assert plan_decisions.validation_windows(plan, fp) == 7 * 7
+    plan.add("augment.random_crop", False, "")
+    assert plan_decisions.validation_windows(plan, fp) == 1
 
 
 def test_a_line_that_promises_too_much_is_corrected_by_measuring(big_gray, tmp_path):

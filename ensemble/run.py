@@ -64,6 +64,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="another experiment on the same folds (e.g. without pseudo-labels): out-of-fold mIoU side by side")
     p.add_argument("--cam", metavar="CLASS", help="Grad-CAM overlays of this class (name or index) for each fold's best member")
     p.add_argument("--cam-images", default="4", help="number of out-of-fold images, or a folder of images [4]")
+    p.add_argument("--refit", type=int, metavar="N",
+                   help="retrain the N best configurations on every training image (the holdout excluded) for the "
+                        "median of their fold trials' best epochs, as Ray tasks (a private local Ray, or --address), "
+                        "and offer them to the holdout's combination as members; never in out-of-fold rows. "
+                        "Needs folds.holdout (ensemble/refit.py)")
     add_debug_flag(p, ENSEMBLE_DEBUG_HELP)
     add_ray_actor_flags(p, "--predict / --pseudo-label on a Ray cluster (a Ray Data actor pool: "
                            "ensemble/ray_predict.py)")
@@ -111,12 +116,14 @@ def run(args: argparse.Namespace) -> None:
            if args.on_ray else None)
     steps.check_options(options)
     exp = steps.load_experiment_run(args.experiment, options)
+    refits, refit_records = steps.refit(exp, args.refit, options=options, connect=lambda: connect_ray(args.address))
     members = steps.select_members(exp, options)
     oof = steps.out_of_fold(exp, members, options=options)
     post = steps.post_processing(exp, members, oof=oof, options=options)
-    combined = steps.combination(exp, members, oof=oof, post=post, options=options)
+    combined = steps.combination(exp, members, oof=oof, post=post, options=options, refits=refits)
     bundle_dir = steps.bundle(exp, members, oof=oof, post=post, combined=combined, options=options)
-    report = steps.oof_metrics(exp, members, oof=oof, post=post, combined=combined, compare=args.compare)
+    report = steps.oof_metrics(exp, members, oof=oof, post=post, combined=combined, compare=args.compare,
+                               refits=refit_records)
     print_report(report, exp.data.class_names)
     if args.predict:
         extras.predict(exp, bundle_dir, images=args.predict, out=args.out, save_probs=args.save_probs,
@@ -131,6 +138,13 @@ def run(args: argparse.Namespace) -> None:
     write_reports(exp, members, oof, report, args)
 
 
+def connect_ray(address: str | None) -> None:
+    """Ray for --refit's tasks: the cluster at ``address``, else a private local Ray."""
+    from tune.cluster import init_ray  # lazy: Ray only for --refit
+
+    init_ray(address, dashboard=False)
+
+
 def print_report(report: dict, class_names: list[str]) -> None:
     """The out-of-fold table, the holdout's, the combination shipped, the CRF and --compare."""
     from ensemble.combine import describe, summary  # lazy: start-up time (--help without torch/ray)
@@ -140,6 +154,11 @@ def print_report(report: dict, class_names: list[str]) -> None:
         h = report["holdout"]
         print("\n" + format_table(h, class_names, f"holdout ({h['images']} images)")
               + f"\nrows (b)-(d): the shipped {describe(h['combination'])}; prediction applies row {ROWS[h['applied']]}")
+    if report.get("refits"):
+        r = report["refits"]
+        print(f"refits offered: {', '.join(m['name'] + ' (' + str(m['epochs']) + ' epochs)' for m in r['members'])}; "
+              f"shipped: {', '.join(r['shipped']) or 'none'}. Holdout rows (b)-(d) and the bundle's (test) rows "
+              f"include {'the shipped refits' if r['shipped'] else 'no refit'}; out-of-fold rows never do")
     print(summary(report["combination"]))
     print_extras(report)
 

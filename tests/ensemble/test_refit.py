@@ -187,6 +187,18 @@ def test_refits_join_the_holdouts_combination_and_never_the_out_of_fold_rows(tmp
     info = json.loads((out / "bundle" / "bundle.json").read_text())
     assert [m["name"] for m in info["members"]] == shipped
     assert [m["name"] for m in info["members"] if m.get("refit")] == comb["refits"]["shipped"]
+    page = (exp.run_dir / "report" / "report.html").read_text()
+    assert "No out-of-fold row includes a refit" in page
+    assert ("include the refit refit-t1" if comb["refits"]["shipped"] else "include no refit") in page
+
+
+def test_report_notes_say_which_rows_include_refits():
+    from tune.report_ensemble import refit_note
+
+    assert refit_note(None, "holdout") == "" and refit_note(None, "oof") == ""
+    assert "No out-of-fold row includes a refit" in refit_note([], "oof")
+    assert "include the refits refit-1, refit-2" in refit_note(["refit-1", "refit-2"], "test")
+    assert "include no refit" in refit_note([], "holdout")
 
 
 def test_holdout_rows_average_the_refit_with_the_fold_members(tmp_path, _one_torch_thread):  # noqa: F811

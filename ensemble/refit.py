@@ -45,7 +45,7 @@ from ensemble.members import local_checkpoint
 from ensemble.predictor import Ensemble, Member, load_member
 from trainables.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from trainables.data import load_data
-from trainables.errors import ConfigError, InputError
+from trainables.errors import ConfigError, InputError, SegHPOError
 from trainables.io import atomic_write_json
 from trainables.loop import FoldTrainer
 from trainables.runfiles import PARAM_PREFIX, number, score_column
@@ -211,8 +211,21 @@ def run_refits(jobs: list[dict], cpus: float = 1, gpus: float = 0) -> list[dict]
     caller; otherwise Ray starts a local one)."""
     import ray  # lazy: Ray only for --refit
 
-    task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(train_refit)
-    return ray.get([task.remote({**job, "threads": cpus}) for job in jobs])
+    task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(_refit_task)
+    results = ray.get([task.remote({**job, "threads": cpus}) for job in jobs])
+    for job, (error, _) in zip(jobs, results):
+        if error is not None:  # a problem of the user's input stays one line (exit 2)
+            raise InputError(job["name"], error)
+    return [ckpt for _, ckpt in results]
+
+
+def _refit_task(job: dict) -> tuple[str | None, dict | None]:
+    """:func:`train_refit` as a Ray task: (None, checkpoint), or (the problem, None) for an error in the
+    user's input (its class does not survive Ray's serialisation of exceptions)."""
+    try:
+        return None, train_refit(job)
+    except SegHPOError as exc:
+        return str(exc), None
 
 
 def refit_members(plans: list[RefitPlan], *, checkpoints: Path, out_dir: Path, fingerprint: str,

@@ -264,10 +264,19 @@ def test_refit_end_to_end_on_ray(tmp_path, monkeypatch, capsys, _one_torch_threa
     from ensemble.run import main
     from tests.ensemble.test_crf_decisions import fake_experiment
 
+    from ensemble.refit import run_refits
+    from trainables.checkpoint import load_checkpoint
+    from trainables.errors import InputError
+    from trainables.runfiles import read_trials_csv
+
     exp = fake_experiment(tmp_path, "val_miou")
     monkeypatch.setenv("WANDB_MODE", "disabled")
     try:
         main(["--experiment", str(exp.run_dir), "--top-k", "1", "--batch-size", "12", "--refit", "1"])
+        # a problem of the user's input in a task comes back as one InputError (exit 2), not a Ray traceback
+        cfg = load_checkpoint(read_trials_csv(exp.run_dir)[0]["checkpoint"])["config"]
+        with pytest.raises(InputError, match="refit-x: .*the dataset changed"):
+            run_refits([{"name": "refit-x", "config": cfg, "train_ids": [], "fingerprint": "other"}])
     finally:
         ray.shutdown()
     report = json.loads((exp.run_dir / "ensemble" / "oof_metrics.json").read_text())

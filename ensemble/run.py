@@ -156,7 +156,8 @@ def print_report(report: dict, class_names: list[str]) -> None:
               + f"\nrows (b)-(d): the shipped {describe(h['combination'])}; prediction applies row {ROWS[h['applied']]}")
     if report.get("refits"):
         r = report["refits"]
-        print(f"refits offered: {', '.join(m['name'] + ' (' + str(m['epochs']) + ' epochs)' for m in r['members'])}; "
+        offered = ", ".join(f"{m['name']} ({m['epochs']} epoch{'s' if m['epochs'] != 1 else ''})" for m in r["members"])
+        print(f"refits offered: {offered}; "
               f"shipped: {', '.join(r['shipped']) or 'none'}. Holdout rows (b)-(d) and the bundle's (test) rows "
               f"include {'the shipped refits' if r['shipped'] else 'no refit'}; out-of-fold rows never do")
     print(summary(report["combination"]))

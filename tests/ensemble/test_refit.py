@@ -156,6 +156,7 @@ def test_refits_join_the_holdouts_combination_and_never_the_out_of_fold_rows(tmp
     """ensemble/run.py --refit 1 (Ray replaced by a direct call): the out-of-fold rows are those of the
     run without refits; the holdout's combination chooses among the fold members and the refit."""
     import ensemble.refit as refit
+    import ensemble.run
     from ensemble.run import main
     from tests.ensemble.test_crf_decisions import fake_experiment
 
@@ -167,6 +168,7 @@ def test_refits_join_the_holdouts_combination_and_never_the_out_of_fold_rows(tmp
     capsys.readouterr()
 
     monkeypatch.setattr(refit, "run_refits", lambda jobs, cpus, gpus: [refit.train_refit(j) for j in jobs])
+    monkeypatch.setattr(ensemble.run, "connect_ray", lambda address: None)  # no Ray in this test
     main(["--experiment", str(exp.run_dir), "--top-k", "1", "--batch-size", "12", "--refit", "1"])
     printed = capsys.readouterr().out
     report = json.loads((out / "oof_metrics.json").read_text())
@@ -183,7 +185,7 @@ def test_refits_join_the_holdouts_combination_and_never_the_out_of_fold_rows(tmp
     assert comb["refits"]["shipped"] == [n for n in shipped if n.startswith("refit")]
     assert report["holdout"]["refits"] == comb["refits"]["shipped"]
     assert report["refits"]["members"][0]["name"] == "refit-t1" and "out-of-fold" in report["refits"]["rows"]
-    assert "refits offered: refit-t1 (1 epochs)" in printed and "out-of-fold rows never do" in printed
+    assert "refits offered: refit-t1 (1 epoch)" in printed and "out-of-fold rows never do" in printed
     info = json.loads((out / "bundle" / "bundle.json").read_text())
     assert [m["name"] for m in info["members"]] == shipped
     assert [m["name"] for m in info["members"] if m.get("refit")] == comb["refits"]["shipped"]

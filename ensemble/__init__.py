@@ -29,6 +29,7 @@ Fit (imports prediction, never the search or the report):
   crf           the CRF's parameters fitted out of fold
   crossfit      cross-fitting: each decision scored on a fold it was not fitted on
   holdout       the ensemble scored on the holdout
+  refit         the best configurations retrained on every training image, offered to the combination
   combine       how the members are combined, decided on the holdout
   compare       two experiments' out-of-fold results side by side
   cam           Grad-CAM overlays

@@ -71,7 +71,9 @@ def _member_entry(member, file: str) -> dict:
     return {"file": file, "name": member.name, "fold": member.fold, "score": member.score,
             "weight": float(member.weight), "epoch": member.meta.get("epoch"), "arch": cfg.get("model", {}).get("arch"),
             "encoder": cfg.get("model", {}).get("encoder"), "image_size": list(member.image_size),
-            "input": member.input, "max_size": member.max_size, "mean": list(member.mean), "std": list(member.std)}
+            "input": member.input, "max_size": member.max_size, "mean": list(member.mean), "std": list(member.std),
+            # a refit (ensemble/refit.py) trained on every training image: test rows say they include it
+            **({"refit": True} if member.meta.get("refit") else {})}
 
 
 def write_bundle(out: Path, members: list, *, tta: str, voting: str, rule: dict, metric: str, mode: str,
@@ -249,6 +251,8 @@ def load_bundle(root: Path, device="cpu", runtime: str = "torch", threads: int |
         member.score = float("nan") if entry["score"] is None else float(entry["score"])
         member.weight = member_weight(entry, root)
         member.meta["path"] = str(root / entry["file"])
+        if entry.get("refit"):
+            member.meta["refit"] = True
         members.append(member)
     logger.info("bundle %s: %d members, %s, %s runtime, python %s", root, len(members), info["task"], runtime,
                 sys.version.split()[0])

@@ -282,6 +282,8 @@ def predict_folder(ens: Voting, thresholds: dict | None, job: PredictOptions) ->
         result["test_rows"] = rows
         result["test_metrics"] = {**rows["tuned"], "images": len(paths), "rows": rows,
                                   "labels": {k: ROWS[k] for k in rows},
-                                  "best_single": ens.members[keep].name}
+                                  "best_single": ens.members[keep].name,
+                                  # rows (b)-(d) include these refits (trained on every training image)
+                                  "refits": [m.name for m in ens.members if m.meta.get("refit") and m.weight > 0]}
         atomic_write_json(out / TEST_METRICS_JSON, result["test_metrics"])
     return result

@@ -76,6 +76,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill-alpha", type=float, default=0.5, metavar="ALPHA",
                    help="weight of the soft term; 1 - alpha on the true labels [0.5]")
     p.add_argument("--distill-epochs", type=int, metavar="N", help="student epochs [the best member's train.epochs]")
+    p.add_argument("--refit", type=int, metavar="N",
+                   help="retrain the N best configurations on every training image (the holdout excluded) for the "
+                        "median of their fold trials' best epochs, as Ray tasks (a private local Ray, or --address), "
+                        "and offer them to the holdout's combination as members; never in out-of-fold rows. "
+                        "Needs folds.holdout (ensemble/refit.py)")
     add_debug_flag(p, ENSEMBLE_DEBUG_HELP)
     add_ray_actor_flags(p, "--predict / --pseudo-label on a Ray cluster (a Ray Data actor pool: "
                            "ensemble/ray_predict.py)")
@@ -124,12 +129,14 @@ def run(args: argparse.Namespace) -> None:
     steps.check_options(options)
     distilled = distill_options(args)
     exp = steps.load_experiment_run(args.experiment, options)
+    refits, refit_records = steps.refit(exp, args.refit, options=options, connect=lambda: connect_ray(args.address))
     members = steps.select_members(exp, options)
     oof = steps.out_of_fold(exp, members, options=options)
     post = steps.post_processing(exp, members, oof=oof, options=options)
-    combined = steps.combination(exp, members, oof=oof, post=post, options=options)
+    combined = steps.combination(exp, members, oof=oof, post=post, options=options, refits=refits)
     bundle_dir = steps.bundle(exp, members, oof=oof, post=post, combined=combined, options=options)
-    report = steps.oof_metrics(exp, members, oof=oof, post=post, combined=combined, compare=args.compare)
+    report = steps.oof_metrics(exp, members, oof=oof, post=post, combined=combined, compare=args.compare,
+                               refits=refit_records)
     print_report(report, exp.data.class_names)
     predicted = {}
     if args.predict:
@@ -164,6 +171,13 @@ def distill_options(args: argparse.Namespace):
     return options
 
 
+def connect_ray(address: str | None) -> None:
+    """Ray for --refit's tasks: the cluster at ``address``, else a private local Ray."""
+    from tune.cluster import init_ray  # lazy: Ray only for --refit
+
+    init_ray(address, dashboard=False)
+
+
 def print_report(report: dict, class_names: list[str]) -> None:
     """The out-of-fold table, the holdout's, the combination shipped, the CRF and --compare."""
     from ensemble.combine import describe, summary  # lazy: start-up time (--help without torch/ray)
@@ -173,6 +187,12 @@ def print_report(report: dict, class_names: list[str]) -> None:
         h = report["holdout"]
         print("\n" + format_table(h, class_names, f"holdout ({h['images']} images)")
               + f"\nrows (b)-(d): the shipped {describe(h['combination'])}; prediction applies row {ROWS[h['applied']]}")
+    if report.get("refits"):
+        r = report["refits"]
+        offered = ", ".join(f"{m['name']} ({m['epochs']} epoch{'s' if m['epochs'] != 1 else ''})" for m in r["members"])
+        print(f"refits offered: {offered}; "
+              f"shipped: {', '.join(r['shipped']) or 'none'}. Holdout rows (b)-(d) and the bundle's (test) rows "
+              f"include {'the shipped refits' if r['shipped'] else 'no refit'}; out-of-fold rows never do")
     print(summary(report["combination"]))
     print_extras(report)
 

@@ -5,7 +5,8 @@
     select_members       top-k (or greedy, or within a latency budget) per fold      -> members.json
     out_of_fold          rows (a)-(c) and the thresholds fitted out-of-fold          -> thresholds.json, oof_probs/
     post_processing      the CRF fitted on the out-of-fold probabilities (--crf)     -> postprocessing.json
-    combination          on the holdout: how the bundle combines the members, rows (a)-(d)
+    refit                with --refit N: the N best configurations on every training image -> refits/
+    combination          on the holdout: how the bundle combines the members (and refits), rows (a)-(d)
     bundle               the members and the kept decision rule                      -> bundle/
     oof_metrics          every result above in one record                            -> oof_metrics.json
 
@@ -33,6 +34,7 @@ from ensemble.latency import budget_members, summary_line
 from ensemble.members import local_checkpoint, top_k
 from ensemble.oof import oof_evaluate
 from ensemble.predictor import TTA, Ensemble, Member, best_member_index, load_member
+from ensemble.refit import REFIT_FOLD, ROWS_NOTE, check_refit, plan_refits, refit_members, with_refits
 from ensemble.selection import greedy_members
 from trainables.data import SegData, dataset_options, load_data
 from trainables.device import resolve_device
@@ -232,26 +234,47 @@ def post_processing(run: ExperimentRun, members: Members, *, oof: OutOfFold,
     return PostProcessing(post, crf_rows)
 
 
+def refit(run: ExperimentRun, n: int | None, *, options: EnsembleOptions, connect=None,
+          runner=None) -> tuple[list[Member], list[dict]]:
+    """With ``--refit N`` (a holdout needed: ConfigError otherwise), the N best configurations trained
+    on every training image by Ray tasks (ensemble/refit.py; ``connect()`` joins Ray first), as
+    members; writes refits/."""
+    check_refit(n, read_holdout(RunFiles(run.run_dir).folds_json))
+    if not n:
+        return [], []
+    plans = plan_refits(run.rows, run.metric, run.mode, n, folds=run.folds,
+                        holdout=read_holdout(RunFiles(run.run_dir).folds_json))
+    return refit_members(plans, checkpoints=RunFiles(run.run_dir).checkpoints_dir, out_dir=run.out.refits_dir,
+                         fingerprint=run.data.fingerprint, device=run.device, resources=run.settings.get("resources"),
+                         runner=runner, connect=connect)
+
+
 def combination(run: ExperimentRun, members: Members, *, oof: OutOfFold, post: PostProcessing,
-                options: EnsembleOptions) -> Combination:
-    """With a holdout (folds.holdout): how the bundle combines every fold's members (uniform average,
-    best member or a fitted keep/drop, ensemble/combine.py) and rows (a)-(d) on it; without one,
-    the uniform average, the comparison unknown."""
+                options: EnsembleOptions, refits: list[Member] | None = None) -> Combination:
+    """With a holdout (folds.holdout): how the bundle combines every fold's members and the ``refits``
+    (uniform average, best member or a fitted keep/drop, ensemble/combine.py) and rows (a)-(d) on it;
+    without one, the uniform average, the comparison unknown. Out-of-fold rows never see the refits."""
     holdout = read_holdout(RunFiles(run.run_dir).folds_json)
     weights, rows = None, None
+    ensembles = with_refits(members.ensembles, refits)
     if holdout:
-        ens = everyone(members.ensembles)
+        ens = everyone(ensembles)
         weights, record = combine_on_holdout(
             ens, run.data, indices=holdout_indices(run.data, holdout), metric=run.metric, mode=run.mode,
             best=best_member_index(ens.members, run.mode), empty=run.empty_or_one,
             seed=int(run.settings["fixed"].get("folds", {}).get("seed", 0)))
-        rows = holdout_step(members.ensembles, run.data, holdout=holdout, thresholds=oof.thresholds, post=post.post,
+        rows = holdout_step(ensembles, run.data, holdout=holdout, thresholds=oof.thresholds, post=post.post,
                             steps=post.post["steps"],
                             mode=run.mode, max_size=run.max_size, batch_size=options.batch_size, weights=weights,
                             combination=record["shipped"])
     else:
         record = no_holdout_record()
-    shipped = shipped_members([m for e in members.ensembles.values() for m in e.members], weights)
+    shipped = shipped_members([m for e in ensembles.values() for m in e.members], weights)
+    if refits:  # which rows a refit is in: rows (b)-(d) of the holdout and the bundle's, when kept
+        kept = [m.name for m in shipped if m.fold == REFIT_FOLD]
+        record["refits"] = {"offered": [m.name for m in refits], "shipped": kept, "rows": ROWS_NOTE}
+        if rows is not None:
+            rows["refits"] = kept
     return Combination(weights, record, rows, shipped)
 
 
@@ -265,7 +288,7 @@ def bundle(run: ExperimentRun, members: Members, *, oof: OutOfFold, post: PostPr
 
 
 def oof_metrics(run: ExperimentRun, members: Members, *, oof: OutOfFold, post: PostProcessing,
-                combined: Combination, compare: Path | None = None) -> dict:
+                combined: Combination, compare: Path | None = None, refits: list[dict] | None = None) -> dict:
     """The record of every step (rows (a)-(d) cross-fitted and in-sample, the keep decisions, the
     selection, the combination, the holdout rows, with ``compare`` another experiment's rows beside
     them); writes oof_metrics.json and returns it."""
@@ -281,6 +304,8 @@ def oof_metrics(run: ExperimentRun, members: Members, *, oof: OutOfFold, post: P
         report["latency"] = members.latency
     report.update(post.crf_rows)
     report["combination"] = combined.record
+    if refits:  # out-of-fold rows never include a refit; the holdout's and the bundle's may
+        report["refits"] = {"members": refits, "shipped": combined.record["refits"]["shipped"], "rows": ROWS_NOTE}
     if combined.holdout is not None:
         report["holdout"] = combined.holdout
     key = score_key(run.data.task, run.metric)

@@ -79,6 +79,7 @@ class EnsembleFiles:
     oof_metrics_json = _Entry("oof_metrics.json")
     oof_probs_dir = _Entry("oof_probs")  # the out-of-fold probabilities the post-processing is fitted on
     bundle_dir = _Entry("bundle")
+    refits_dir = _Entry("refits")  # --refit: <name>/model.pt and refits.json (ensemble/refit.py)
     predictions_dir = _Entry("predictions")  # where --predict writes unless given --out
 
     @property

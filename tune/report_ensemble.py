@@ -80,6 +80,19 @@ def oof_note(oof: dict) -> str:
     return f"<p class='note'>{html.escape(text)}</p>"
 
 
+def refit_note(refits: list[str] | None, where: str) -> str:
+    """Which rows of a table include refits (``ensemble/run.py --refit``; None: no refit was offered)."""
+    if refits is None:
+        return ""
+    if where == "oof":
+        return ("<p class='note'>No out-of-fold row includes a refit: a refit trained on every out-of-fold "
+                "image; the holdout and test rows score it.</p>")
+    named = ", ".join(html.escape(str(r)) for r in refits)
+    return (f"<p class='note'>Rows (b)-(d) include the refit{'s' if len(refits) > 1 else ''} {named} "
+            "(trained on every training image).</p>" if refits
+            else "<p class='note'>Rows (b)-(d) include no refit: the combination left them out.</p>")
+
+
 def _size_mb(path: str) -> float | None:
     """Bytes of a member's checkpoint (a file, or a directory of files) in MB; None if not local."""
     p = Path(path)
@@ -177,19 +190,21 @@ def ensemble_section(page: Page, run_dir: Path, trials: list[dict], metric: str)
         return
     class_names = oof.get("class_names", [])
     page.add(f"<h2>Ensemble, out-of-fold ({oof.get('oof_images', '?')} images)</h2>"
-             + results_table(oof, oof.get("optimism"), oof=True) + oof_note(oof))
+             + results_table(oof, oof.get("optimism"), oof=True) + oof_note(oof)
+             + refit_note([] if oof.get("refits") else None, "oof"))
     if "postprocessing" in oof and "crf" in oof:
         kept = oof["postprocessing"].get("kept")
         page.add(f"<p class='note'>DenseCRF: {'kept' if kept else 'not kept (no gain)'}.</p>")
     if isinstance(oof.get("holdout"), dict) and metric_rows(oof["holdout"]):
         n = oof["holdout"].get("images")
         page.add(f"<h2>Holdout{f' ({n} images)' if n else ''}</h2><p class='note'>images no fold trained or "
-                 "tuned on</p>" + results_table(oof["holdout"], oof["holdout"].get("optimism")))
+                 "tuned on</p>" + results_table(oof["holdout"], oof["holdout"].get("optimism"))
+                 + refit_note(oof["holdout"].get("refits"), "holdout"))
     for path in ensemble.test_metrics_jsons:
         test = _read(path)
         if test and metric_rows(test):
             page.add(f"<h2>Test ({test.get('images', '?')} images, <code>{html.escape(str(path))}</code>)"
-                     "</h2>" + results_table(test))
+                     "</h2>" + results_table(test) + refit_note(test.get("refits") or None, "test"))
             break
     members = _read(ensemble.members_json)
     if members:

@@ -280,7 +280,10 @@ def predict_on_ray(bundle_dir: Path, images: Path, out: Path, *, address: str | 
         rows = scorer.compute()
         result["test_rows"] = rows
         result["test_metrics"] = {**rows["tuned"], "images": len(paths), "rows": rows,
-                                  "labels": {k: ROWS[k] for k in rows}, "best_single": info["members"][keep]["name"]}
+                                  "labels": {k: ROWS[k] for k in rows}, "best_single": info["members"][keep]["name"],
+                                  # as ensemble/infer.py: rows (b)-(d) include these refits
+                                  "refits": [e["name"] for e in info["members"]
+                                             if e.get("refit") and float(e["weight"]) > 0]}
         atomic_write_json(Path(out) / TEST_METRICS_JSON, result["test_metrics"])
     return result
 

@@ -359,8 +359,9 @@ def startup_trials(base: SearchSpec, trials: int, folds_searched: int) -> tuple[
     n = max(1, min(int(base.search["n_startup_trials"]), seen // 3))
     over = f"the {seen} trials of the {folds_searched} folds that share one model" if shared else \
         f"the {seen} trials of a fold"
-    kept = "the base space's count" if n == int(base.search["n_startup_trials"]) else "a third"
-    return n, f"random trials before TPE: {n} of {over} ({kept}, at most a third), so TPE chooses the other {seen - n}"
+    asked = int(base.search["n_startup_trials"])
+    kept = f"the base space's {asked}" if n == asked else f"a third; the base space asks {asked}"
+    return n, f"random trials before TPE: {n} of {over} ({kept}), so TPE chooses the other {seen - n}"
 
 
 def validation_windows(plan: Plan, fp: dict) -> int:

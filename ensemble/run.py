@@ -172,10 +172,11 @@ def distill_options(args: argparse.Namespace):
 
 
 def connect_ray(address: str | None) -> None:
-    """Ray for --refit's tasks: the cluster at ``address``, else a private local Ray."""
-    from tune.cluster import init_ray  # lazy: Ray only for --refit
+    """Ray for --refit's tasks: the cluster at ``address``, else a private local Ray (the connection
+    --predict's actor pool makes)."""
+    from ensemble.ray_predict import connect  # lazy: start-up time (--help without torch/ray)
 
-    init_ray(address, dashboard=False)
+    connect(address)
 
 
 def print_report(report: dict, class_names: list[str]) -> None:

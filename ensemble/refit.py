@@ -18,8 +18,8 @@ the holdout's combination (:mod:`ensemble.combine`) as one more member.
   epoch: the refit is the network after its last epoch (the EMA's with ``train.ema_decay``).
   ``data.extra_train`` is not added (a per-fold set belongs to one fold).
 * **Where it trains**: one Ray task per configuration (:func:`run_refits`; the caller connects Ray,
-  ``ensemble/run.py`` through ``tune/cluster.py``), with the search's ``resources.cpus_per_trial`` and
-  ``gpus_per_trial``. The trained checkpoint comes back through Ray's object store and is written
+  ``ensemble/run.py`` as ``--predict``'s actor pool does, ``ensemble/ray_predict.py``), with the
+  search's ``resources.cpus_per_trial`` and ``gpus_per_trial``. The trained checkpoint comes back through Ray's object store and is written
   here (``ensemble/refits/<name>/model.pt``), so workers need no shared storage; a refit whose job
   (configuration, epochs, images) is unchanged is not trained again.
 

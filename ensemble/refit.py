@@ -19,9 +19,10 @@ the holdout's combination (:mod:`ensemble.combine`) as one more member.
   ``data.extra_train`` is not added (a per-fold set belongs to one fold).
 * **Where it trains**: one Ray task per configuration (:func:`run_refits`; the caller connects Ray,
   ``ensemble/run.py`` as ``--predict``'s actor pool does, ``ensemble/ray_predict.py``), with the
-  search's ``resources.cpus_per_trial`` and ``gpus_per_trial``. The trained checkpoint comes back through Ray's object store and is written
-  here (``ensemble/refits/<name>/model.pt``), so workers need no shared storage; a refit whose job
-  (configuration, epochs, images) is unchanged is not trained again.
+  search's ``resources.cpus_per_trial`` and ``gpus_per_trial``. The trained checkpoint comes back
+  through Ray's object store and is written here (``ensemble/refits/<name>/model.pt``), so workers
+  need no shared storage; a refit whose job (configuration, epochs, images) is unchanged is not
+  trained again.
 
 What may score a refit: it saw every training image, so out-of-fold rows never include it (they are
 the per-fold ensembles alone); the holdout rows and the bundle's (hence annotated test data's) do,

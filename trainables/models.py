@@ -210,7 +210,11 @@ def _build_smp(arch: str, encoder: str, num_classes: int, weights: str | None, k
             logger.warning("PRETRAINED WEIGHTS UNAVAILABLE for %s/%s=%s (%s: %s); building it with RANDOM INIT",
                            arch, encoder, weights, type(exc).__name__, str(exc).splitlines()[0][:200])
             torch.set_rng_state(rng)
-    return _loaded(cls(encoder_name=encoder, encoder_weights=None, classes=num_classes, **kwargs), RANDOM_INIT)
+    try:
+        model = cls(encoder_name=encoder, encoder_weights=None, classes=num_classes, **kwargs)
+    except (TypeError, ValueError) as exc:  # arguments smp refuses: the user's model.kwargs, in one line
+        raise ConfigError("config", "model.kwargs", f"{arch}/{encoder} refuses {kwargs}: {exc}") from None
+    return _loaded(model, RANDOM_INIT)
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -172,3 +172,11 @@ def test_encoder_weights_used_without_calling_their_module_are_kept():
     model.encoder = Encoder()
     assert trim_unused_encoder(model) == []  # dropping skip changed the output: everything put back
     assert isinstance(model.encoder.skip, nn.Conv2d) and isinstance(model.encoder.unused, nn.Conv2d)
+
+
+@pytest.mark.parametrize("weights", [None, "imagenet"])
+def test_model_kwargs_smp_refuses_are_one_config_error(weights):
+    """A depth-5 Unet given 3 decoder widths: smp's ValueError becomes one line naming model.kwargs
+    (before, a traceback; with weights, first a misleading 'pretrained weights unavailable')."""
+    with pytest.raises(ConfigError, match=r"model\.kwargs: Unet/resnet18 refuses .*decoder_channels.*3 blocks"):
+        build_model("Unet", "resnet18", 3, weights, {"decoder_channels": [64, 32, 16]})

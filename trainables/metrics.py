@@ -74,11 +74,9 @@ def background_near_torch(background: torch.Tensor, d: int) -> torch.Tensor:
 
 def background_near_cpu(background: torch.Tensor, d: int) -> torch.Tensor:
     """The same as ``background_near_torch`` by OpenCV's dilation of each (H, W) plane (outside: 0)."""
-    planes = background.numpy().astype(np.uint8).reshape(-1, *background.shape[-2:])
+    planes = np.ascontiguousarray(background.numpy(), dtype=np.uint8).reshape(-1, *background.shape[-2:])
     kernel = np.ones((2 * d + 1, 2 * d + 1), np.uint8)
-    out = np.empty_like(planes)
-    for i, plane in enumerate(planes):
-        cv2.dilate(plane, kernel, dst=out[i], borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    out = np.stack([cv2.dilate(plane, kernel, borderType=cv2.BORDER_CONSTANT, borderValue=0) for plane in planes])
     return torch.from_numpy(out.reshape(background.shape).astype(bool))
 
 

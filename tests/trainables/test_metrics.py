@@ -206,6 +206,22 @@ def test_boundary_region_matches_reference_on_random_masks():
                 np.testing.assert_array_equal(torch_way[i, k], reference_boundary(masks[i, k].numpy(), d))
 
 
+def test_boundary_region_of_a_strided_mask():
+    """A multilabel target arrives permuted (B, H, W, C) -> (B, C, H, W), not contiguous."""
+    gen = torch.Generator().manual_seed(3)
+    for batch in (1, 2):  # one image: its planes are a strided view, not a copy
+        masks = (torch.rand(batch, 9, 11, 3, generator=gen) > 0.5).permute(0, 3, 1, 2)
+        assert not masks.is_contiguous()
+        check_against_reference(masks, 2)
+
+
+def check_against_reference(masks: torch.Tensor, d: int) -> None:
+    got = boundary_region(masks, d).numpy()
+    for i in range(masks.shape[0]):
+        for k in range(masks.shape[1]):
+            np.testing.assert_array_equal(got[i, k], reference_boundary(masks[i, k].numpy(), d))
+
+
 def test_image_border_is_not_a_boundary():
     left = torch.zeros(1, 1, 4, 8, dtype=torch.bool)
     left[..., :4] = True

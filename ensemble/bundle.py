@@ -76,6 +76,18 @@ def _member_entry(member, file: str) -> dict:
             **({"refit": True} if member.meta.get("refit") else {})}
 
 
+def shipped_refits(members: list) -> list[str]:
+    """Names of the refits (:mod:`ensemble.refit`, trained on every training image) that take part in
+    the prediction, in order: of loaded members (``meta["refit"]``, ``weight``) or of ``bundle.json``
+    entries (``"refit"``, ``"weight"``). ``test_metrics.json`` says rows (b)-(d) include these."""
+    out = []
+    for m in members:
+        entry = m if isinstance(m, dict) else {"name": m.name, "refit": m.meta.get("refit"), "weight": m.weight}
+        if entry.get("refit") and float(entry["weight"]) > 0:
+            out.append(entry["name"])
+    return out
+
+
 def write_bundle(out: Path, members: list, *, tta: str, voting: str, rule: dict, metric: str, mode: str,
                  source: dict | None = None, data: dict | None = None) -> Path:
     """Write the bundle of ``members`` (:class:`ensemble.predictor.Member` with ``meta["path"]``,

@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from ensemble.bundle import shipped_refits
 from ensemble.submission import Submission
 from ensemble.voting import Voting
 from trainables.data import IMAGE_SUFFIXES, load_dataset, read_image
@@ -283,7 +284,6 @@ def predict_folder(ens: Voting, thresholds: dict | None, job: PredictOptions) ->
         result["test_metrics"] = {**rows["tuned"], "images": len(paths), "rows": rows,
                                   "labels": {k: ROWS[k] for k in rows},
                                   "best_single": ens.members[keep].name,
-                                  # rows (b)-(d) include these refits (trained on every training image)
-                                  "refits": [m.name for m in ens.members if m.meta.get("refit") and m.weight > 0]}
+                                  "refits": shipped_refits(ens.members)}
         atomic_write_json(out / TEST_METRICS_JSON, result["test_metrics"])
     return result

@@ -45,7 +45,7 @@ from types import SimpleNamespace
 import numpy as np
 from tqdm import tqdm
 
-from ensemble.bundle import load_bundle, verify
+from ensemble.bundle import load_bundle, shipped_refits, verify
 from ensemble.infer import RowScorer, check_prediction, decisions, list_inputs, submission_skip, write_image_outputs
 from ensemble.member import best_member_index
 from ensemble.pseudo import pseudo_image, pseudo_inputs, write_pseudo_summary
@@ -281,9 +281,7 @@ def predict_on_ray(bundle_dir: Path, images: Path, out: Path, *, address: str | 
         result["test_rows"] = rows
         result["test_metrics"] = {**rows["tuned"], "images": len(paths), "rows": rows,
                                   "labels": {k: ROWS[k] for k in rows}, "best_single": info["members"][keep]["name"],
-                                  # as ensemble/infer.py: rows (b)-(d) include these refits
-                                  "refits": [e["name"] for e in info["members"]
-                                             if e.get("refit") and float(e["weight"]) > 0]}
+                                  "refits": shipped_refits(info["members"])}
         atomic_write_json(Path(out) / TEST_METRICS_JSON, result["test_metrics"])
     return result
 

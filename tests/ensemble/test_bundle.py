@@ -87,3 +87,17 @@ def test_rewriting_replaces_and_checks_refuse_damage(members, tmp_path):
     (out / "manifest.json").write_text("{")
     with pytest.raises(InputError, match="damaged"):
         load_bundle(out)
+
+
+def test_shipped_refits_read_alike_from_members_and_from_bundle_entries(members, tmp_path):
+    """test_metrics.json's ``refits`` is the same list whether prediction holds loaded members
+    (ensemble/infer.py) or only bundle.json's entries (ensemble/ray_predict.py)."""
+    from ensemble.bundle import shipped_refits
+    members[1].meta["refit"] = True
+    out = write_bundle(tmp_path / "bundle", members, tta="none", voting="soft", rule={"thresholds": None},
+                       metric="val_miou", mode="max")
+    entries = json.loads((out / "bundle.json").read_text())["members"]
+    assert "refit" not in entries[0] and entries[1]["refit"] is True
+    assert shipped_refits(entries) == shipped_refits(load_bundle(out).members) == [members[1].name]
+    members[1].weight = 0.0  # a dropped refit is no part of the rows
+    assert shipped_refits(members) == [] and shipped_refits([{**entries[1], "weight": 0}]) == []

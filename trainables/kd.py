@@ -27,14 +27,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from trainables.data import IGNORE_INDEX, SegData, read_image
 from trainables.dataset import SegDataset, build_transforms, downscale
 from trainables.errors import InputError
 from trainables.loop import FoldTrainer
 from trainables.losses import DistillLoss
-from trainables.optim import Schedule, build_optimizer
 from trainables.preprocess import normalise
 from trainables.sampling import Draw, EpochSampler
 
@@ -111,27 +110,20 @@ class DistillTrainer(FoldTrainer):
         labelled = [it.index for it in items if it.index is not None]
         if not labelled:
             raise ValueError("distillation needs at least one labelled image")
+        self.items = list(items)
+        # the labelled images weigh the hard term's classes; the items are what the loader draws
         super().__init__(cfg, data, labelled, [], fold=None, device=device)
-        if self.world_size > 1:
-            raise RuntimeError("a student is trained in one process")
-        train = cfg["train"]
-        seed = int(train["seed"])
-        self.train_set = SoftTargetSet(data, items, transform=build_transforms(cfg["augment"], train["image_size"],
-                                                                               True, seed),
-                                       max_size=cfg["data"]["max_size"], seed=seed)
-        batch = int(train["batch_size"])
-        workers = int(train["num_workers"])
-        self.train_loader = DataLoader(self.train_set, batch_size=batch, sampler=EpochSampler(len(items), seed),
-                                       drop_last=len(items) > batch, generator=self.generator, num_workers=workers,
-                                       pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
-        self.train_batches = len(self.train_loader)
-        # the schedule's length follows the items: a fresh optimiser (the schedule scales its base lr)
-        self.optimizer = build_optimizer(self.model, cfg["optimizer"])
-        self.steps_per_epoch = self._steps_per_epoch()
-        self.schedule = Schedule(self.optimizer, cfg["scheduler"], int(train["epochs"]), self.steps_per_epoch,
-                                 self.mode)
         self.loss_fn = DistillLoss(self.loss_fn, data.task, data.num_classes, temperature=temperature, alpha=alpha,
                                    ignore_index=data.ignore_index).to(self.device)
+
+    def _training_set(self, train_idx: list[int], seed: int) -> tuple[SoftTargetSet, EpochSampler]:
+        """The items with their teacher's probabilities, drawn uniformly (no copy-paste, no oversampling)."""
+        if self.world_size > 1:
+            raise RuntimeError("a student is trained in one process")
+        cfg = self.cfg
+        train_set = SoftTargetSet(self.data, self.items, seed=seed, max_size=cfg["data"]["max_size"],
+                                  transform=build_transforms(cfg["augment"], cfg["train"]["image_size"], True, seed))
+        return train_set, EpochSampler(len(self.items), seed)
 
     def validate(self) -> dict:
         return {}  # no validation images: nothing to score

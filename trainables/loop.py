@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from trainables.checkpoint import make_checkpoint
 from trainables.copypaste import build_copy_paste
@@ -112,15 +112,8 @@ class FoldTrainer:
         self.amp = resolve_amp(train["amp"], self.device)
         self.channels_last = bool(train["channels_last"]) and self.device.type == "cuda"
         self.metric, self.mode = train["metric"], train["mode"]
-        max_size = cfg["data"]["max_size"]
         seed = int(train["seed"]) + (fold or 0)
-        self.train_set = SegDataset(data, train_idx, build_transforms(cfg["augment"], train["image_size"], True, seed),
-                                    max_size, seed=seed)
-        self.train_set.copy_paste = build_copy_paste(cfg["augment"], data, train_idx, self.train_set.load,
-                                                     self._train_pixel_counts(train_idx), seed)
-        # draws and augmentations are seeded by (seed, epoch[, position]): the same batches for any
-        # number of workers and after a resume; the generator only seeds the workers' own RNGs
-        sampler = build_sampler(train, data.presence[train_idx], data.has_background, seed, self.rank, self.world_size)
+        self.train_set, sampler = self._training_set(train_idx, seed)
         # validation gives the network what prediction will (trainables/preprocess.py): the image at the
         # working size, resized to image_size or stepped over by windows of the crop size (random_crop),
         # scored at the working size
@@ -164,6 +157,19 @@ class FoldTrainer:
         self.best_score: float | None = None
         self.best_epoch = 0
         self._best_state: dict | None = None
+
+    def _training_set(self, train_idx: list[int], seed: int) -> tuple[Dataset, Sampler]:
+        """The training images (with copy-paste) and their sampler (with rare-class oversampling); a
+        subclass trains on other items (the student of :mod:`trainables.kd`). Draws and augmentations
+        are seeded by (seed, epoch[, position]): the same batches for any number of workers and after a
+        resume; the loader's generator only seeds the workers' own RNGs."""
+        cfg, data, train = self.cfg, self.data, self.cfg["train"]
+        train_set = SegDataset(data, train_idx, build_transforms(cfg["augment"], train["image_size"], True, seed),
+                               cfg["data"]["max_size"], seed=seed)
+        train_set.copy_paste = build_copy_paste(cfg["augment"], data, train_idx, train_set.load,
+                                                self._train_pixel_counts(train_idx), seed)
+        return train_set, build_sampler(train, data.presence[train_idx], data.has_background, seed, self.rank,
+                                        self.world_size)
 
     def _train_pixel_counts(self, train_idx: list[int]) -> np.ndarray:
         """Per-class labelled pixels of the training images only (for class weights and copy-paste):

@@ -234,6 +234,36 @@ def test_student_trains_on_packed_targets_through_augmentation(sample, tmp_path)
     assert probs.shape == (C, *data.read_image(0).shape[:2])
 
 
+def test_student_draws_its_items_once_without_copy_paste_or_oversampling(sample, tmp_path, caplog):
+    """The student's loader is built once, over the items (labelled and unlabeled), drawn uniformly:
+    the search's copy-paste and rare-class oversampling are never built (nor logged), and the schedule
+    counts the items' batches."""
+    import logging
+
+    from PIL import Image
+
+    from tests.conftest import tiny_config
+    from trainables.kd import DistillTrainer, SoftItem, SoftTargetSet
+
+    data, C = sample, sample.num_classes
+    items = []
+    for i in range(5):
+        np.save(tmp_path / f"{i}.npy", np.full((C, *data.read_image(i).shape[:2]), 1.0 / C, np.float16))
+        items.append(SoftItem(tmp_path / f"{i}.npy", index=i))
+    np.save(tmp_path / "u.npy", np.full((C, 64, 80), 1.0 / C, np.float16))
+    Image.fromarray(np.zeros((64, 80, 3), np.uint8)).save(tmp_path / "u.png")
+    items += [SoftItem(tmp_path / "u.npy", image=tmp_path / "u.png")] * 3
+    cfg = tiny_config(**{"train.image_size": [32, 48], "train.batch_size": 3, "train.epochs": 1,
+                         "augment.copy_paste": 1.0, "train.oversample": 2.0})
+    with caplog.at_level(logging.INFO):
+        trainer = DistillTrainer(cfg, data, items, temperature=2.0, alpha=0.5)
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "copy-paste" not in said and "oversampling" not in said
+    assert isinstance(trainer.train_set, SoftTargetSet) and len(trainer.train_set) == 8
+    assert trainer.train_loader.sampler.weights is None and len(trainer.train_loader.sampler) == 8
+    assert trainer.steps_per_epoch == 8 // 3  # drop_last over the 8 items, not the 5 labelled images
+
+
 # --------------------------------------------------------------------------- 3./4. the command
 
 

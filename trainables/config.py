@@ -35,7 +35,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "train": {"epochs": 20, "batch_size": 8, "image_size": [256, 256], "amp": "auto", "channels_last": True,
               "grad_clip": 1.0, "accum_steps": 1, "seed": 0, "num_workers": 0, "metric": "val_miou", "mode": "max",
               "device": "auto", "max_train_batches": None, "boundary_iou": "last", "preview_images": 4,
-              "oversample": 0.0, "oversample_cap": 5.0, "ema_decay": None, "ema_warmup": True, "ema_start_epoch": 0},
+              "oversample": 0.0, "oversample_cap": 5.0, "ema_decay": None, "ema_warmup": True, "ema_start_epoch": 0,
+              "swa_epochs": 0},
     "metrics": {"average": "dataset", "empty": 1},
 }
 
@@ -116,6 +117,9 @@ MEANINGS: dict[str, str] = {
     "train.ema_warmup": "the n-th averaged step uses decay min(ema_decay, 1 - n ** (-2/3)) (timm's warmup; short "
                         "runs need it); false: ema_decay from the second step (the first copies the weights)",
     "train.ema_start_epoch": "epochs trained before the averaging starts (until then the EMA is the raw weights)",
+    "train.swa_epochs": "stochastic weight averaging: the equal average of the weights at the end of each of the "
+                        "last N epochs, BatchNorm statistics recomputed on the training images; validation and the "
+                        "best checkpoint use it in those epochs; 0: off (not with train.ema_decay)",
     "metrics.average": "dataset | image: also report val_miou_image, val_dice_image (per-image means, Kaggle "
                        "style; implied when one is train.metric); val_miou/val_dice are always dataset-level",
     "metrics.empty": "per-image scores: a pair with empty truth and empty prediction scores 1 | nan (left out)",
@@ -176,7 +180,8 @@ ALLOWED = {"data.task": ("multiclass", "multilabel"), "data.unannotated": ("back
            "data.crowd": ("ignore", "class"), "folds.strategy": ("kfold", "stratified", "multilabel", "group"),
            "train.amp": ("auto", "bf16", "fp16", "off"), "train.mode": ("max", "min"),
            "train.boundary_iou": ("every", "last", "off"), "metrics.average": ("dataset", "image")}
-MINIMUM = {"folds.k": 2, "train.epochs": 1, "train.batch_size": 1, "train.accum_steps": 1, "train.ema_start_epoch": 0}
+MINIMUM = {"folds.k": 2, "train.epochs": 1, "train.batch_size": 1, "train.accum_steps": 1, "train.ema_start_epoch": 0,
+           "train.swa_epochs": 0}
 NULLABLE = {"model.weights"}  # settings with a non-null default that also accept null
 HOLDOUT = "a share of the images in (0, 0.5), a list of image names or a regular expression on them"
 
@@ -325,6 +330,10 @@ def validate_config(cfg: Mapping[str, Any], num_classes: int | None = None, sour
     for key, value in flatten(cfg).items():
         if key in known:
             check_setting(key, value, num_classes, source)
+    train = cfg.get("train") or {}
+    if train.get("swa_epochs") and train.get("ema_decay") is not None:
+        raise ConfigError(source, "train.swa_epochs", f"{train['swa_epochs']} with train.ema_decay "
+                          f"{train['ema_decay']}: one weight average at a time (set the other to 0 / null)")
     folds = cfg.get("folds") or {}
     if folds.get("strategy") == "group" and not folds.get("group_regex"):
         raise ConfigError(source, "folds.group_regex", "the group strategy needs a group_regex")

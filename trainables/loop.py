@@ -26,11 +26,19 @@ floating-point buffers (BatchNorm running statistics) are lerped, integer buffer
 (``num_batches_tracked``) copied. With it, validation, previews and the best checkpoint use the
 averaged network (``eval_model``) while ``self.model`` keeps training; its state dict has the plain
 model's keys, so checkpoints load into a plain model as before.
+
+Stochastic weight averaging (``train.swa_epochs``: N): torch's ``AveragedModel`` takes an equal share
+of the weights at the end of each of the last N epochs (under the configured schedule), and
+``update_bn`` then recomputes its BatchNorm statistics on that epoch's training batches, as
+``torch.optim.swa_utils`` prescribes (an average of weights has no statistics of its own). From the
+first averaged epoch on, validation, previews and the best checkpoint use the average. A trial ASHA
+stops before the last N epochs never averages. Not with ``train.ema_decay`` (one average at a time).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import logging
 import math
 import os
@@ -44,6 +52,7 @@ import torch
 import torch.distributed as dist
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, update_bn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from trainables.checkpoint import make_checkpoint
@@ -88,6 +97,12 @@ def build_ema(model: torch.nn.Module, train: dict) -> ModelEmaV3 | None:
         return None
     check_setting("train.ema_decay", decay)
     return ModelEmaV3(model, decay=float(decay), use_warmup=bool(train.get("ema_warmup", True)))
+
+
+def build_swa(model: torch.nn.Module, train: dict) -> AveragedModel | None:
+    """torch's equal-weight average of ``model`` for ``train.swa_epochs`` (None when 0)."""
+    check_setting("train.swa_epochs", train.get("swa_epochs", 0))
+    return AveragedModel(model) if train.get("swa_epochs") else None
 
 
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, amp: torch.dtype | None) -> torch.Tensor:
@@ -141,6 +156,7 @@ class FoldTrainer:
         # a copy of the model made before any DDP wrapper (it would hook into the model's parameters)
         self.ema = build_ema(self.model, train)
         self.ema_steps = 0  # optimiser steps averaged so far (timm's warmup counts them)
+        self.swa = build_swa(self.model, train)
         # the network trained through: DDP over the process group, else the model itself; validation,
         # previews and checkpoints use ``eval_model``, ``self.model`` or its EMA (no collective in an eval
         # forward, no "module." keys)
@@ -232,9 +248,31 @@ class FoldTrainer:
             self.ema_steps += 1
         self.ema.update(self.model, step=self.ema_steps)
 
+    def swa_epoch(self) -> bool:
+        """Whether the epoch just trained (``self.epoch``, 0-based) is one of the last ``train.swa_epochs``."""
+        return self.swa is not None and self.epoch >= int(self.cfg["train"]["epochs"]) - int(
+            self.cfg["train"]["swa_epochs"])
+
+    @torch.no_grad()
+    def update_swa(self) -> None:
+        """Average the weights of the epoch just trained into the SWA model (an equal share each), then
+        recompute its BatchNorm statistics with torch's ``update_bn``: one forward pass over the
+        epoch's training batches (the same draws, as many as an epoch takes)."""
+        self.swa.update_parameters(self.model)
+        self.set_epoch(self.epoch)
+        cap = self.cfg["train"]["max_train_batches"]
+        batches = itertools.islice(self.train_loader, min(self.train_batches, cap) if cap else self.train_batches)
+        update_bn((self._to_device(images, target)[0] for images, target in batches), self.swa)
+        if self.world_size > 1:  # each rank's statistics of its own images: rank 0's, as DDP's buffers
+            for buffer in self.swa.module.buffers():
+                dist.broadcast(buffer.data, 0)
+
     @property
     def eval_model(self) -> torch.nn.Module:
-        """The network validated, previewed and checkpointed: the EMA's when ``train.ema_decay`` is set."""
+        """The network validated, previewed and checkpointed: the SWA average once it holds an epoch
+        (``train.swa_epochs``), the EMA's when ``train.ema_decay`` is set, else the model."""
+        if self.swa is not None and int(self.swa.n_averaged) > 0:
+            return self.swa.module
         return self.model if self.ema is None else self.ema.module
 
     def set_epoch(self, epoch: int) -> None:
@@ -378,6 +416,9 @@ class FoldTrainer:
         while self.epoch < total_epochs:
             start = time.perf_counter()
             record = self.train_one_epoch()
+            if self.swa_epoch():
+                self.update_swa()
+                record["swa_epochs"] = int(self.swa.n_averaged)
             record.update(self.validate())
             self.epoch += 1
             score = record.get(self.metric)
@@ -433,6 +474,8 @@ class FoldTrainer:
                  "rng": torch.get_rng_state(), "loader_rng": self.generator.get_state()}
         if self.ema is not None:
             state.update(ema=self.ema.module.state_dict(), ema_steps=self.ema_steps)
+        if self.swa is not None:
+            state["swa"] = self.swa.state_dict()  # the average so far and how many epochs it holds
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -447,6 +490,8 @@ class FoldTrainer:
             else:
                 self.ema.set(self.model)
                 self.ema_steps = 0
+        if self.swa is not None and state.get("swa") is not None:
+            self.swa.load_state_dict(state["swa"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.schedule.load_state_dict(state["schedule"])

@@ -481,7 +481,8 @@ class FoldTrainer:
     def load_state_dict(self, state: dict) -> None:
         """A state of :meth:`state_dict`. A state without an EMA (saved with ``train.ema_decay: null``
         or before it existed) starts the EMA afresh from the restored weights; an EMA in the state of a
-        trainer without one is ignored."""
+        trainer without one is ignored. The SWA average (``train.swa_epochs``) is restored likewise; a
+        state without one leaves it empty, to be filled by the epochs still in its window."""
         self.model.load_state_dict(state["model"])
         if self.ema is not None:
             if state.get("ema") is not None:

@@ -30,8 +30,8 @@ from trainables.errors import ConfigError, InputError  # noqa: E402
 from trainables.io import atomic_write_json, atomic_write_text  # noqa: E402
 from tune.measure import Machine, Measurement  # noqa: E402
 from tune.plan_decisions import (Folds, Meter, Plan, choose_batch, choose_epochs_and_trials,  # noqa: E402
-                                 choose_folds, choose_folds_for_budget, choose_input_size, choose_working_size,
-                                 data_settings, machine_settings, validation_windows)
+                                 choose_folds, choose_input_size, choose_working_size, data_settings,
+                                 machine_settings, validation_windows)
 from tune.plan_decisions import Decision, asha_rungs, candidate_sides, expected_epochs, input_size  # noqa: E402, F401
 from tune.space import SearchSpec, load_space, model_pairs  # noqa: E402
 
@@ -45,21 +45,15 @@ DEFAULT_BUDGET = "8h"
 def plan_space(fp: dict, base: SearchSpec, machine: Machine, measure: Callable[[tuple[int, int], int], Measurement],
                budget_s: float, budget_text: str, model: tuple[str, str], log: Callable[[str], None] = print) -> Plan:
     """Every decision of the fixed half, from the fingerprint ``fp`` and ``measure(size, batch)``, in
-    order: folds, input size, working size, batch, fewer folds when the budget is short (and the batch
-    again), epochs and trials, the machine, the data."""
+    order: folds, input size, working size, batch, epochs and trials, the machine, the data."""
     plan = Plan()
     meter = Meter(plan, measure, model, log)
     folds = Folds.of(choose_folds(plan, fp), fp["images"], base)
     fit = choose_input_size(plan, fp, folds, machine, meter, budget_s)
     choose_working_size(plan, fp, fit)
     batch, m_batch = choose_batch(plan, meter, fit, folds.n_train)
-    windows = validation_windows(plan, fp)
-    fewer = choose_folds_for_budget(plan, fp, base, folds, fit.concurrent, batch, m_batch, budget_s, windows)
-    if fewer is not folds:  # fewer training images a fold: the batch's 5% cap again
-        folds = fewer
-        batch, m_batch = choose_batch(plan, meter, fit, folds.n_train)
     choose_epochs_and_trials(plan, base, folds, fit.concurrent, batch, m_batch, budget_s, budget_text,
-                             val_windows=windows)
+                             val_windows=validation_windows(plan, fp))
     machine_settings(plan, machine, fit.concurrent, m_batch)
     data_settings(plan, fp, base)
     return plan

@@ -1,7 +1,7 @@
 """The planner's decisions (``tune/plan.py``), one step each, in the order ``plan_space`` takes them:
 the folds, the input size (two probes measured, the line through them, then bisection), the working
-size, the batch size, fewer folds when the budget is short, epochs, trials per fold and ASHA from the
-time budget, the machine's settings, and what the images and masks say. Each step records its ``Decision`` with the reason in the plan.
+size, the batch size, epochs, trials per fold and ASHA from the time budget, the machine's settings,
+and what the images and masks say. Each step records its ``Decision`` with the reason in the plan.
 """
 from __future__ import annotations
 
@@ -137,12 +137,8 @@ class Meter:
     model: tuple[str, str]
     log: Callable[[str], None]
 
-    seen: dict = field(default_factory=dict)  # (size, batch) measured once
-
     def __call__(self, size: tuple[int, int], batch: int) -> Measurement:
-        if (tuple(size), batch) in self.seen:
-            return self.seen[tuple(size), batch]
-        m = self.seen[tuple(size), batch] = self.measure(size, batch)
+        m = self.measure(size, batch)
         self.plan.measurements.append({"size": list(size), "batch": batch, "peak_bytes": m.peak,
                                        "step_s": m.step_s, "fits": m.fits})
         self.log(f"measured {self.model[0]}/{self.model[1]} at {size[0]}x{size[1]}, batch {batch}: "
@@ -379,66 +375,21 @@ def validation_windows(plan: Plan, fp: dict) -> int:
     return len(window_starts(max(h, th), th)) * len(window_starts(max(w, tw), tw))
 
 
-def epoch_seconds(folds: Folds, batch: int, m_batch: Measurement, val_windows: int = 1) -> float:
-    """One epoch of a trial: the measured step over the training images, validation at ``VAL_COST`` of a
-    training image per network pass (``val_windows`` passes an image), ``OVERHEAD`` for loading."""
-    return m_batch.step_s * (folds.n_train + VAL_COST * val_windows * folds.n_val) / batch * OVERHEAD
-
-
-def wanted_epochs(folds: Folds, batch: int) -> tuple[int, int]:
-    """Steps an epoch and the epochs that give a full trial ``TARGET_STEPS`` steps (in ``EPOCH_RANGE``)."""
-    steps = math.ceil(folds.n_train / batch)
-    return steps, int(min(max(round(TARGET_STEPS / steps), EPOCH_RANGE[0]), EPOCH_RANGE[1]))
-
-
-def search_shape(folds: Folds, capacity: float, wanted: int) -> tuple[int, int, int, list[int] | None]:
-    """Epochs, trials a searched fold, ASHA's grace and the folds searched from ``capacity`` trial-epochs:
-    every fold when ``MIN_TRIALS`` fit each, else fold 0 with its best configs retrained on the others
-    when that gives fold 0 more trials."""
-    k = folds.k
-    epochs, trials, grace = longest(folds, capacity, wanted, k, 0)
-    if trials < MIN_TRIALS:
-        one = longest(folds, capacity, wanted, 1, (k - 1) * RETRAIN_TOP)
-        if one[1] > trials:
-            return (*one, [0])
-    return epochs, trials, grace, None
-
-
-def choose_folds_for_budget(plan: Plan, fp: dict, base: SearchSpec, folds: Folds, concurrent: int, batch: int,
-                            m_batch: Measurement, budget_s: float, val_windows: int = 1) -> Folds:
-    """Fewer folds when the budget cannot give the data's ``folds.k`` a search of ``MIN_TRIALS`` trials
-    (every fold, or fold 0 and retrains): the largest k down to 2 at which it can, else the k with the
-    most trials a searched fold. Each fold costs a whole search; at a short budget a search of a few
-    trials on each of five folds learns less than one of more trials on two (bench/README.md)."""
-
-    def shape(k: int) -> tuple[Folds, int]:
-        f = Folds.of(k, fp["images"], base)
-        capacity = budget_s * concurrent / epoch_seconds(f, batch, m_batch, val_windows)
-        return f, search_shape(f, capacity, wanted_epochs(f, batch)[1])[1]
-
-    trials = shape(folds.k)[1]
-    if folds.k <= 2 or trials >= MIN_TRIALS:
-        return folds
-    options = [shape(k) for k in range(folds.k - 1, 1, -1)]
-    enough = [o for o in options if o[1] >= MIN_TRIALS]
-    chosen, got = enough[0] if enough else max(options, key=lambda o: o[1])
-    if got <= trials:
-        return folds
-    plan.add("folds.k", chosen.k, f"{plan.reason('folds.k')}; cut to {chosen.k} by the time budget: at "
-             f"{folds.k} folds it holds {trials} trials a searched fold, at {chosen.k} {got}"
-             + ("" if got >= MIN_TRIALS else f" (still under {MIN_TRIALS})"))
-    return chosen
-
-
 def choose_epochs_and_trials(plan: Plan, base: SearchSpec, folds: Folds, concurrent: int, batch: int,
                              m_batch: Measurement, budget_s: float, budget_text: str, val_windows: int = 1) -> None:
     """Epochs, trials per fold, ASHA and the folds searched, from the time budget. A validation image
     costs ``VAL_COST`` of a training image per network pass, ``val_windows`` passes."""
     k, rf = folds.k, folds.rf
-    epoch_s = epoch_seconds(folds, batch, m_batch, val_windows)
+    epoch_s = m_batch.step_s * (folds.n_train + VAL_COST * val_windows * folds.n_val) / batch * OVERHEAD
     capacity = budget_s * concurrent / epoch_s  # trial-epochs the budget holds
-    steps, wanted = wanted_epochs(folds, batch)
-    epochs, trials, grace, search_folds = search_shape(folds, capacity, wanted)
+    steps = math.ceil(folds.n_train / batch)
+    wanted = int(min(max(round(TARGET_STEPS / steps), EPOCH_RANGE[0]), EPOCH_RANGE[1]))
+    search_folds = None
+    epochs, trials, grace = longest(folds, capacity, wanted, k, 0)
+    if trials < MIN_TRIALS:  # search fold 0 only, then retrain its best configs on the others
+        one = longest(folds, capacity, wanted, 1, (k - 1) * RETRAIN_TOP)
+        if one[1] > trials:
+            (epochs, trials, grace), search_folds = one, [0]
     if trials < MIN_TRIALS:
         plan.notes.append(f"the budget holds fewer than {MIN_TRIALS} trials a fold: a short search "
                           "(raise --time-budget, or plan a smaller base space)")

@@ -161,39 +161,6 @@ def test_time_budget_sets_epochs_trials_and_folds_on_a_cpu(sample):
     assert got["search.asha"]["grace_period"] == 3
 
 
-def test_a_short_budget_searches_fewer_folds(sample):
-    """When not even the smallest input, nor fold 0 with retrains, gives the data's k folds MIN_TRIALS
-    trials, the planner takes fewer folds: the largest k at which they fit, else the k with the most
-    trials a fold, said in the reason. A budget that fits keeps the data's k."""
-    fp = fingerprint(sample)
-    slow = curve(2048, 2e-5)  # 64x64 at batch 2: 0.164 s a step, 2 trials at once
-    got, plan = plan_for(fp, CPU, slow, "6m")
-    assert got["train.image_size"] == [64, 64] and got["augment.random_crop"] is True  # the smallest input
-    assert "by 6 windows an image" in plan.reason("search.num_samples")
-    step = 2e-5 * 64 * 64 * 2
-
-    def capacity(k):  # trial-epochs of 6 minutes; a validation image is 6 windows at a third of a training image
-        n_val = 72 // k
-        return 360 * 2 / (step * (72 - n_val + 6 * n_val / 3) / 2 * 1.25)
-    at12 = 3 + 6 / 3 + 3 / 9  # 12 epochs, the fewest smp.yaml allows (grace 4 x 3): grace 3, rungs 3, 9
-    # 5, 4, 3 and 2 folds hold 3, 3, 4 and 6 trials a fold; fold 0 alone with 3 configs retrained on the
-    # others (12 epochs each) does worse; 8 fit nowhere, so the most: 2 folds
-    assert [int(capacity(k) // (k * at12)) for k in (5, 4, 3, 2)] == [3, 3, 4, 6]
-    assert all(capacity(k) - (k - 1) * 3 * 12 < at12 * 4 for k in (5, 4, 3))
-    assert got["folds.k"] == 2 and got["folds.strategy"] == "multilabel"
-    assert plan.reason("folds.k").endswith("cut to 2 by the time budget: at 5 folds it holds 3 trials a searched "
-                                           "fold, at 2 6 (still under 8)")
-    assert got["train.epochs"] == 12 and got["search.num_samples"] == 6 and got["search.search_folds"] is None
-    assert got["train.batch_size"] == 2  # 36 training images a fold: the 5% cap is 2
-    # 10 minutes (5/3 the capacity): 4 folds hold 6 (every fold) or (130 - 3 x 3 x 12) / 5.33 = 4 (fold 0);
-    # 3 folds hold 7 (every fold) or (122 - 2 x 3 x 12) / 5.33 = 9 (fold 0): the largest k where 8 fit
-    assert int(capacity(4) * 10 / 6 // (4 * at12)) == 6 and int((capacity(3) * 10 / 6 - 72) // at12) == 9
-    got, plan = plan_for(fp, CPU, slow, "10m")
-    assert got["folds.k"] == 3 and got["search.num_samples"] == 9 and got["search.search_folds"] == [0]
-    # the test above's 13 minutes at a faster step: fold 0 with retrains gives 9 trials; 5 folds kept
-    assert plan_for(fp, CPU, curve(2048, 5e-6), "13m")[0]["folds.k"] == 5
-
-
 def test_startup_trials_count_the_trials_one_model_sees():
     base = load_space("smp.yaml", SPACES)  # n_startup_trials 10, share_folds true
     n, why = plan_decisions.startup_trials(base, 8, 5)  # one model over 5 x 8 = 40 trials: 10, under a third (13)

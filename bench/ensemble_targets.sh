@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 29's targets on unseen images (about 35 min a seed on 2 cores):
+# The ensemble's targets on unseen images (about 25 min a seed on 2 cores):
 #   bash bench/ensemble_targets.sh SEED [DATA_DIR] [OUT]
 # Searches bench/spaces/ensemble_targets.yaml on DATA_DIR/train (default ../shared/data/camvid) with
 # search and fold seed SEED, then, scored by the bundle's own predictor on DATA_DIR/val, which no

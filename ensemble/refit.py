@@ -13,6 +13,7 @@ the holdout's combination (:mod:`ensemble.combine`) as one more member.
 * **How long** (:func:`refit_epochs`): the median of the best epochs of the configuration's
   completed fold trials, rounded half up (at least 1). ``train.epochs`` is set to that count, so
   the learning-rate schedule runs to its end there, as the two-stage search's retrain trials do.
+  With ``--debug``, one epoch of the search's debug batches instead (under ``ensemble-debug/``).
 * **On what** (:func:`training_ids`): the union of the folds' validation lists, which the split made
   from every image but the holdout; no validation split. Without validation nothing chooses an
   epoch: the refit is the network after its last epoch (the EMA's with ``train.ema_decay``).
@@ -45,6 +46,7 @@ import torch
 from ensemble.members import local_checkpoint
 from ensemble.predictor import Ensemble, Member, load_member
 from trainables.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from trainables.cli import DEBUG_SETTINGS
 from trainables.data import load_data
 from trainables.errors import ConfigError, InputError, SegHPOError
 from trainables.io import atomic_write_json
@@ -54,6 +56,7 @@ from trainables.runfiles import PARAM_PREFIX, number, score_column
 logger = logging.getLogger(__name__)
 
 REFIT_FOLD = -1  # the key of the refits among the per-fold ensembles, and a refit member's fold
+DEBUG_BATCHES = DEBUG_SETTINGS["train.max_train_batches"]  # a --debug refit: one epoch of these
 EPOCH_RULE = "median of the best epochs of the configuration's completed fold trials, rounded half up"
 ROWS_NOTE = ("refits are in the holdout rows and the bundle (so in annotated test rows) when the combination "
              "keeps them; never in out-of-fold rows (a refit trained on every out-of-fold image)")
@@ -231,16 +234,20 @@ def _refit_task(job: dict) -> tuple[str | None, dict | None]:
 
 def refit_members(plans: list[RefitPlan], *, checkpoints: Path, out_dir: Path, fingerprint: str,
                   device: torch.device, resources: dict | None = None, runner=None,
-                  connect=None) -> tuple[list[Member], list[dict]]:
+                  connect=None, debug: bool = False) -> tuple[list[Member], list[dict]]:
     """Train (or reuse) the refits of ``plans`` under ``out_dir/<name>/model.pt`` and load them as
     members (fold :data:`REFIT_FOLD`, NaN score, ``meta["refit"]``); with their records.
     ``runner(jobs)`` -> checkpoints (default :func:`run_refits` with ``resources``, after ``connect()``
-    when there is something to train)."""
+    when there is something to train). ``debug`` (``--debug``): each refit trains one epoch of
+    :data:`DEBUG_BATCHES` batches, whatever its plan says, so the check stays about a minute."""
     resources = resources or {}
     jobs, todo = [], []
     for plan in plans:
         source = load_checkpoint(local_checkpoint(plan.best_trial["checkpoint"], checkpoints))
-        job = {"name": plan.name, "config": refit_config(source, plan.epochs), "train_ids": plan.train_ids,
+        config = refit_config(source, 1 if debug else plan.epochs)
+        if debug:
+            config["train"]["max_train_batches"] = DEBUG_BATCHES
+        job = {"name": plan.name, "config": config, "train_ids": plan.train_ids,
                "fingerprint": fingerprint, "device": None}
         path = out_dir / plan.name / "model.pt"
         if not (path.exists() and (load_checkpoint(path).get("extra") or {}).get("refit", {}).get("job")
@@ -248,8 +255,9 @@ def refit_members(plans: list[RefitPlan], *, checkpoints: Path, out_dir: Path, f
             todo.append(len(jobs))
         jobs.append(job)
     if todo:
-        logger.info("refitting %d configurations on %d images: %s", len(todo), len(plans[0].train_ids),
-                    ", ".join(f"{jobs[k]['name']} ({plans[k].epochs} epochs)" for k in todo))
+        logger.info("refitting %d configurations on %d images: %s%s", len(todo), len(plans[0].train_ids),
+                    ", ".join(f"{jobs[k]['name']} ({plans[k].epochs} epochs)" for k in todo),
+                    f" (--debug: 1 epoch of {DEBUG_BATCHES} batches each)" if debug else "")
         if runner is None:
             if connect is not None:
                 connect()
@@ -260,6 +268,8 @@ def refit_members(plans: list[RefitPlan], *, checkpoints: Path, out_dir: Path, f
     members, records = [], []
     for plan in plans:
         record = refit_record(plan)
+        if debug:  # what was trained, not what was planned
+            record.update(epochs=1, planned_epochs=plan.epochs, debug=f"1 epoch of {DEBUG_BATCHES} batches (--debug)")
         member = load_member(out_dir / plan.name / "model.pt", plan.name, device)
         member.meta["refit"] = record
         members.append(member)

@@ -31,7 +31,7 @@ from trainables.rows import FIELDS, NO_HOLDOUT, OOF_NOTE, OOF_ROWS, ROWS, format
 logger = logging.getLogger("ensemble")
 
 ENSEMBLE_DEBUG_HELP = ("check the ensemble step in about a minute: 1 member per fold, no TTA, 4 out-of-fold images "
-                       "per fold, written to runs/<name>/ensemble-debug")
+                       "per fold, refits of one 2-batch epoch, written to runs/<name>/ensemble-debug")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -238,7 +238,7 @@ def refit(run: ExperimentRun, n: int | None, *, options: EnsembleOptions, connec
           runner=None) -> tuple[list[Member], list[dict]]:
     """With ``--refit N`` (a holdout needed: ConfigError otherwise), the N best configurations trained
     on every training image by Ray tasks (ensemble/refit.py; ``connect()`` joins Ray first), as
-    members; writes refits/."""
+    members; writes refits/. With ``--debug``, one short epoch each."""
     check_refit(n, read_holdout(RunFiles(run.run_dir).folds_json))
     if not n:
         return [], []
@@ -246,7 +246,7 @@ def refit(run: ExperimentRun, n: int | None, *, options: EnsembleOptions, connec
                         holdout=read_holdout(RunFiles(run.run_dir).folds_json))
     return refit_members(plans, checkpoints=RunFiles(run.run_dir).checkpoints_dir, out_dir=run.out.refits_dir,
                          fingerprint=run.data.fingerprint, device=run.device, resources=run.settings.get("resources"),
-                         runner=runner, connect=connect)
+                         runner=runner, connect=connect, debug=options.debug)
 
 
 def combination(run: ExperimentRun, members: Members, *, oof: OutOfFold, post: PostProcessing,

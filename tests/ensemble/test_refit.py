@@ -194,6 +194,34 @@ def test_refits_join_the_holdouts_combination_and_never_the_out_of_fold_rows(tmp
     assert ("include the refit refit-t1" if comb["refits"]["shipped"] else "include no refit") in page
 
 
+def test_debug_refits_train_one_short_epoch(tmp_path, monkeypatch, _one_torch_thread):  # noqa: F811
+    """ensemble/run.py --refit 1 --debug: the refit trains one epoch of two batches (the search's
+    --debug step), written under ensemble-debug/ and said so in refits.json; the plan is untouched."""
+    import ensemble.refit as refit
+    import ensemble.run
+    from ensemble.run import main
+    from tests.ensemble.test_crf_decisions import fake_experiment
+    from trainables.cli import DEBUG_SETTINGS
+
+    exp = fake_experiment(tmp_path, "val_miou")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    jobs_seen = []
+
+    def run_refits(jobs, cpus, gpus):
+        jobs_seen.extend(jobs)
+        return [refit.train_refit(j) for j in jobs]
+    monkeypatch.setattr(refit, "run_refits", run_refits)
+    monkeypatch.setattr(ensemble.run, "connect_ray", lambda address: None)  # no Ray in this test
+    main(["--experiment", str(exp.run_dir), "--batch-size", "12", "--refit", "1", "--debug"])
+    (job,) = jobs_seen
+    assert job["config"]["train"]["epochs"] == 1
+    assert job["config"]["train"]["max_train_batches"] == DEBUG_SETTINGS["train.max_train_batches"] == 2
+    saved = json.loads((exp.run_dir / "ensemble-debug" / "refits" / "refits.json").read_text())
+    (record,) = saved["refits"]
+    assert record["epochs"] == 1 and record["planned_epochs"] == 1 and "--debug" in record["debug"]
+    assert not (exp.run_dir / "ensemble" / "refits").exists()  # a real run's refits are never these
+
+
 def test_report_notes_say_which_rows_include_refits():
     from tune.report_ensemble import refit_note
 

@@ -204,11 +204,14 @@ class FoldTrainer:
                               f"{self.world_size} workers but only {images} training images in fold {self.fold}")
         return batch // self.world_size
 
-    def _steps_per_epoch(self) -> int:
+    def _epoch_batches(self) -> int:
+        """Training batches an epoch takes: the loader's, capped by ``train.max_train_batches``."""
         cap = self.cfg["train"]["max_train_batches"]
-        n = self.train_batches
+        return min(self.train_batches, cap) if cap else self.train_batches
+
+    def _steps_per_epoch(self) -> int:
         accum = max(1, int(self.cfg["train"]["accum_steps"]))
-        return max(1, (min(n, cap) if cap else n) // accum)
+        return max(1, self._epoch_batches() // accum)
 
     def _to_device(self, images: torch.Tensor, target: torch.Tensor):
         images = images.to(self.device, non_blocking=True)
@@ -260,8 +263,7 @@ class FoldTrainer:
         epoch's training batches (the same draws, as many as an epoch takes)."""
         self.swa.update_parameters(self.model)
         self.set_epoch(self.epoch)
-        cap = self.cfg["train"]["max_train_batches"]
-        batches = itertools.islice(self.train_loader, min(self.train_batches, cap) if cap else self.train_batches)
+        batches = itertools.islice(self.train_loader, self._epoch_batches())
         update_bn((self._to_device(images, target)[0] for images, target in batches), self.swa)
         if self.world_size > 1:  # each rank's statistics of its own images: rank 0's, as DDP's buffers
             for buffer in self.swa.module.buffers():
@@ -284,12 +286,12 @@ class FoldTrainer:
         self.set_epoch(self.epoch)
         self.model.train()
         train = self.cfg["train"]
-        accum, cap = max(1, int(train["accum_steps"])), train["max_train_batches"]
+        accum = max(1, int(train["accum_steps"]))
         total = torch.zeros((), device=self.device)
         batches, images_seen, wait = 0, 0, 0.0
         start = tick = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        limit = min(self.train_batches, cap) if cap else self.train_batches
+        limit = self._epoch_batches()
         for step, (images, target) in enumerate(self.train_loader):
             if step >= limit:
                 break

@@ -31,7 +31,7 @@ from trainables.io import atomic_write_json, atomic_write_text  # noqa: E402
 from tune.measure import Machine, Measurement  # noqa: E402
 from tune.plan_decisions import (Folds, Meter, Plan, choose_batch, choose_epochs_and_trials,  # noqa: E402
                                  choose_folds, choose_input_size, choose_working_size, data_settings,
-                                 machine_settings, validation_windows)
+                                 machine_settings, plan_resize, too_few_passes, validation_windows)
 from tune.plan_decisions import Decision, asha_rungs, candidate_sides, expected_epochs, input_size  # noqa: E402, F401
 from tune.space import SearchSpec, load_space, model_pairs  # noqa: E402
 
@@ -52,8 +52,14 @@ def plan_space(fp: dict, base: SearchSpec, machine: Machine, measure: Callable[[
     fit = choose_input_size(plan, fp, folds, machine, meter, budget_s)
     choose_working_size(plan, fp, fit)
     batch, m_batch = choose_batch(plan, meter, fit, folds.n_train)
+    before = (list(plan.decisions), list(plan.notes))
     choose_epochs_and_trials(plan, base, folds, fit.concurrent, batch, m_batch, budget_s, budget_text,
                              val_windows=validation_windows(plan, fp))
+    why = too_few_passes(plan, fp, fit)
+    if why:  # crops the budget cannot train: whole images, their epochs and trials planned again
+        plan.decisions, plan.notes = before
+        plan_resize(plan, fp, fit, why)
+        choose_epochs_and_trials(plan, base, folds, fit.concurrent, batch, m_batch, budget_s, budget_text)
     machine_settings(plan, machine, fit.concurrent, m_batch)
     data_settings(plan, fp, base)
     return plan

@@ -20,6 +20,7 @@ MIN_SIDE = 64  # the smallest working size tried
 SHRINK = 0.8  # each smaller candidate's longer side
 MARGIN = 0.9  # share of a trial's memory a batch may use (the rest: fragmentation, the data loader)
 SMALL_PIXELS = 4.0  # an object below this many pixels after downscaling is lost: then crops
+MIN_PASSES = 10  # crops only when a full trial's crops cover each working-size pixel this often (bench/README.md)
 MIN_BATCH, BATCH_SHARE = 2, 0.05  # nnU-Net: at least 2, one batch at most 5% of the training images
 TARGET_STEPS = 2000  # optimiser steps of a trial that runs all its epochs
 EPOCH_RANGE = (10, 100)
@@ -305,10 +306,44 @@ def choose_working_size(plan: Plan, fp: dict, fit: InputFit) -> None:
         plan.add("data.max_size", working, "native resolution" if working is None else
                  f"the smallest working size that keeps those objects at {SMALL_PIXELS:g} px (x{keep:.2f})")
     else:
-        plan.add("data.max_size", side, f"downscale on load to the input's longer side (x{scale:.2f}): the smallest "
-                 f"objects ({small[0] if small else '-'}, 5th percentile "
-                 f"{small[1] if small else 0:.0f} px) keep {(small[1] if small else 0) * scale ** 2:.0f} px")
-        plan.add("augment.random_crop", False, "resize: small objects survive the downscale")
+        plan_resize(plan, fp, fit, "resize: small objects survive the downscale")
+
+
+def plan_resize(plan: Plan, fp: dict, fit: InputFit, why: str) -> None:
+    """Whole images downscaled on load to the input's longer side, ``why`` the reason."""
+    small, scale = smallest_objects(fp), fit.side / max(fp["size"]["median"])
+    plan.add("data.max_size", fit.side, f"downscale on load to the input's longer side (x{scale:.2f}): the smallest "
+             f"objects ({small[0] if small else '-'}, 5th percentile {small[1] if small else 0:.0f} px) keep "
+             f"{(small[1] if small else 0) * scale ** 2:.1f} px")
+    plan.add("augment.random_crop", False, why)
+
+
+def crop_passes(plan: Plan, fp: dict) -> float:
+    """How often a trial that runs all its epochs covers each pixel of the median working image: one
+    random crop an image an epoch covers the crop's share of it; a resized image is covered whole."""
+    if not plan.value("augment.random_crop"):
+        return float(plan.value("train.epochs"))
+    h, w = working_size(*fp["size"]["median"], plan.value("data.max_size"))
+    th, tw = plan.value("train.image_size")
+    return plan.value("train.epochs") * min(1.0, th / h) * min(1.0, tw / w)
+
+
+def too_few_passes(plan: Plan, fp: dict, fit: InputFit) -> str | None:
+    """Crops keep small objects but show a trial only part of each image an epoch and validate by
+    sliding windows. When the planned epochs cover each working pixel fewer than ``MIN_PASSES``
+    times, the reason to resize whole images instead; None when crops stay (or were not chosen)."""
+    if not plan.value("augment.random_crop"):
+        return None
+    passes = crop_passes(plan, fp)
+    if passes >= MIN_PASSES:
+        return None
+    h, w = working_size(*fp["size"]["median"], plan.value("data.max_size"))
+    small, scale = smallest_objects(fp), fit.side / max(fp["size"]["median"])
+    return (f"crops would keep the small {small[0]} objects (a resize leaves them {small[1] * scale ** 2:.1f} px), "
+            f"but {fit.size[0]}x{fit.size[1]} crops of the {h}x{w} working image cover each pixel {passes:.1f} times "
+            f"in the {plan.value('train.epochs')} epochs the budget holds (under {MIN_PASSES}) and validate by "
+            f"{validation_windows(plan, fp)} windows an image: resize whole images instead (a longer --time-budget "
+            "plans crops)")
 
 
 def choose_batch(plan: Plan, meter: Meter, fit: InputFit, n_train: int) -> tuple[int, Measurement]:

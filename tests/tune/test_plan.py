@@ -222,6 +222,56 @@ def test_gray_2048_with_small_objects_gets_crops(big_gray, tmp_path):
     # validation runs sliding windows over the 1024x1024 working image: 832-pixel tiles at overlap 0.5 start
     # at 0 and 192 on each side, 4 network passes an image, which the epoch's cost counts
     assert plan_decisions.validation_windows(plan, fp) == 4 and "by 4 windows an image" in plan.reason("search.num_samples")
+    # 100 epochs of 832x832 crops of 1024x1024 cover each working pixel 66 times: enough (MIN_PASSES)
+    assert got["train.epochs"] == 100
+    assert plan_decisions.crop_passes(plan, fp) == pytest.approx(100 * (832 / 1024) ** 2)
+    assert 100 * (832 / 1024) ** 2 >= plan_decisions.MIN_PASSES
+
+
+def test_short_budget_resizes_when_crops_would_cover_too_little(big_gray, tmp_path, monkeypatch):
+    """The same 832x832 crops of the 1024x1024 working image, but 1e-6 s a pixel and 30 minutes: the
+    epochs the budget holds leave each working pixel covered under MIN_PASSES times, so the plan
+    resizes whole images and plans the epochs again without sliding-window validation."""
+    fp = fingerprint(load_dataset(big_gray, cache_dir=tmp_path / "cache"))
+    slow = curve(8192, 1e-6)  # 832x832 at batch 2: 1.384 s a step
+    step = 1e-6 * 832 * 832 * 2
+    # crops: one epoch is 1.384 x (10 + 4 windows x 10 / 3) / 2 x 1.25 = 20.2 s; 1800 s hold 89.2 trial-epochs.
+    # 2 folds x 8 trials: 16 epochs (rungs 4, 12: 4 + 8/3 + 4/9 = 7.11) need 113.8; 12 (grace 3, rungs 3, 9:
+    # 3 + 6/3 + 3/9 = 5.33) need 85.3: 12 epochs, which cover each pixel 12 x (832 / 1024)^2 = 7.9 times
+    crop_capacity = 1800 / (step * (10 + 4 * 10 / 3) / 2 * 1.25)
+    assert 16 * (3 + 2 + 1 / 3) <= crop_capacity < 16 * (4 + 8 / 3 + 4 / 9)
+    assert 12 * (832 / 1024) ** 2 < plan_decisions.MIN_PASSES
+    # resized: (10 + 10 / 3) images an epoch, 11.5 s, 156 trial-epochs: 40 epochs (rungs 4, 12, 36:
+    # 4 + 8/3 + 24/9 + 4/27 = 9.48) fit 8 trials on 2 folds, 51 (15 after the last rung: 9.89) do not
+    capacity = 1800 / (step * (10 + 10 / 3) / 2 * 1.25)
+    assert 16 * (4 + 8 / 3 + 24 / 9 + 4 / 27) <= capacity < 16 * (4 + 8 / 3 + 24 / 9 + 15 / 27)
+    got, plan = plan_for(fp, measure=slow, budget="30m")
+    assert got["train.image_size"] == [832, 832] and got["augment.random_crop"] is False
+    assert got["data.max_size"] == 832 and got["train.epochs"] == 40 and got["search.num_samples"] == 8
+    why = plan.reason("augment.random_crop")
+    assert "class_1" in why and "2.6 px" in why and "7.9 times" in why and "12 epochs" in why
+    assert "4 windows an image" in why and "windows an image" not in plan.reason("search.num_samples")
+    assert plan_decisions.crop_passes(plan, fp) == 40
+    # an hour at 1e-7 s a pixel holds 100 epochs of crops, 66 passes: crops stay
+    got, plan = plan_for(fp, measure=curve(8192, 1e-7), budget="1h")
+    assert got["augment.random_crop"] is True and got["train.epochs"] == 100
+    assert plan_decisions.crop_passes(plan, fp) == pytest.approx(100 * (832 / 1024) ** 2)
+
+
+def test_resize_replans_from_scratch_not_on_the_crops_plan(big_gray, tmp_path, monkeypatch):
+    """On a CPU at 20 minutes the crops' plan searches fold 0 and retrains its best configs; the
+    resized plan searches every fold: nothing of the crops' search (retrain_top, its notes) remains."""
+    fp = fingerprint(load_dataset(big_gray, cache_dir=tmp_path / "cache"))
+    monkeypatch.setattr(plan_decisions, "MIN_PASSES", 0)  # crops always stay: the plan before the switch
+    crops, crops_plan = plan_for(fp, CPU, curve(8192, 1e-6), "20m")
+    monkeypatch.undo()
+    got, plan = plan_for(fp, CPU, curve(8192, 1e-6), "20m")
+    assert crops["augment.random_crop"] is True and crops["search.search_folds"] == [0]
+    assert crops["search.retrain_top"] == 3 and crops["train.epochs"] == 12
+    assert got["augment.random_crop"] is False and got["search.search_folds"] is None
+    assert "search.retrain_top" not in got and got["train.epochs"] == 100
+    assert [d.key for d in plan.decisions].count("train.epochs") == 1
+    assert plan.notes == [n for n in crops_plan.notes if "fewer than" not in n]
 
 
 def test_validation_windows_by_hand():

@@ -31,7 +31,7 @@ from trainables.io import atomic_write_json, atomic_write_text  # noqa: E402
 from tune.measure import Machine, Measurement  # noqa: E402
 from tune.plan_decisions import (Folds, Meter, Plan, choose_batch, choose_epochs_and_trials,  # noqa: E402
                                  choose_folds, choose_input_size, choose_working_size, data_settings,
-                                 machine_settings, plan_resize, too_few_passes, validation_windows)
+                                 machine_settings, plan_resize, validation_windows, weigh_crops)
 from tune.plan_decisions import Decision, asha_rungs, candidate_sides, expected_epochs, input_size  # noqa: E402, F401
 from tune.space import SearchSpec, load_space, model_pairs  # noqa: E402
 
@@ -45,7 +45,8 @@ DEFAULT_BUDGET = "8h"
 def plan_space(fp: dict, base: SearchSpec, machine: Machine, measure: Callable[[tuple[int, int], int], Measurement],
                budget_s: float, budget_text: str, model: tuple[str, str], log: Callable[[str], None] = print) -> Plan:
     """Every decision of the fixed half, from the fingerprint ``fp`` and ``measure(size, batch)``, in
-    order: folds, input size, working size, batch, epochs and trials, the machine, the data."""
+    order: folds, input size, working size, batch, epochs and trials (crops that those epochs would
+    cover too little: resize, and the epochs and trials again), the machine, the data."""
     plan = Plan()
     meter = Meter(plan, measure, model, log)
     folds = Folds.of(choose_folds(plan, fp), fp["images"], base)
@@ -55,7 +56,7 @@ def plan_space(fp: dict, base: SearchSpec, machine: Machine, measure: Callable[[
     before = (list(plan.decisions), list(plan.notes))
     choose_epochs_and_trials(plan, base, folds, fit.concurrent, batch, m_batch, budget_s, budget_text,
                              val_windows=validation_windows(plan, fp))
-    why = too_few_passes(plan, fp, fit)
+    why = weigh_crops(plan, fp, fit)
     if why:  # crops the budget cannot train: whole images, their epochs and trials planned again
         plan.decisions, plan.notes = before
         plan_resize(plan, fp, fit, why)

@@ -1,7 +1,8 @@
 """The planner's decisions (``tune/plan.py``), one step each, in the order ``plan_space`` takes them:
 the folds, the input size (two probes measured, the line through them, then bisection), the working
-size, the batch size, epochs, trials per fold and ASHA from the time budget, the machine's settings,
-and what the images and masks say. Each step records its ``Decision`` with the reason in the plan.
+size, the batch size, epochs, trials per fold and ASHA from the time budget (crops weighed against
+those epochs: resize and plan them again when crops would cover too little), the machine's
+settings, and what the images and masks say. Each step records its ``Decision`` with the reason in the plan.
 """
 from __future__ import annotations
 
@@ -45,7 +46,13 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
     def add(self, key: str, value: Any, reason: str) -> None:
-        self.decisions = [d for d in self.decisions if d.key != key] + [Decision(key, value, reason)]
+        """Decide ``key``; a decision taken again keeps its place (the order the plan prints)."""
+        new = Decision(key, value, reason)
+        keys = [d.key for d in self.decisions]
+        if key in keys:
+            self.decisions[keys.index(key)] = new
+        else:
+            self.decisions.append(new)
 
     def value(self, key: str) -> Any:
         return next(d.value for d in self.decisions if d.key == key)
@@ -328,20 +335,23 @@ def crop_passes(plan: Plan, fp: dict) -> float:
     return plan.value("train.epochs") * min(1.0, th / h) * min(1.0, tw / w)
 
 
-def too_few_passes(plan: Plan, fp: dict, fit: InputFit) -> str | None:
+def weigh_crops(plan: Plan, fp: dict, fit: InputFit) -> str | None:
     """Crops keep small objects but show a trial only part of each image an epoch and validate by
     sliding windows. When the planned epochs cover each working pixel fewer than ``MIN_PASSES``
-    times, the reason to resize whole images instead; None when crops stay (or were not chosen)."""
+    times, the reason to resize whole images instead; else None (crops stay, their reason now
+    says how often the epochs cover each pixel, or crops were not chosen)."""
     if not plan.value("augment.random_crop"):
         return None
-    passes = crop_passes(plan, fp)
-    if passes >= MIN_PASSES:
-        return None
+    passes, epochs = crop_passes(plan, fp), plan.value("train.epochs")
     h, w = working_size(*fp["size"]["median"], plan.value("data.max_size"))
+    crops = f"{fit.size[0]}x{fit.size[1]} crops of the {h}x{w} working image cover each pixel {passes:.1f} times"
+    if passes >= MIN_PASSES:
+        plan.add("augment.random_crop", True, f"{plan.reason('augment.random_crop')}; {epochs} epochs of "
+                 f"{crops} (at least {MIN_PASSES})")
+        return None
     small, scale = smallest_objects(fp), fit.side / max(fp["size"]["median"])
     return (f"crops would keep the small {small[0]} objects (a resize leaves them {small[1] * scale ** 2:.1f} px), "
-            f"but {fit.size[0]}x{fit.size[1]} crops of the {h}x{w} working image cover each pixel {passes:.1f} times "
-            f"in the {plan.value('train.epochs')} epochs the budget holds (under {MIN_PASSES}) and validate by "
+            f"but {crops} in the {epochs} epochs the budget holds (under {MIN_PASSES}) and validate by "
             f"{validation_windows(plan, fp)} windows an image: resize whole images instead (a longer --time-budget "
             "plans crops)")
 

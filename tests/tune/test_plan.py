@@ -226,6 +226,8 @@ def test_gray_2048_with_small_objects_gets_crops(big_gray, tmp_path):
     assert got["train.epochs"] == 100
     assert plan_decisions.crop_passes(plan, fp) == pytest.approx(100 * (832 / 1024) ** 2)
     assert 100 * (832 / 1024) ** 2 >= plan_decisions.MIN_PASSES
+    assert plan.reason("augment.random_crop").endswith("100 epochs of 832x832 crops of the 1024x1024 working image "
+                                                       "cover each pixel 66.0 times (at least 10)")
 
 
 def test_short_budget_resizes_when_crops_would_cover_too_little(big_gray, tmp_path, monkeypatch):
@@ -252,6 +254,8 @@ def test_short_budget_resizes_when_crops_would_cover_too_little(big_gray, tmp_pa
     assert "class_1" in why and "2.6 px" in why and "7.9 times" in why and "12 epochs" in why
     assert "4 windows an image" in why and "windows an image" not in plan.reason("search.num_samples")
     assert plan_decisions.crop_passes(plan, fp) == 40
+    keys = [d.key for d in plan.decisions]  # decided again in place: the plan prints in the order it decides
+    assert keys.index("augment.random_crop") < keys.index("train.batch_size") < keys.index("train.epochs")
     # an hour at 1e-7 s a pixel holds 100 epochs of crops, 66 passes: crops stay
     got, plan = plan_for(fp, measure=curve(8192, 1e-7), budget="1h")
     assert got["augment.random_crop"] is True and got["train.epochs"] == 100

@@ -200,21 +200,31 @@ def _build_segformer(encoder: str, num_classes: int, weights: str | None, kwargs
 
 def _build_smp(arch: str, encoder: str, num_classes: int, weights: str | None, kwargs: dict) -> nn.Module:
     cls = smp_archs()[arch.lower()]
-    if weights:
-        rng = torch.get_rng_state()  # a failed attempt must not change the random init that follows
-        try:
-            with hub_offline_unless_reachable():
-                model = cls(encoder_name=encoder, encoder_weights=weights, classes=num_classes, **kwargs)
-            return _loaded(model, str(weights))
-        except Exception as exc:  # smp raises hub, HTTP, key and value errors for missing weights
-            logger.warning("PRETRAINED WEIGHTS UNAVAILABLE for %s/%s=%s (%s: %s); building it with RANDOM INIT",
-                           arch, encoder, weights, type(exc).__name__, str(exc).splitlines()[0][:200])
-            torch.set_rng_state(rng)
+    if not weights:
+        return _loaded(_random_smp(cls, arch, encoder, num_classes, kwargs), RANDOM_INIT)
+    rng = torch.get_rng_state()  # a failed attempt must not change the random init that follows
     try:
-        model = cls(encoder_name=encoder, encoder_weights=None, classes=num_classes, **kwargs)
-    except (TypeError, ValueError) as exc:  # arguments smp refuses: the user's model.kwargs, in one line
-        raise ConfigError("config", "model.kwargs", f"{arch}/{encoder} refuses {kwargs}: {exc}") from None
-    return _loaded(model, RANDOM_INIT)
+        with hub_offline_unless_reachable():
+            model = cls(encoder_name=encoder, encoder_weights=weights, classes=num_classes, **kwargs)
+        return _loaded(model, str(weights))
+    except Exception as exc:  # smp raises hub, HTTP, key and value errors for missing weights
+        torch.set_rng_state(rng)
+        model = _random_smp(cls, arch, encoder, num_classes, kwargs, exc)  # bad kwargs: their one line, no warning
+        logger.warning("PRETRAINED WEIGHTS UNAVAILABLE for %s/%s=%s (%s: %s); building it with RANDOM INIT",
+                       arch, encoder, weights, type(exc).__name__, str(exc).splitlines()[0][:200])
+        return _loaded(model, RANDOM_INIT)
+
+
+def _random_smp(cls: type, arch: str, encoder: str, num_classes: int, kwargs: dict,
+                earlier: Exception | None = None) -> nn.Module:
+    """The model with random init; arguments smp refuses are the user's model.kwargs, in one line.
+    After a failed attempt with weights (``earlier``), smp may say only the argument's name (a
+    KeyError): the first attempt's message then says more."""
+    try:
+        return cls(encoder_name=encoder, encoder_weights=None, classes=num_classes, **kwargs)
+    except (TypeError, ValueError, KeyError) as exc:
+        why = earlier if isinstance(exc, KeyError) and isinstance(earlier, (TypeError, ValueError)) else exc
+        raise ConfigError("config", "model.kwargs", f"{arch}/{encoder} refuses {kwargs}: {why}") from None
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

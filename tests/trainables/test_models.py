@@ -175,8 +175,12 @@ def test_encoder_weights_used_without_calling_their_module_are_kept():
 
 
 @pytest.mark.parametrize("weights", [None, "imagenet"])
-def test_model_kwargs_smp_refuses_are_one_config_error(weights):
-    """A depth-5 Unet given 3 decoder widths: smp's ValueError becomes one line naming model.kwargs
-    (before, a traceback; with weights, first a misleading 'pretrained weights unavailable')."""
+def test_model_kwargs_smp_refuses_are_one_config_error(weights, caplog):
+    """A depth-5 Unet given 3 decoder widths, or a second value for an argument smp sets: smp's ValueError or
+    TypeError becomes one line naming model.kwargs (before, a traceback), with no 'pretrained weights
+    unavailable' before it when weights were asked for (the weights are not what went wrong)."""
     with pytest.raises(ConfigError, match=r"model\.kwargs: Unet/resnet18 refuses .*decoder_channels.*3 blocks"):
         build_model("Unet", "resnet18", 3, weights, {"decoder_channels": [64, 32, 16]})
+    with pytest.raises(ConfigError, match=r"model\.kwargs: Unet/resnet18 refuses \{'depth': 3\}: .*multiple values"):
+        build_model("Unet", "resnet18", 3, weights, {"depth": 3})  # Unet passes encoder_depth as depth
+    assert "PRETRAINED" not in caplog.text  # the weights are not what went wrong

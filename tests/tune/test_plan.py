@@ -230,7 +230,7 @@ def test_gray_2048_with_small_objects_gets_crops(big_gray, tmp_path):
                                                        "cover each pixel 66.0 times (at least 10)")
 
 
-def test_short_budget_resizes_when_crops_would_cover_too_little(big_gray, tmp_path, monkeypatch):
+def test_short_budget_resizes_when_crops_would_cover_too_little(big_gray, tmp_path):
     """The same 832x832 crops of the 1024x1024 working image, but 1e-6 s a pixel and 30 minutes: the
     epochs the budget holds leave each working pixel covered under MIN_PASSES times, so the plan
     resizes whole images and plans the epochs again without sliding-window validation."""
@@ -264,7 +264,8 @@ def test_short_budget_resizes_when_crops_would_cover_too_little(big_gray, tmp_pa
 
 def test_resize_replans_from_scratch_not_on_the_crops_plan(big_gray, tmp_path, monkeypatch):
     """On a CPU at 20 minutes the crops' plan searches fold 0 and retrains its best configs; the
-    resized plan searches every fold: nothing of the crops' search (retrain_top, its notes) remains."""
+    resized plan searches every fold: nothing of the crops' search (retrain_top, its notes) remains.
+    The crops' plans are taken with MIN_PASSES 0 (crops always stay: the plan before the switch)."""
     fp = fingerprint(load_dataset(big_gray, cache_dir=tmp_path / "cache"))
     monkeypatch.setattr(plan_decisions, "MIN_PASSES", 0)  # crops always stay: the plan before the switch
     crops, crops_plan = plan_for(fp, CPU, curve(8192, 1e-6), "20m")
@@ -275,7 +276,17 @@ def test_resize_replans_from_scratch_not_on_the_crops_plan(big_gray, tmp_path, m
     assert got["augment.random_crop"] is False and got["search.search_folds"] is None
     assert "search.retrain_top" not in got and got["train.epochs"] == 100
     assert [d.key for d in plan.decisions].count("train.epochs") == 1
-    assert plan.notes == [n for n in crops_plan.notes if "fewer than" not in n]
+    assert plan.notes == crops_plan.notes  # the size rejections only, once each
+    # one GPU at 30 minutes and 2e-6 s a pixel: crops hold 3 trials a fold, which the plan notes as a
+    # short search; resized, 8 trials fit, and the note goes with the crops
+    monkeypatch.setattr(plan_decisions, "MIN_PASSES", 0)
+    crops, crops_plan = plan_for(fp, GPU, curve(8192, 2e-6), "30m")
+    monkeypatch.undo()
+    got, plan = plan_for(fp, GPU, curve(8192, 2e-6), "30m")
+    assert crops["augment.random_crop"] is True and crops["search.num_samples"] == 3
+    assert any("fewer than 8 trials a fold" in n for n in crops_plan.notes)
+    assert got["augment.random_crop"] is False and got["search.num_samples"] == 8
+    assert not any("fewer than" in n for n in plan.notes)
 
 
 def test_validation_windows_by_hand():

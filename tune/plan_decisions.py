@@ -325,12 +325,17 @@ def plan_resize(plan: Plan, fp: dict, fit: InputFit, why: str) -> None:
     plan.add("augment.random_crop", False, why)
 
 
+def median_working_size(plan: Plan, fp: dict) -> tuple[int, int]:
+    """The median image at the planned working size (``data.max_size`` applied)."""
+    return working_size(*fp["size"]["median"], plan.value("data.max_size"))
+
+
 def crop_passes(plan: Plan, fp: dict) -> float:
     """How often a trial that runs all its epochs covers each pixel of the median working image: one
     random crop an image an epoch covers the crop's share of it; a resized image is covered whole."""
     if not plan.value("augment.random_crop"):
         return float(plan.value("train.epochs"))
-    h, w = working_size(*fp["size"]["median"], plan.value("data.max_size"))
+    h, w = median_working_size(plan, fp)
     th, tw = plan.value("train.image_size")
     return plan.value("train.epochs") * min(1.0, th / h) * min(1.0, tw / w)
 
@@ -343,7 +348,7 @@ def weigh_crops(plan: Plan, fp: dict, fit: InputFit) -> str | None:
     if not plan.value("augment.random_crop"):
         return None
     passes, epochs = crop_passes(plan, fp), plan.value("train.epochs")
-    h, w = working_size(*fp["size"]["median"], plan.value("data.max_size"))
+    h, w = median_working_size(plan, fp)
     crops = f"{fit.size[0]}x{fit.size[1]} crops of the {h}x{w} working image cover each pixel {passes:.1f} times"
     if passes >= MIN_PASSES:
         plan.add("augment.random_crop", True, f"{plan.reason('augment.random_crop')}; {epochs} epochs of "
@@ -415,7 +420,7 @@ def validation_windows(plan: Plan, fp: dict) -> int:
     working size (``data.max_size`` applied)."""
     if not plan.value("augment.random_crop"):
         return 1
-    h, w = working_size(*fp["size"]["median"], plan.value("data.max_size"))
+    h, w = median_working_size(plan, fp)
     th, tw = plan.value("train.image_size")
     return len(window_starts(max(h, th), th)) * len(window_starts(max(w, tw), tw))
 
